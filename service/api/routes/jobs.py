@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service import jobs
+from service.api.deps import EnqueueDep, SessionDep, SettingsDep
+from service.db import JobStatus
+from service.schemas import JobCreate, JobPublic, JobsPublic
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def submit_job(body: JobCreate, session: SessionDep, settings: SettingsDep, enqueue: EnqueueDep) -> JobPublic:
+    """Submit a fine-tuning job; it is queued for a training worker."""
+    return JobPublic.model_validate(jobs.submit_job(session, settings, body, enqueue))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> JobsPublic:
+    """List jobs, newest first."""
+    rows, count = jobs.list_jobs(session, offset, limit, status)
+    return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep) -> JobPublic:
+    """Status, progress, per-epoch history, final metrics and error of one job."""
+    return JobPublic.model_validate(jobs.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+    """Cancel a queued or running job (honoured between training steps)."""
+    return JobPublic.model_validate(jobs.cancel_job(session, job_id))

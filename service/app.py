@@ -1,0 +1,44 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.api import api_router
+from service.api.routes import health
+from service.config import Settings, get_settings
+from service.db import get_engine
+from service.errors import ServiceError
+from service.models_store import PredictorCache
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        get_engine(settings)  # create tables, fail fast on a bad URL
+        yield
+
+    app = FastAPI(
+        title="zoofit",
+        version="0.1.0",
+        description="Fine-tune ImageNet backbones from the timm zoo on your images, and serve the ensembles.",
+        lifespan=lifespan,
+    )
+    app.state.predictors = PredictorCache(
+        settings.model_cache_size, device=None if settings.device == "auto" else settings.device
+    )
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, **exc.details}, status_code=exc.status)
+
+    app.include_router(health.router)
+    app.include_router(api_router)
+    return app

@@ -1,0 +1,94 @@
+"""The ``zoofit`` command: serve, api, worker, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from service.config import TRAIN_QUEUE, get_settings
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_api(host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+def run_worker(extra: list[str] | None = None) -> None:
+    from workers.celery_app import get_celery
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    argv = [
+        "worker",
+        "--loglevel=INFO",
+        f"--queues={TRAIN_QUEUE}",
+        f"--concurrency={settings.worker_concurrency}",
+        "--pool=prefork",
+        "--without-gossip",
+        "--without-mingle",
+        *(extra or []),
+    ]
+    get_celery().worker_main(argv)
+
+
+def start_worker_process() -> subprocess.Popen[bytes]:
+    """A real Celery worker as a child process, configured by the same environment."""
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=os.environ.copy())
+
+
+def serve(host: str | None, port: int | None) -> None:
+    worker = start_worker_process()
+    try:
+        run_api(host, port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="zoofit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("serve", "API plus a training worker subprocess"), ("api", "the HTTP API only")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--host", default=None)
+        p.add_argument("--port", type=int, default=None)
+    sub.add_parser("worker", help="a Celery training worker (queue 'train')")
+    d = sub.add_parser("demo", help="run the main job end to end through the HTTP API")
+    d.add_argument("--port", type=int, default=None, help="port for the demo's API (default: a free one)")
+    d.add_argument("--per-class", type=int, default=None, help="training images per class")
+    args, extra = parser.parse_known_args(argv)
+
+    _configure_logging()
+    if args.command == "serve":
+        serve(args.host, args.port)
+    elif args.command == "api":
+        run_api(args.host, args.port)
+    elif args.command == "worker":
+        run_worker(extra)
+    elif args.command == "demo":
+        from service.demo import run_demo
+
+        t0 = time.monotonic()
+        code = run_demo(port=args.port, per_class=args.per_class)
+        print(f"demo wall time: {time.monotonic() - t0:.1f} s")
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

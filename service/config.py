@@ -1,0 +1,87 @@
+"""The one settings object for the API, the workers and the CLI.
+
+Everything is read from the environment with the ``ZOOFIT_`` prefix (or a ``.env`` file).
+With nothing set, zoofit runs embedded: SQLite for records, kombu's SQLAlchemy transport on
+SQLite as the Celery broker, and a local data directory. Production points the same code at
+PostgreSQL and Redis by URL.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TRAIN_QUEUE = "train"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZOOFIT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("zoofit-data"), description="datasets, decoded caches and model artifacts")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker; default embedded SQLite broker")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # uploads
+    upload_max_bytes: int = Field(512 * 1024**2, ge=1, description="compressed archive size cap")
+    extract_max_bytes: int = Field(2 * 1024**3, ge=1, description="uncompressed archive size cap")
+    extract_max_files: int = Field(50_000, ge=1)
+    extract_max_ratio: float = Field(200.0, gt=1.0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+    # prediction
+    predict_max_images: int = Field(64, ge=1)
+    predict_max_bytes: int = Field(64 * 1024**2, ge=1)
+    predict_max_top_k: int = Field(20, ge=1)
+    model_cache_size: int = Field(4, ge=1, description="trained models kept loaded in memory")
+
+    # workers
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
+    worker_concurrency: int = Field(1, ge=1)
+    worker_heartbeat_s: float = Field(30.0, gt=0, description="a running job's record is touched this often")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'zoofit.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("sqla+")
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.datasets_dir, self.models_dir, self.cache_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,113 @@
+"""Dataset records: turn an uploaded archive into a stored dataset, list, delete."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.db import DatasetRow, JobRow, JobStatus, new_id
+from service.errors import Conflict, NotFound, ServiceError, TooLarge
+from service.ingest import DatasetRejected, IngestLimits, ingest_archive
+
+CHUNK = 1024 * 1024
+
+
+def save_upload(src: BinaryIO, dest: Path, max_bytes: int) -> int:
+    """Copy an upload stream to ``dest`` in chunks, refusing more than ``max_bytes``."""
+    written = 0
+    try:
+        with dest.open("wb") as out:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise TooLarge(f"upload exceeds the {max_bytes} byte limit (ZOOFIT_UPLOAD_MAX_BYTES)")
+                out.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    return IngestLimits(
+        max_members=settings.extract_max_files,
+        max_total_bytes=settings.extract_max_bytes,
+        max_ratio=settings.extract_max_ratio,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def create_dataset(
+    session: Session,
+    settings: Settings,
+    src: BinaryIO,
+    filename: str,
+    name: str | None,
+    on_bad_file: Literal["reject", "skip"] = "reject",
+) -> DatasetRow:
+    """Store an uploaded archive as a dataset. Nothing remains on disk if it is rejected."""
+    settings.ensure_dirs()
+    dataset_id = new_id()
+    upload = settings.tmp_dir / f"upload-{uuid.uuid4().hex}"
+    dest = settings.datasets_dir / dataset_id
+    try:
+        save_upload(src, upload, settings.upload_max_bytes)
+        try:
+            result = ingest_archive(upload, filename, dest, ingest_limits(settings), on_bad_file=on_bad_file)
+        except DatasetRejected as exc:
+            raise ServiceError(str(exc), problems=exc.problems).with_status(exc.status) from None
+        row = DatasetRow(
+            id=dataset_id,
+            name=name or Path(filename).name.split(".")[0] or dataset_id,
+            classes=result.classes,
+            counts=result.counts,
+            num_images=result.num_images,
+            skipped=result.skipped,
+            path=str(dest.resolve()),
+        )
+        session.add(row)
+        session.flush()
+        return row
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    finally:
+        upload.unlink(missing_ok=True)
+
+
+def get_dataset(session: Session, dataset_id: str) -> DatasetRow:
+    row = session.get(DatasetRow, dataset_id)
+    if row is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return row
+
+
+def list_datasets(session: Session, offset: int, limit: int) -> tuple[list[DatasetRow], int]:
+    count = session.scalar(select(func.count()).select_from(DatasetRow)) or 0
+    rows = session.scalars(
+        select(DatasetRow).order_by(DatasetRow.created_at.desc()).offset(offset).limit(limit)
+    ).all()
+    return list(rows), count
+
+
+def delete_dataset(session: Session, settings: Settings, dataset_id: str) -> None:
+    row = get_dataset(session, dataset_id)
+    busy = session.scalars(
+        select(JobRow.id).where(
+            JobRow.dataset_id == dataset_id, JobRow.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+        )
+    ).all()
+    if busy:
+        raise Conflict(f"dataset {dataset_id!r} is used by unfinished jobs: {', '.join(busy)}")
+    path = Path(row.path)
+    session.delete(row)
+    session.flush()
+    shutil.rmtree(path, ignore_errors=True)
+    for cached in settings.cache_dir.glob(f"*{dataset_id}*"):
+        cached.unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""Job records: submit (record, then enqueue), list, read, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.config import TRAIN_QUEUE, Settings
+from service.datasets import get_dataset
+from service.db import JobRow, JobStatus, new_id, utcnow
+from service.errors import Conflict, NotFound, Unavailable
+from service.schemas import JobCreate
+
+TASK_NAME = "zoofit.train_job"
+
+Enqueue = Callable[[str], None]
+
+
+def celery_enqueue(job_id: str) -> None:
+    """Send the job id to the ``train`` queue (no torch import on the API side)."""
+    from workers.celery_app import get_celery
+
+    get_celery().send_task(TASK_NAME, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def submit_job(session: Session, settings: Settings, body: JobCreate, enqueue: Enqueue) -> JobRow:
+    dataset = get_dataset(session, body.dataset_id)
+    spec = body.model_dump(mode="json", exclude={"dataset_id"})
+    job = JobRow(
+        id=new_id(),
+        dataset_id=dataset.id,
+        spec=spec,
+        status=JobStatus.QUEUED,
+        progress={"stage": "queued"},
+        history=[],
+    )
+    session.add(job)
+    # Commit before enqueueing so a fast worker always finds the record.
+    session.commit()
+    try:
+        enqueue(job.id)
+    except Exception as exc:
+        session.delete(job)
+        session.commit()
+        raise Unavailable(f"the job queue (broker) is unreachable: {exc}") from exc
+    return job
+
+
+def get_job(session: Session, job_id: str) -> JobRow:
+    job = session.get(JobRow, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def list_jobs(
+    session: Session, offset: int, limit: int, status: str | None = None
+) -> tuple[list[JobRow], int]:
+    query = select(JobRow)
+    count_q = select(func.count()).select_from(JobRow)
+    if status:
+        query = query.where(JobRow.status == status)
+        count_q = count_q.where(JobRow.status == status)
+    rows = session.scalars(query.order_by(JobRow.created_at.desc()).offset(offset).limit(limit)).all()
+    return list(rows), session.scalar(count_q) or 0
+
+
+def cancel_job(session: Session, job_id: str) -> JobRow:
+    job = get_job(session, job_id)
+    if job.status in JobStatus.TERMINAL:
+        raise Conflict(f"job {job_id!r} is already {job.status}")
+    # Guarded transitions: a worker may claim the job between our read and our write.
+    session.execute(
+        update(JobRow).where(JobRow.id == job_id).values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), progress={"stage": "cancelled"})
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.refresh(job)
+    return job

@@ -1,0 +1,94 @@
+"""Trained-model records and the in-memory cache of loaded predictors."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db import ModelRow
+from service.errors import NotFound
+
+if TYPE_CHECKING:
+    from models.artifact import Predictor
+
+
+def get_model(session: Session, model_id: str) -> ModelRow:
+    row = session.get(ModelRow, model_id)
+    if row is None:
+        raise NotFound(f"model {model_id!r} not found")
+    return row
+
+
+def list_models(session: Session, offset: int, limit: int) -> tuple[list[ModelRow], int]:
+    count = session.scalar(select(func.count()).select_from(ModelRow)) or 0
+    rows = session.scalars(select(ModelRow).order_by(ModelRow.created_at.desc()).offset(offset).limit(limit))
+    return list(rows), count
+
+
+def model_public(row: ModelRow) -> dict[str, Any]:
+    manifest = row.manifest or {}
+    return {
+        "id": row.id,
+        "job_id": row.job_id,
+        "dataset_id": row.dataset_id,
+        "classes": row.classes,
+        "members": manifest.get("members", []),
+        "metrics": row.metrics,
+        "spec": manifest.get("spec", {}),
+        "preprocess": manifest.get("preprocess", {}),
+        "created_at": row.created_at,
+    }
+
+
+def delete_model(session: Session, cache: PredictorCache, model_id: str) -> None:
+    row = get_model(session, model_id)
+    path = Path(row.path)
+    session.delete(row)
+    session.flush()
+    cache.evict(model_id)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class PredictorCache:
+    """A bounded LRU of loaded models; each model is loaded once, even under concurrent requests."""
+
+    def __init__(self, capacity: int, device: str | None = None) -> None:
+        self.capacity = capacity
+        self.device = device
+        self._items: OrderedDict[str, Predictor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, model_id: str, path: Path) -> Predictor:
+        with self._lock:
+            if model_id in self._items:
+                self._items.move_to_end(model_id)
+                return self._items[model_id]
+            load_lock = self._loading.setdefault(model_id, threading.Lock())
+        with load_lock:
+            with self._lock:
+                if model_id in self._items:
+                    return self._items[model_id]
+            from models.artifact import load_predictor
+
+            predictor = load_predictor(path, device=self.device)
+            with self._lock:
+                self._items[model_id] = predictor
+                self._items.move_to_end(model_id)
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+                self._loading.pop(model_id, None)
+            return predictor
+
+    def evict(self, model_id: str) -> None:
+        with self._lock:
+            self._items.pop(model_id, None)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,110 @@
+"""Shared fixtures: isolated settings per test, an API client, real Redis/PostgreSQL URLs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings, get_settings
+
+PG_ADMIN_URL = os.environ.get("ZOOFIT_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("ZOOFIT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+
+def _clear_caches() -> None:
+    get_settings.cache_clear()
+    try:
+        from workers.celery_app import get_celery
+
+        get_celery.cache_clear()
+    except ImportError:
+        pass
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Point every ``get_settings()`` in this process (and child processes) at a fresh setup."""
+
+    def _make(**env: str) -> Settings:
+        for key in list(os.environ):
+            if key.startswith("ZOOFIT_") and not key.startswith("ZOOFIT_TEST_"):
+                monkeypatch.delenv(key)
+        monkeypatch.setenv("ZOOFIT_DATA_DIR", str(tmp_path / "data"))
+        monkeypatch.setenv("ZOOFIT_TORCH_THREADS", "2")
+        for k, v in env.items():
+            monkeypatch.setenv(f"ZOOFIT_{k.upper()}", v)
+        _clear_caches()
+        s = get_settings()
+        s.ensure_dirs()
+        return s
+
+    yield _make
+    _clear_caches()
+
+
+@pytest.fixture
+def settings(make_settings) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def enqueued() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def client(settings: Settings, enqueued: list[str]) -> Iterator:
+    """The API in-process; enqueued job ids are recorded instead of sent to a broker."""
+    from fastapi.testclient import TestClient
+
+    from service.api.deps import get_enqueue
+    from service.app import create_app
+
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[get_enqueue] = lambda: enqueued.append
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the real server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"zoofit_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - environment problem, say so loudly
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {exc}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from service.db import _engine_for
+
+    try:
+        _engine_for(url).dispose()
+    except Exception:
+        pass
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database on the real server, flushed before and after."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.flushdb()
+    except Exception as exc:  # pragma: no cover
+        pytest.fail(f"Redis at {REDIS_URL} is not usable: {exc}")
+    yield REDIS_URL
+    r.flushdb()

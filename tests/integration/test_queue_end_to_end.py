@@ -1,0 +1,110 @@
+"""Real parts: a Celery worker process, Redis as broker, PostgreSQL as the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from service.sample_data import png_bytes
+from tests.utils.data import TINY_JOB, animals, animals_zip
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def stack(make_settings, pg_url, redis_url, monkeypatch):
+    """API in-process with the real enqueue, a real worker process, Redis and PostgreSQL."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import get_settings
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail hub downloads fast, as an air-gapped deployment would
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    try:
+        with TestClient(app) as client:
+            yield client, settings, worker
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            out, _ = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            out, _ = worker.communicate()
+        if os.environ.get("ZOOFIT_TEST_SHOW_WORKER"):
+            print(out.decode(errors="replace"))
+
+
+def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        j = client.get(f"/v1/jobs/{job_id}").json()
+        if j["status"] in statuses:
+            return j
+        assert time.monotonic() < deadline, f"job stuck in {j['status']}: {j['progress']}"
+        time.sleep(0.25)
+
+
+def submit(client, job: dict, per_class: int = 6) -> dict:
+    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(per_class, 3), "application/zip")})
+    assert ds.status_code == 201, ds.text
+    r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **job})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_job_runs_on_real_worker_then_predicts(stack):
+    client, settings, worker = stack
+    assert settings.resolved_database_url.startswith("postgresql")
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ok", "database": "ok", "broker": "ok"}
+
+    job = submit(client, {**TINY_JOB, "epochs": 3})
+    seen = {wait_status(client, job["id"], {"running", "succeeded"})["status"]}
+    j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+    seen.add(j["status"])
+    assert j["status"] == "succeeded", j["error"]
+    assert len(j["history"]) == 3 and j["attempts"] == 1
+
+    _, test = animals(6, 2, 3)
+    files = [("files", (f"{n}.png", png_bytes(img), "image/png")) for n, _, img in test]
+    r = client.post(f"/v1/models/{j['model_id']}/predict", files=files)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == len(test)
+    assert worker.poll() is None
+
+
+def test_running_job_cancelled_through_api(stack):
+    client, _, _ = stack
+    job = submit(client, {**TINY_JOB, "epochs": 300})
+    j = wait_status(client, job["id"], {"running"})
+    deadline = time.monotonic() + 60
+    while not j["history"]:  # let it train at least one epoch
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        j = client.get(f"/v1/jobs/{job['id']}").json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    j = wait_status(client, job["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
+    assert j["status"] == "cancelled" and len(j["history"]) < 300
+
+
+def test_failing_job_records_error(stack):
+    client, settings, _ = stack
+    # hub weights cannot be downloaded here: the job fails with a clear error, the worker lives on
+    job = submit(client, {**TINY_JOB, "backbone": "resnet18", "weights": "hub"})
+    j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert j["status"] == "failed"
+    assert "tf_efficientnet_lite0" in j["error"]  # names the bundled alternative
+    ok = submit(client, TINY_JOB)
+    assert wait_status(client, ok["id"], {"succeeded", "failed"})["status"] == "succeeded"

@@ -1,0 +1,237 @@
+"""What a training task does, as plain functions the Celery task (and tests) call.
+
+A task takes a job id, claims the job with a guarded status transition, trains, stores the
+artifact and records the outcome. Everything it learns is written to the database as it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from models.spec import EpochRecord, TrainSpec
+from service.config import Settings, get_settings
+from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, session_scope, utcnow
+
+log = logging.getLogger("zoofit.worker")
+
+
+class JobNotClaimable(Exception):
+    """The job is finished, missing, or held by a live worker."""
+
+
+def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings) -> bool:
+    """Move a job to ``running`` if no one else holds it. Returns False when there is nothing to do.
+
+    A ``running`` job is taken over only when its message was redelivered (its worker died)
+    or its heartbeat is stale, so one job never trains twice at the same time.
+    """
+    stale_before = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+    running_ok = JobRow.status == JobStatus.RUNNING
+    if not redelivered:
+        running_ok = running_ok & (JobRow.heartbeat_at < stale_before)
+    with session_scope(settings) as s:
+        job = s.get(JobRow, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping its message", job_id)
+            return False
+        if job.cancel_requested and job.status == JobStatus.QUEUED:
+            job.status = JobStatus.CANCELLED
+            job.finished_at = utcnow()
+            return False
+        now = utcnow()
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, or_(JobRow.status == JobStatus.QUEUED, running_ok))
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=JobRow.attempts + 1,
+                worker=worker,
+                started_at=now,
+                heartbeat_at=now,
+                history=[],
+                progress={"stage": "loading data"},
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(res.rowcount)
+
+
+class JobReporter:
+    """Writes progress to the job record and answers 'was I cancelled?' cheaply."""
+
+    def __init__(self, job_id: str, settings: Settings, total_epochs: int, members: int) -> None:
+        self.job_id = job_id
+        self.settings = settings
+        self.total_epochs = total_epochs
+        self.members = members
+        self._last_check = 0.0
+        self._cancelled = False
+
+    def _write(self, **values: Any) -> None:
+        with session_scope(self.settings) as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == self.job_id)
+                .values(heartbeat_at=utcnow(), **values)
+                .execution_options(synchronize_session=False)
+            )
+
+    def stage(self, stage: str, **info: Any) -> None:
+        self._write(progress={"stage": stage, **info})
+
+    def on_epoch(self, rec: EpochRecord) -> None:
+        with session_scope(self.settings) as s:
+            job = s.get(JobRow, self.job_id)
+            if job is None:
+                return
+            job.history = [*job.history, asdict(rec)]
+            job.progress = {
+                "stage": "training",
+                "member": rec.member + 1,
+                "members": self.members,
+                "epoch": rec.epoch + 1,
+                "epochs": self.total_epochs,
+                "train_loss": rec.train_loss,
+                "train_acc": rec.train_acc,
+                "val_loss": rec.val_loss,
+                "val_acc": rec.val_acc,
+                "lr": rec.lr,
+            }
+            job.heartbeat_at = utcnow()
+            self._cancelled = job.cancel_requested
+
+    def should_stop(self) -> bool:
+        # Called between batches: look at the database at most every second.
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_check >= 1.0:
+            self._last_check = now
+            with session_scope(self.settings) as s:
+                job = s.get(JobRow, self.job_id)
+                self._cancelled = job is None or job.cancel_requested
+                if job is not None:
+                    job.heartbeat_at = utcnow()
+        return self._cancelled
+
+
+def _finish(job_id: str, settings: Settings, status: str, **values: Any) -> None:
+    with session_scope(settings) as s:
+        s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id)
+            .values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
+            settings: Settings | None = None) -> str | None:
+    """Claim and run one training job. Returns the final status, or None if not claimed."""
+    from models.artifact import save_artifact
+    from models.data import load_folder
+    from models.errors import TrainingCancelled, ZooError
+    from models.training import train
+    from models.zoo import preprocess_for
+
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    if not claim_job(job_id, worker, redelivered=redelivered, settings=settings):
+        return None
+
+    with session_scope(settings) as s:
+        job = s.get(JobRow, job_id)
+        assert job is not None
+        dataset = s.get(DatasetRow, job.dataset_id)
+        spec_dict = dict(job.spec)
+    spec = TrainSpec.model_validate(spec_dict)
+    reporter = JobReporter(job_id, settings, spec.epochs, spec.ensemble.members)
+    model_id = new_id()
+    dest = settings.models_dir / model_id
+    try:
+        if dataset is None:
+            raise ZooError(f"dataset {job.dataset_id} no longer exists")
+        pre = preprocess_for(spec.backbone, spec.image_size)
+        reporter.stage("decoding images", images=dataset.num_images, image_size=pre.image_size)
+        data = load_folder(
+            Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir
+        )
+        reporter.stage("training", member=1, members=spec.ensemble.members, epoch=0, epochs=spec.epochs)
+        result = train(
+            data,
+            spec,
+            on_epoch=reporter.on_epoch,
+            should_stop=reporter.should_stop,
+            device=None if settings.device == "auto" else settings.device,
+            log=lambda msg: log.info("job %s: %s", job_id, msg),
+        )
+        if reporter.should_stop():
+            raise TrainingCancelled("cancelled after training")
+        reporter.stage("saving model")
+        save_artifact(result, spec, dest)
+        report = result.report()
+        with session_scope(settings) as s:
+            manifest = _read_manifest(dest)
+            s.add(
+                ModelRow(
+                    id=model_id,
+                    job_id=job_id,
+                    dataset_id=dataset.id,
+                    classes=list(result.classes),
+                    manifest=manifest,
+                    metrics=report,
+                    path=str(dest),
+                )
+            )
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(
+                    status=JobStatus.SUCCEEDED,
+                    metrics=report,
+                    model_id=model_id,
+                    progress={"stage": "done"},
+                    finished_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+        log.info("job %s succeeded: val_acc=%.4f model=%s", job_id, result.val_acc, model_id)
+        return JobStatus.SUCCEEDED
+    except TrainingCancelled:
+        shutil.rmtree(dest, ignore_errors=True)
+        _finish(job_id, settings, JobStatus.CANCELLED, progress={"stage": "cancelled"})
+        log.info("job %s cancelled", job_id)
+        return JobStatus.CANCELLED
+    except (ZooError, ValueError) as exc:
+        # A bad configuration or bad data: record it; retrying would fail the same way.
+        shutil.rmtree(dest, ignore_errors=True)
+        _finish(job_id, settings, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
+                progress={"stage": "failed"})
+        log.warning("job %s failed: %s", job_id, exc)
+        return JobStatus.FAILED
+    except Exception as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        tb = traceback.format_exc(limit=8)
+        _finish(job_id, settings, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}\n{tb}",
+                progress={"stage": "failed"})
+        log.exception("job %s crashed", job_id)
+        return JobStatus.FAILED
+
+
+def _read_manifest(dest: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((dest / "manifest.json").read_text())
+
+
+def running_jobs(settings: Settings) -> list[str]:
+    with session_scope(settings) as s:
+        return list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.RUNNING)))
