@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
+from celery.signals import worker_ready
 from kombu import Queue
 
 from service.config import TRAIN_QUEUE, Settings, get_settings
@@ -45,3 +46,11 @@ def get_celery() -> Celery:
 
 
 app = get_celery()
+
+
+@worker_ready.connect
+def _start_reconciler(**_kwargs: object) -> None:
+    from service.jobs import celery_enqueue
+    from workers.reconcile import start_reconciler
+
+    start_reconciler(get_settings(), celery_enqueue)

@@ -108,3 +108,45 @@ def test_failing_job_records_error(stack):
     assert "tf_efficientnet_lite0" in j["error"]  # names the bundled alternative
     ok = submit(client, TINY_JOB)
     assert wait_status(client, ok["id"], {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_url, monkeypatch):
+    """SIGKILL the worker while it trains: the job does not stay running; a new worker completes it."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import get_settings
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1")
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"{name}-{os.getpid()}@%h"],
+            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    first = start("first")
+    second = None
+    try:
+        with TestClient(app) as client:
+            job = submit(client, {**TINY_JOB, "epochs": 30})
+            j = wait_status(client, job["id"], {"running"})
+            while not j["history"]:
+                time.sleep(0.1)
+                j = client.get(f"/v1/jobs/{job['id']}").json()
+            os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child die at once
+            first.wait(10)
+            assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+            second = start("second")
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
+            assert j["status"] == "succeeded", j["error"]
+            assert j["attempts"] == 2
+            assert [h["epoch"] for h in j["history"]] == list(range(30))  # one clean run, not two
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)

@@ -1,0 +1,238 @@
+"""Saved models: ``model.safetensors`` + ``manifest.json`` in one folder, never a pickle.
+
+``save_artifact`` writes into a temporary sibling folder and renames it into place, so a
+crash never leaves a half-written model. ``load_predictor`` rebuilds every member from the
+manifest (``create_backbone(..., weights='none')``) and loads the tensors with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+from PIL import Image
+
+from .data import to_array
+from .ensemble import Ensemble
+from .errors import ZooError
+from .spec import TrainSpec
+from .training import TrainResult, resolve_device
+from .transforms import normalize_batch
+from .zoo import Preprocess, create_backbone
+
+FORMAT = "zoofit-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+PREDICT_BATCH = 64
+
+
+class ArtifactError(ZooError):
+    """A saved model folder that cannot be loaded (missing files, unknown format)."""
+
+
+def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
+    """The JSON manifest describing ``result`` (see ``save_artifact``)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "classes": list(result.classes),
+        "preprocess": result.preprocess.to_dict(),
+        "members": [
+            {
+                "backbone": m.backbone,
+                "num_classes": m.num_classes,
+                "drop_rate": m.drop_rate,
+                "mean": list(m.preprocess.mean),
+                "std": list(m.preprocess.std),
+                "val_acc": m.val_acc,
+                "val_loss": m.val_loss,
+                "best_epoch": m.best_epoch,
+                "seed": m.seed,
+            }
+            for m in result.members
+        ],
+        "metrics": result.report(),
+        "spec": spec.model_dump(mode="json"),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
+
+
+def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite: bool = True) -> Path:
+    """Save a trained ensemble as ``dest/model.safetensors`` + ``dest/manifest.json``.
+
+    Tensors are keyed ``members.<i>.<state-dict key>``. Everything is written into a temporary
+    sibling folder first and renamed to ``dest`` at the end; on any error the temporary folder
+    is removed and ``dest`` is left as it was.
+
+    Args:
+        result: what ``train`` returned.
+        spec: the recipe it was trained with (stored in the manifest).
+        dest: the model folder to create.
+        overwrite: replace an existing ``dest`` (a task that runs twice writes the same model);
+            otherwise raise ``FileExistsError``.
+
+    Returns:
+        ``dest``.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"model folder {dest} already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        tensors = {
+            f"members.{i}.{k}": v.detach().cpu().contiguous()
+            for i, m in enumerate(result.members)
+            for k, v in m.state_dict.items()
+        }
+        safetensors.torch.save_file(
+            tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        )
+        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
+            json.dump(manifest_for(result, spec), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        if dest.exists():
+            # Move the old model aside first: the rename below needs the name free.
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the model folder ``path``.
+
+    Raises:
+        ArtifactError: no manifest, or not a zoofit model of a format this code reads.
+    """
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {file}: {e}") from e
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{file} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+        )
+    return manifest
+
+
+class Predictor:
+    """A loaded model: classes, preprocessing and an eval-mode ensemble.
+
+    Attributes:
+        classes: class names, in output order.
+        preprocess: how input images are prepared (``to_array`` + ``normalize_batch``).
+        manifest: the saved manifest.
+        device: where the ensemble runs.
+        model: the ``Ensemble``.
+    """
+
+    def __init__(self, model: Ensemble, classes: list[str], preprocess: Preprocess, manifest: dict[str, Any],
+                 device: torch.device) -> None:
+        self.model = model
+        self.classes = classes
+        self.preprocess = preprocess
+        self.manifest = manifest
+        self.device = device
+
+    def prepare(self, images: list[Image.Image]) -> np.ndarray:
+        """Images as the training cache stored them: ``uint8 [N, S, S, 3]``."""
+        pre = self.preprocess
+        return np.stack([to_array(img, pre.image_size, pre.interpolation) for img in images])
+
+    def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
+        """Class probabilities of the ensemble.
+
+        Args:
+            images: PIL images of any mode and size (e.g. from ``open_image``).
+
+        Returns:
+            ``float32 [N, C]``, rows summing to 1, columns in ``classes`` order.
+        """
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        arrays = self.prepare(images)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(arrays), PREDICT_BATCH):
+                x = normalize_batch(arrays[start : start + PREDICT_BATCH], self.preprocess, self.device)
+                out.append(self.model(x).float().cpu())
+        return torch.cat(out).numpy()
+
+    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most probable classes of each image, most probable first.
+
+        Args:
+            images: PIL images.
+            top_k: how many classes per image (capped at the number of classes).
+
+        Returns:
+            Per image, ``[(class, probability), ...]`` sorted by decreasing probability.
+        """
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        probs = self.predict_proba(images)
+        k = min(top_k, len(self.classes))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
+
+
+def load_predictor(path: Path, device: str | None = None) -> Predictor:
+    """Load a model folder written by ``save_artifact``.
+
+    Args:
+        path: the model folder.
+        device: ``cpu``, ``cuda``...; ``None`` or ``auto`` picks a GPU when there is one.
+
+    Returns:
+        A ``Predictor`` in eval mode.
+
+    Raises:
+        ArtifactError: missing or unreadable files, unknown format, tensors that do not fit.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    preprocess = Preprocess.from_dict(manifest["preprocess"])
+    members = [
+        create_backbone(
+            m["backbone"],
+            weights="none",
+            num_classes=int(m["num_classes"]),
+            drop_rate=float(m["drop_rate"]),
+            image_size=preprocess.image_size,
+        )
+        for m in manifest["members"]
+    ]
+    model = Ensemble(
+        members,
+        input_norm=(preprocess.mean, preprocess.std),
+        member_norms=[(m["mean"], m["std"]) for m in manifest["members"]],
+    )
+    try:
+        tensors = safetensors.torch.load_file(str(path / WEIGHTS_FILE), device="cpu")
+        model.load_state_dict(tensors, strict=True)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as e:
+        raise ArtifactError(f"cannot load weights of {path}: {e}") from e
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return Predictor(model, list(manifest["classes"]), preprocess, manifest, dev)

@@ -1,0 +1,292 @@
+"""Images in, uint8 arrays out.
+
+Every image is decoded once, converted to RGB, resized (shorter side) and center-cropped to
+the model's input size, and stored in one ``uint8 [N, S, S, 3]`` array. Prediction goes
+through the same ``to_array`` so the model sees what it was trained on. A dataset's array
+can be cached as ``.npz`` (never pickled) so a second job on it does not decode again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImageError, TrainingError
+
+CACHE_VERSION = 1
+
+RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass
+class ImageArray:
+    """A decoded, labelled image set.
+
+    Attributes:
+        images: ``uint8 [N, S, S, 3]`` RGB images, already resized and center-cropped.
+        labels: ``int64 [N]`` indices into ``classes``.
+        classes: class names; label ``i`` is ``classes[i]``.
+        names: optional per-image names (``<class>/<file>``), for reporting.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [N, S, S, 3], got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must be [N={len(self.images)}], got {self.labels.shape}")
+        self.labels = self.labels.astype(np.int64, copy=False)
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)})")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class."""
+        n = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, n, strict=True)}
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    # 16/32-bit integer and float grayscale: scale into 0..255 instead of letting PIL clip.
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    elif img.mode == "I" and arr.size and arr.max() > 255:
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to RGB; transparency is composited on white, EXIF rotation applied.
+
+    Args:
+        img: a decoded image of any mode (L, P, RGBA, LA, CMYK, I;16, ...).
+
+    Returns:
+        An RGB image.
+    """
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = _wide_to_l(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(src: Path | bytes, name: str) -> Image.Image:
+    """Decode an image file or bytes into an RGB PIL image.
+
+    Args:
+        src: file path or the file's bytes.
+        name: what to call the image in errors (e.g. the upload's file name).
+
+    Returns:
+        The fully decoded RGB image.
+
+    Raises:
+        BadImageError: the data is not an image PIL can decode (or is truncated).
+    """
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes | bytearray) else src) as img:
+            img.load()
+            rgb = to_rgb(img)
+            # Leaving the ``with`` closes ``img``; never hand back that same object.
+            return rgb.copy() if rgb is img else rgb
+    except UnidentifiedImageError as e:
+        raise BadImageError(name, "not a recognised image format") from e
+    except Exception as e:  # the decoders raise many types (OSError, SyntaxError, ValueError, bombs)
+        raise BadImageError(name, f"{type(e).__name__}: {e}") from e
+
+
+def resample_filter(interpolation: str) -> Image.Resampling:
+    """PIL filter for an interpolation name (``bicubic``, ``bilinear``, ...)."""
+    try:
+        return RESAMPLE[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(RESAMPLE)}") from None
+
+
+def to_array(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
+    """Resize the shorter side to ``size``, center-crop ``size x size``, return ``uint8 [S, S, 3]``.
+
+    Args:
+        img: an image (converted to RGB if it is not).
+        size: output side in pixels.
+        interpolation: resize filter name.
+
+    Returns:
+        The HWC uint8 array.
+    """
+    img = to_rgb(img)
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=resample_filter(interpolation))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _class_files(root: Path, classes: list[str]) -> list[tuple[int, Path]]:
+    files: list[tuple[int, Path]] = []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            raise TrainingError(f"class folder {cls!r} does not exist under {root}")
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files.extend((label, folder / n) for n in names)
+    return files
+
+
+def _cache_key(root: Path, files: list[tuple[int, Path]], classes: list[str], size: int, interp: str) -> str:
+    # The dataset's identity: where it is and exactly which files (size + mtime) it holds.
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), classes, size, interp]).encode())
+    for label, path in files:
+        st = path.stat()
+        h.update(f"\0{label}\0{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _read_cache(path: Path, n: int, size: int, classes: list[str]) -> ImageArray | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+            cached_classes, names = [str(c) for c in z["classes"]], [str(c) for c in z["names"]]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or from another version: rebuild
+    if images.shape != (n, size, size, 3) or cached_classes != classes:
+        return None
+    return ImageArray(images=images, labels=labels, classes=classes, names=names)
+
+
+def _write_cache(path: Path, data: ImageArray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                images=data.images,
+                labels=data.labels,
+                classes=np.array(data.classes, dtype=np.str_),
+                names=np.array(data.names, dtype=np.str_),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_folder(
+    root: Path, classes: list[str], size: int, interpolation: str, cache_dir: Path | None = None
+) -> ImageArray:
+    """Decode ``root/<class>/<file>`` for the listed classes into one array.
+
+    Files are read in sorted order per class (hidden files skipped), each decoded once. With
+    ``cache_dir`` the array is stored as ``<cache_dir>/<key>.npz``, keyed by the folder's path,
+    its files (names, sizes, mtimes), the classes, ``size`` and ``interpolation``; a later call on
+    the same data loads it instead of decoding. The cache is written to a temporary name and
+    renamed, and read with ``allow_pickle=False``.
+
+    Args:
+        root: dataset folder with one sub-folder per class.
+        classes: class names; their order defines the labels.
+        size: output side in pixels.
+        interpolation: resize filter name.
+        cache_dir: where to keep decoded arrays, or None for no cache.
+
+    Returns:
+        The decoded ``ImageArray``.
+
+    Raises:
+        TrainingError: a class folder is missing.
+        BadImageError: a file does not decode (``.name`` is ``<class>/<file>``).
+    """
+    root = Path(root)
+    resample_filter(interpolation)
+    files = _class_files(root, classes)
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{_cache_key(root, files, classes, size, interpolation)}.npz"
+        if cache_path.is_file():
+            cached = _read_cache(cache_path, len(files), size, classes)
+            if cached is not None:
+                return cached
+
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    names = []
+    for i, (label, path) in enumerate(files):
+        name = f"{classes[label]}/{path.name}"
+        images[i] = to_array(open_image(path, name), size, interpolation)
+        labels[i] = label
+        names.append(name)
+    data = ImageArray(images=images, labels=labels, classes=list(classes), names=names)
+    if cache_path is not None:
+        _write_cache(cache_path, data)
+    return data
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split into train and validation indices.
+
+    Each class with ``n >= 2`` images puts ``round(n * val_fraction)`` of them, clamped to
+    ``[1, n - 1]``, into validation, so it appears on both sides; a class with one image goes
+    to train only.
+
+    Args:
+        labels: ``int [N]`` class indices.
+        val_fraction: target share of validation images, in (0, 1).
+        seed: RNG seed; the same seed gives the same split.
+
+    Returns:
+        ``(train_idx, val_idx)``, sorted ``int64`` arrays.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = 0 if len(idx) < 2 else min(max(round(len(idx) * val_fraction), 1), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    empty = np.empty(0, dtype=np.int64)
+    return (
+        np.sort(np.concatenate(train)).astype(np.int64) if train else empty,
+        np.sort(np.concatenate(val)).astype(np.int64) if val else empty,
+    )

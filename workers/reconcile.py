@@ -1,0 +1,72 @@
+"""Find jobs whose worker died and put them back on the queue.
+
+A worker killed outright (SIGKILL, OOM, power loss) leaves its job ``running`` with a heartbeat
+that stops moving. Its broker message would only come back after the broker's visibility
+timeout, so every worker also runs this check at start-up and then periodically: a running job
+whose heartbeat is older than three heartbeat periods goes back to ``queued`` and onto the queue.
+A late duplicate message is harmless: ``claim_job`` only takes a queued job (or a stale one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from service.config import Settings
+from service.db import JobRow, JobStatus, session_scope, utcnow
+
+log = logging.getLogger("zoofit.reconcile")
+
+
+def stale_jobs(settings: Settings) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+    with session_scope(settings) as s:
+        return list(
+            s.scalars(
+                select(JobRow.id).where(
+                    JobRow.status == JobStatus.RUNNING,
+                    JobRow.heartbeat_at < cutoff,
+                )
+            )
+        )
+
+
+def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
+    """Move every stale running job back to ``queued`` and re-enqueue it. Returns their ids."""
+    requeued = []
+    cutoff = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+    for job_id in stale_jobs(settings):
+        with session_scope(settings) as s:
+            # Guarded: only if it is still running and still stale (no worker came back to it).
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.heartbeat_at < cutoff)
+                .values(status=JobStatus.QUEUED, progress={"stage": "re-queued after its worker stopped"})
+                .execution_options(synchronize_session=False)
+            )
+        if res.rowcount:
+            log.warning("job %s had a stale heartbeat (its worker died?); re-queued", job_id)
+            enqueue(job_id)
+            requeued.append(job_id)
+    return requeued
+
+
+def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> threading.Event:
+    """Run ``reconcile`` now and then every heartbeat period in a daemon thread; set the event to stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                reconcile(settings, enqueue)
+            except Exception:
+                log.exception("reconcile pass failed")
+            if stop.wait(settings.worker_heartbeat_s):
+                return
+
+    threading.Thread(target=loop, name="zoofit-reconciler", daemon=True).start()
+    return stop
