@@ -8,6 +8,7 @@ manifest (``create_backbone(..., weights='none')``) and loads the tensors with s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,7 +57,7 @@ def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
                 "mean": list(m.preprocess.mean),
                 "std": list(m.preprocess.std),
                 "val_acc": m.val_acc,
-                "val_loss": m.val_loss,
+                "val_loss": m.val_loss if math.isfinite(m.val_loss) else None,
                 "best_epoch": m.best_epoch,
                 "seed": m.seed,
             }
@@ -91,6 +92,7 @@ def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is read by the API process too
         tensors = {
             f"members.{i}.{k}": v.detach().cpu().contiguous()
             for i, m in enumerate(result.members)
@@ -147,8 +149,14 @@ class Predictor:
         model: the ``Ensemble``.
     """
 
-    def __init__(self, model: Ensemble, classes: list[str], preprocess: Preprocess, manifest: dict[str, Any],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Ensemble,
+        classes: list[str],
+        preprocess: Preprocess,
+        manifest: dict[str, Any],
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.classes = classes
         self.preprocess = preprocess

@@ -93,9 +93,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         img = _wide_to_l(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -147,12 +145,13 @@ def to_array(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
     Returns:
         The HWC uint8 array.
     """
+    resample = resample_filter(interpolation)
     img = to_rgb(img)
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=resample_filter(interpolation))
+        img = img.resize((new_w, new_h), resample=resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8).copy()

@@ -13,6 +13,9 @@ Norm = tuple[Sequence[float], Sequence[float]]
 class _Renormalize(nn.Module):
     """Maps input normalised with one (mean, std) onto another, exactly (a per-channel affine map)."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, source: Norm, target: Norm) -> None:
         super().__init__()
         s_mean, s_std = torch.tensor(source[0]), torch.tensor(source[1])
@@ -66,9 +69,7 @@ class Ensemble(nn.Module):
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's probabilities, ``float32 [M, N, C]``."""
-        return torch.stack(
-            [m(a(x)).float().softmax(dim=-1) for m, a in zip(self.members, self.adapters, strict=True)]
-        )
+        return torch.stack([m(a(x)).float().softmax(dim=-1) for m, a in zip(self.members, self.adapters, strict=True)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Average class probabilities ``float32 [N, C]``; rows sum to 1."""

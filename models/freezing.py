@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from timm.models import group_parameters
 from torch import nn
@@ -61,7 +61,7 @@ def parameter_groups(model: nn.Module) -> list[list[str]]:
     Returns:
         One list of parameter names per group.
     """
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    groups = group_parameters(model, cast(Any, model).group_matcher(coarse=True))
     return [list(groups[k]) for k in sorted(groups)]
 
 
@@ -124,7 +124,7 @@ def apply_freeze(model: nn.Module, *, mode: str, stages: int, train_bn: bool) ->
 
     labels = group_labels(model)
     groups = parameter_groups(model)
-    head = {id(p) for p in model.get_classifier().parameters()}
+    head = {id(p) for p in cast(Any, model).get_classifier().parameters()}
     params = dict(model.named_parameters())
     frozen: list[int] = []
     if mode == "linear_probe":

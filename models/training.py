@@ -44,7 +44,7 @@ class TrainedMember:
         num_classes: classifier outputs.
         drop_rate: head dropout.
         preprocess: the member's normalisation (image size shared by all members).
-        best_epoch: 1-based epoch whose weights were kept.
+        best_epoch: 0-based index of the epoch whose weights were kept (like ``EpochRecord.epoch``).
         epochs_run: epochs actually trained (fewer than ``epochs_planned`` after early stopping).
         epochs_planned: ``spec.epochs``.
         val_acc: validation accuracy of the kept weights.
@@ -130,14 +130,14 @@ class TrainResult:
         train_seconds = sum(r.seconds for r in self.history)
         return {
             "val_acc": self.val_acc,
-            "val_loss": self.val_loss,
+            "val_loss": _num(self.val_loss),
             "member_val_acc": list(self.member_val_acc),
             "members": [
                 {
                     "backbone": m.backbone,
                     "seed": m.seed,
                     "val_acc": m.val_acc,
-                    "val_loss": m.val_loss,
+                    "val_loss": _num(m.val_loss),
                     "best_epoch": m.best_epoch,
                     "epochs_run": m.epochs_run,
                     "stopped_early": m.stopped_early,
@@ -159,6 +159,11 @@ class TrainResult:
             "seconds": round(self.seconds, 3),
             "epoch_seconds": round(train_seconds, 3),
         }
+
+
+def _num(x: float) -> float | None:
+    # JSON has no inf/nan; a metric that is not finite is reported as null.
+    return float(x) if math.isfinite(x) else None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -335,7 +340,7 @@ class _Run:
             epochs_run = epoch + 1
             record = EpochRecord(
                 member=i,
-                epoch=epoch + 1,
+                epoch=epoch,
                 train_loss=train_loss,
                 train_acc=correct / len(self.train_idx),
                 val_loss=val_loss,
@@ -346,12 +351,12 @@ class _Run:
             )
             score = (val_acc, -val_loss)
             if best is None or score > best:
-                best, best_epoch, since_best = score, epoch + 1, 0
+                best, best_epoch, since_best = score, epoch, 0
                 best_acc, best_loss, best_probs = val_acc, val_loss, probs
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 since_best += 1
-            record.extra["best"] = float(best_epoch == epoch + 1)
+            record.extra["best"] = float(best_epoch == epoch)
             self.log(
                 f"member {i + 1} epoch {epoch + 1}/{spec.epochs}: lr {lr:.2e} "
                 f"train loss {record.train_loss:.4f} acc {record.train_acc:.3f} | "
@@ -396,12 +401,14 @@ def train(
     Args:
         data: decoded images at the spec's image size (``preprocess_for(spec.backbone, spec.image_size)``).
         spec: the recipe.
-        on_epoch: called with each member's ``EpochRecord`` after every epoch (``epoch`` is 1-based).
+        on_epoch: called with each member's ``EpochRecord`` after every epoch; ``member`` and ``epoch``
+            are 0-based indices (display ``epoch + 1``).
         should_stop: polled between batches; returning True cancels training.
         device: ``cuda``, ``cpu``, ... ; ``None`` or ``auto`` picks a GPU when there is one. On CUDA
             the forward pass runs under autocast (bf16 where supported, else fp16 with a GradScaler).
         log: receives human-readable progress lines.
-        num_threads: CPU threads for torch during training; default: the cores this process may use.
+        num_threads: CPU threads for torch during training; default: torch's current setting, capped
+            at the cores this process may use.
 
     Returns:
         The ``TrainResult`` with every member's best-epoch weights and the ensemble's validation metrics.
@@ -424,9 +431,11 @@ def train(
     run.check_stop()
     members: list[TrainedMember] = []
     member_probs: list[np.ndarray] = []
-    with _num_threads(num_threads or available_cpus()):
+    # Default: torch's own setting (a caller's set_num_threads wins), capped at the usable cores.
+    threads = num_threads or min(torch.get_num_threads(), available_cpus())
+    with _num_threads(threads):
         run.log(
-            f"training {spec.ensemble.members} member(s) on {dev} ({run.amp_dtype or 'fp32'}), "
+            f"training {spec.ensemble.members} member(s) on {dev} ({run.amp_dtype or 'fp32'}, {threads} threads), "
             f"{len(run.train_idx)} train / {len(run.val_idx)} val images, {len(data.classes)} classes, "
             f"{shared.image_size} px"
         )
@@ -444,8 +453,9 @@ def train(
     result = TrainResult(
         members=members,
         classes=list(data.classes),
-        preprocess=Preprocess(members[0].preprocess.mean, members[0].preprocess.std,
-                              shared.interpolation, shared.image_size),
+        preprocess=Preprocess(
+            members[0].preprocess.mean, members[0].preprocess.std, shared.interpolation, shared.image_size
+        ),
         val_acc=val_acc,
         val_loss=val_loss,
         member_val_acc=[m.val_acc for m in members],
@@ -455,9 +465,7 @@ def train(
         amp=str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else None,
         train_size=len(run.train_idx),
         val_size=len(run.val_idx),
-        split_counts={
-            c: [int(train_counts[k]), int(val_counts[k])] for k, c in enumerate(data.classes)
-        },
+        split_counts={c: [int(train_counts[k]), int(val_counts[k])] for k, c in enumerate(data.classes)},
     )
     run.log(f"ensemble val acc {val_acc:.3f} (members {', '.join(f'{a:.3f}' for a in result.member_val_acc)})")
     return result

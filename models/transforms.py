@@ -34,7 +34,7 @@ def normalize_transform(preprocess: Preprocess) -> v2.Compose:
     )
 
 
-def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Compose:
+def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Transform:
     """Random augmentation of one uint8 CHW image tensor, output uint8 CHW at the model size.
 
     RandomResizedCrop (scale ``(crop_scale_min, 1)``), RandomHorizontalFlip and ColorJitter
@@ -46,7 +46,7 @@ def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Compos
 
     Returns:
         A transform for single images (v2 transforms draw one set of parameters per call,
-        so apply it per image, not per batch).
+        so apply it per image, not per batch); ``v2.Identity`` when everything is disabled.
     """
     ops: list[v2.Transform] = []
     if augment.random_resized_crop:
@@ -63,7 +63,7 @@ def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Compos
     if augment.color_jitter > 0:
         j = augment.color_jitter
         ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return v2.Compose(ops)
+    return v2.Compose(ops) if ops else v2.Identity()
 
 
 def train_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Compose:
@@ -71,9 +71,9 @@ def train_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Compose:
     return v2.Compose([augment_transform(augment, preprocess), normalize_transform(preprocess)])
 
 
-def augment_batch(images: torch.Tensor, transform: v2.Compose) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     """Apply a per-image ``transform`` to every image of a uint8 NCHW batch (fresh randomness each)."""
-    if len(transform.transforms) == 0:
+    if isinstance(transform, v2.Identity):
         return images
     return torch.stack([transform(img) for img in images])
 

@@ -63,8 +63,7 @@ def bundled_weights_path(name: str) -> Path:
     pkg = BUNDLED_PACKAGES.get(name)
     if pkg is None:
         raise WeightsUnavailableError(
-            f"no bundled weights for {name!r}; bundled offline weights exist for "
-            f"{', '.join(sorted(BUNDLED_PACKAGES))}"
+            f"no bundled weights for {name!r}; bundled offline weights exist for {', '.join(sorted(BUNDLED_PACKAGES))}"
         )
     try:
         module = importlib.import_module(pkg.module)

@@ -186,7 +186,7 @@ def create_backbone(
             raise WeightsUnavailableError(f"backbone {name!r} has no bundled weights; {_alternatives_text()}")
         # Load the full 1000-class checkpoint first so every shape is checked, then swap the head.
         imagenet_classes = int(_pretrained_cfg(name).num_classes or 1000)
-        model = timm.create_model(name, pretrained=False, num_classes=imagenet_classes, **kwargs)
+        model: Any = timm.create_model(name, pretrained=False, num_classes=imagenet_classes, **kwargs)
         load_bundled(model, name)
         if num_classes != imagenet_classes:
             model.reset_classifier(num_classes)

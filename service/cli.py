@@ -15,6 +15,7 @@ from service.config import TRAIN_QUEUE, get_settings
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run_api(host: str | None = None, port: int | None = None) -> None:

@@ -36,7 +36,8 @@ def make_celery(settings: Settings) -> Celery:
     )
     if settings.embedded_broker:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.conf.broker_transport_options = {"polling_interval": 0.5}
+        # kombu's SQLAlchemy transport hands its options to create_engine: give it none.
+        app.conf.broker_transport_options = {}
     return app
 
 

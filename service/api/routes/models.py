@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Annotated
 
@@ -70,6 +71,8 @@ def _predict(
     top_k: int,
     max_pixels: int,
 ) -> list[ImagePrediction]:
+    from PIL import Image as PILImage
+
     from models.data import open_image
     from models.errors import BadImageError
 
@@ -77,9 +80,18 @@ def _predict(
     bad = []
     for name, data in blobs:
         try:
-            images.append(open_image(data, name, max_pixels=max_pixels))
+            # Read the header first: refuse a pixel bomb before decoding it.
+            with PILImage.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+            if w * h > max_pixels:
+                bad.append(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}")
+                continue
+            images.append(open_image(data, name))
         except BadImageError as exc:
             bad.append(f"{name}: {exc}")
+        except (OSError, PILImage.DecompressionBombError) as exc:
+            reason = "too many pixels" if isinstance(exc, PILImage.DecompressionBombError) else "not an image"
+            bad.append(f"{name}: {reason}")
     if bad:
         raise BadRequest("cannot decode image(s): " + "; ".join(bad), files=bad)
     predictor = predictors.get(model_id, path)
