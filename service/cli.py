@@ -62,6 +62,30 @@ def serve(host: str | None, port: int | None) -> None:
             worker.kill()
 
 
+def keys_command(args: argparse.Namespace) -> None:
+    import re
+
+    from service import auth
+    from service.db import session_scope
+
+    settings = get_settings()
+    with session_scope(settings) as session:
+        if args.keys_command == "create":
+            if not re.match(auth.TENANT_PATTERN, args.tenant):
+                sys.exit(f"invalid tenant name {args.tenant!r}: letters, digits, '_', '.', '-' (max 64)")
+            row, key = auth.create_key(session, args.tenant, admin=args.admin)
+            print(f"key id {row.id} for tenant {row.tenant!r}{' (admin)' if row.admin else ''}", file=sys.stderr)
+            print("store it now; it is not shown again:", file=sys.stderr)
+            print(key)
+        elif args.keys_command == "list":
+            for r in auth.list_keys(session):
+                state = "revoked" if r.revoked else "active"
+                print(f"{r.id}  zf_{r.prefix}_...  tenant={r.tenant}  admin={r.admin}  {state}")
+        elif args.keys_command == "revoke":
+            auth.revoke_key(session, args.key_id)
+            print(f"revoked {args.key_id}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="zoofit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)
     sub.add_parser("worker", help="a Celery training worker (queue 'train')")
+    k = sub.add_parser("keys", help="manage API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="issue a key for a tenant (printed once)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--admin", action="store_true", help="may manage keys through /v1/keys")
+    ksub.add_parser("list", help="list keys (no secrets)")
+    kr = ksub.add_parser("revoke", help="revoke a key by id")
+    kr.add_argument("key_id")
     d = sub.add_parser("demo", help="run the main job end to end through the HTTP API")
     d.add_argument("--port", type=int, default=None, help="port for the demo's API (default: a free one)")
     d.add_argument("--per-class", type=int, default=None, help="training images per class")
@@ -82,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         run_api(args.host, args.port)
     elif args.command == "worker":
         run_worker(extra)
+    elif args.command == "keys":
+        keys_command(args)
     elif args.command == "demo":
         from service.demo import run_demo
 

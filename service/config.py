@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
+    auth_enabled: bool = Field(
+        True, description="require 'Authorization: Bearer <key>' on /v1; turn off only for local single-user use"
+    )
+
     # uploads
     upload_max_bytes: int = Field(512 * 1024**2, ge=1, description="compressed archive size cap")
     extract_max_bytes: int = Field(2 * 1024**3, ge=1, description="uncompressed archive size cap")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import BinaryIO, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service import idempotency
 from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus, new_id
 from service.errors import Conflict, NotFound, ServiceError, TooLarge
@@ -18,20 +20,22 @@ from service.ingest import DatasetRejected, IngestLimits, ingest_archive
 CHUNK = 1024 * 1024
 
 
-def save_upload(src: BinaryIO, dest: Path, max_bytes: int) -> int:
-    """Copy an upload stream to ``dest`` in chunks, refusing more than ``max_bytes``."""
+def save_upload(src: BinaryIO, dest: Path, max_bytes: int) -> str:
+    """Copy an upload stream to ``dest`` in chunks, refusing more than ``max_bytes``. Returns its SHA-256."""
     written = 0
+    digest = hashlib.sha256()
     try:
         with dest.open("wb") as out:
             while chunk := src.read(CHUNK):
                 written += len(chunk)
                 if written > max_bytes:
                     raise TooLarge(f"upload exceeds the {max_bytes} byte limit (ZOOFIT_UPLOAD_MAX_BYTES)")
+                digest.update(chunk)
                 out.write(chunk)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    return written
+    return digest.hexdigest()
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:
@@ -46,10 +50,12 @@ def ingest_limits(settings: Settings) -> IngestLimits:
 def create_dataset(
     session: Session,
     settings: Settings,
+    tenant: str,
     src: BinaryIO,
     filename: str,
     name: str | None,
     on_bad_file: Literal["reject", "skip"] = "reject",
+    idempotency_key: str | None = None,
 ) -> DatasetRow:
     """Store an uploaded archive as a dataset. Nothing remains on disk if it is rejected."""
     settings.ensure_dirs()
@@ -57,13 +63,18 @@ def create_dataset(
     upload = settings.tmp_dir / f"upload-{uuid.uuid4().hex}"
     dest = settings.datasets_dir / dataset_id
     try:
-        save_upload(src, upload, settings.upload_max_bytes)
+        sha = save_upload(src, upload, settings.upload_max_bytes)
+        fingerprint = hashlib.sha256(f"{sha}|{name}|{on_bad_file}".encode()).hexdigest()
+        earlier = idempotency.lookup(session, tenant, "datasets", idempotency_key, fingerprint)
+        if earlier is not None:
+            return get_dataset(session, earlier, tenant)
         try:
             result = ingest_archive(upload, filename, dest, ingest_limits(settings), on_bad_file=on_bad_file)
         except DatasetRejected as exc:
             raise ServiceError(str(exc), problems=exc.problems).with_status(exc.status) from None
         row = DatasetRow(
             id=dataset_id,
+            tenant=tenant,
             name=name or Path(filename).name.split(".")[0] or dataset_id,
             classes=result.classes,
             counts=result.counts,
@@ -72,6 +83,7 @@ def create_dataset(
             path=str(dest.resolve()),
         )
         session.add(row)
+        idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id)
         session.flush()
         return row
     except BaseException:
@@ -81,23 +93,28 @@ def create_dataset(
         upload.unlink(missing_ok=True)
 
 
-def get_dataset(session: Session, dataset_id: str) -> DatasetRow:
+def get_dataset(session: Session, dataset_id: str, tenant: str) -> DatasetRow:
     row = session.get(DatasetRow, dataset_id)
-    if row is None:
+    # Another tenant's dataset answers exactly like a missing one: no existence leak.
+    if row is None or row.tenant != tenant:
         raise NotFound(f"dataset {dataset_id!r} not found")
     return row
 
 
-def list_datasets(session: Session, offset: int, limit: int) -> tuple[list[DatasetRow], int]:
-    count = session.scalar(select(func.count()).select_from(DatasetRow)) or 0
+def list_datasets(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[DatasetRow], int]:
+    count = session.scalar(select(func.count()).select_from(DatasetRow).where(DatasetRow.tenant == tenant)) or 0
     rows = session.scalars(
-        select(DatasetRow).order_by(DatasetRow.created_at.desc()).offset(offset).limit(limit)
+        select(DatasetRow)
+        .where(DatasetRow.tenant == tenant)
+        .order_by(DatasetRow.created_at.desc())
+        .offset(offset)
+        .limit(limit)
     ).all()
     return list(rows), count
 
 
-def delete_dataset(session: Session, settings: Settings, dataset_id: str) -> None:
-    row = get_dataset(session, dataset_id)
+def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant: str) -> None:
+    row = get_dataset(session, dataset_id, tenant)
     busy = session.scalars(
         select(JobRow.id).where(
             JobRow.dataset_id == dataset_id, JobRow.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])

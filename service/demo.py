@@ -57,6 +57,16 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: fl
     raise RuntimeError("zoofit serve did not become ready in time")
 
 
+def _demo_key() -> str:
+    """The demo issues its own API key, as an operator would with ``zoofit keys create``."""
+    from service.auth import create_key
+    from service.config import get_settings
+    from service.db import session_scope
+
+    with session_scope(get_settings()) as session:
+        return create_key(session, "demo")[1]
+
+
 def run_demo(port: int | None = None, per_class: int | None = None, job: dict[str, Any] | None = None) -> int:
     port = port or _free_port()
     per_class = per_class or 40
@@ -66,8 +76,9 @@ def run_demo(port: int | None = None, per_class: int | None = None, job: dict[st
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL if not os.environ.get("ZOOFIT_DEMO_VERBOSE") else None,
                             stderr=subprocess.STDOUT if not os.environ.get("ZOOFIT_DEMO_VERBOSE") else None)
+    headers = {"Authorization": f"Bearer {_demo_key()}"}
     try:
-        with httpx.Client(base_url=base, timeout=120) as client:
+        with httpx.Client(base_url=base, timeout=120, headers=headers) as client:
             _wait_ready(client, proc)
             return _walk(client, per_class, job or DEMO_JOB)
     finally:

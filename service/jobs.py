@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from service import idempotency
 from service.config import TRAIN_QUEUE, Settings
 from service.datasets import get_dataset
-from service.db import JobRow, JobStatus, new_id, utcnow
+from service.db import IdempotencyRow, JobRow, JobStatus, new_id, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.schemas import JobCreate
 
@@ -25,11 +28,23 @@ def celery_enqueue(job_id: str) -> None:
     get_celery().send_task(TASK_NAME, args=[job_id], queue=TRAIN_QUEUE)
 
 
-def submit_job(session: Session, settings: Settings, body: JobCreate, enqueue: Enqueue) -> JobRow:
-    dataset = get_dataset(session, body.dataset_id)
+def submit_job(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    body: JobCreate,
+    enqueue: Enqueue,
+    idempotency_key: str | None = None,
+) -> JobRow:
+    dataset = get_dataset(session, body.dataset_id, tenant)
     spec = body.model_dump(mode="json", exclude={"dataset_id"})
+    fingerprint = hashlib.sha256(json.dumps([dataset.id, spec], sort_keys=True).encode()).hexdigest()
+    earlier = idempotency.lookup(session, tenant, "jobs", idempotency_key, fingerprint)
+    if earlier is not None:
+        return get_job(session, earlier, tenant)
     job = JobRow(
         id=new_id(),
+        tenant=tenant,
         dataset_id=dataset.id,
         spec=spec,
         status=JobStatus.QUEUED,
@@ -37,29 +52,31 @@ def submit_job(session: Session, settings: Settings, body: JobCreate, enqueue: E
         history=[],
     )
     session.add(job)
+    idempotency.record(session, tenant, "jobs", idempotency_key, fingerprint, job.id)
     # Commit before enqueueing so a fast worker always finds the record.
     session.commit()
     try:
         enqueue(job.id)
     except Exception as exc:
         session.delete(job)
+        session.execute(delete(IdempotencyRow).where(IdempotencyRow.resource_id == job.id))
         session.commit()
         raise Unavailable(f"the job queue (broker) is unreachable: {exc}") from exc
     return job
 
 
-def get_job(session: Session, job_id: str) -> JobRow:
+def get_job(session: Session, job_id: str, tenant: str) -> JobRow:
     job = session.get(JobRow, job_id)
-    if job is None:
+    if job is None or job.tenant != tenant:
         raise NotFound(f"job {job_id!r} not found")
     return job
 
 
 def list_jobs(
-    session: Session, offset: int, limit: int, status: str | None = None
+    session: Session, tenant: str, offset: int, limit: int, status: str | None = None
 ) -> tuple[list[JobRow], int]:
-    query = select(JobRow)
-    count_q = select(func.count()).select_from(JobRow)
+    query = select(JobRow).where(JobRow.tenant == tenant)
+    count_q = select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant)
     if status:
         query = query.where(JobRow.status == status)
         count_q = count_q.where(JobRow.status == status)
@@ -67,8 +84,8 @@ def list_jobs(
     return list(rows), session.scalar(count_q) or 0
 
 
-def cancel_job(session: Session, job_id: str) -> JobRow:
-    job = get_job(session, job_id)
+def cancel_job(session: Session, job_id: str, tenant: str) -> JobRow:
+    job = get_job(session, job_id, tenant)
     if job.status in JobStatus.TERMINAL:
         raise Conflict(f"job {job_id!r} is already {job.status}")
     # Guarded transitions: a worker may claim the job between our read and our write.

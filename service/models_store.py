@@ -18,16 +18,22 @@ if TYPE_CHECKING:
     from models.artifact import Predictor
 
 
-def get_model(session: Session, model_id: str) -> ModelRow:
+def get_model(session: Session, model_id: str, tenant: str) -> ModelRow:
     row = session.get(ModelRow, model_id)
-    if row is None:
+    if row is None or row.tenant != tenant:
         raise NotFound(f"model {model_id!r} not found")
     return row
 
 
-def list_models(session: Session, offset: int, limit: int) -> tuple[list[ModelRow], int]:
-    count = session.scalar(select(func.count()).select_from(ModelRow)) or 0
-    rows = session.scalars(select(ModelRow).order_by(ModelRow.created_at.desc()).offset(offset).limit(limit))
+def list_models(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[ModelRow], int]:
+    count = session.scalar(select(func.count()).select_from(ModelRow).where(ModelRow.tenant == tenant)) or 0
+    rows = session.scalars(
+        select(ModelRow)
+        .where(ModelRow.tenant == tenant)
+        .order_by(ModelRow.created_at.desc())
+        .offset(offset)
+        .limit(limit)
+    )
     return list(rows), count
 
 
@@ -46,8 +52,8 @@ def model_public(row: ModelRow) -> dict[str, Any]:
     }
 
 
-def delete_model(session: Session, cache: PredictorCache, model_id: str) -> None:
-    row = get_model(session, model_id)
+def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant: str) -> None:
+    row = get_model(session, model_id, tenant)
     path = Path(row.path)
     session.delete(row)
     session.flush()

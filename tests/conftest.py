@@ -56,9 +56,16 @@ def enqueued() -> list[str]:
     return []
 
 
-@pytest.fixture
-def client(settings: Settings, enqueued: list[str]) -> Iterator:
-    """The API in-process; enqueued job ids are recorded instead of sent to a broker."""
+def issue_key(settings: Settings, tenant: str, admin: bool = False) -> str:
+    from service.auth import create_key
+    from service.db import session_scope
+
+    with session_scope(settings) as session:
+        return create_key(session, tenant, admin=admin)[1]
+
+
+def api_client(settings: Settings, tenant: str | None = "alice", enqueue=None):
+    """A TestClient for ``create_app(settings)`` holding a fresh key of ``tenant`` (None: no key)."""
     from fastapi.testclient import TestClient
 
     from service.api.deps import get_enqueue
@@ -66,8 +73,16 @@ def client(settings: Settings, enqueued: list[str]) -> Iterator:
 
     app = create_app(settings)
     app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_enqueue] = lambda: enqueued.append
-    with TestClient(app) as c:
+    if enqueue is not None:
+        app.dependency_overrides[get_enqueue] = lambda: enqueue
+    headers = {"Authorization": f"Bearer {issue_key(settings, tenant)}"} if tenant else {}
+    return TestClient(app, headers=headers)
+
+
+@pytest.fixture
+def client(settings: Settings, enqueued: list[str]) -> Iterator:
+    """The API in-process as tenant 'alice'; enqueued job ids are recorded instead of sent to a broker."""
+    with api_client(settings, "alice", enqueued.append) as c:
         yield c
 
 

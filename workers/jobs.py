@@ -183,6 +183,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             s.add(
                 ModelRow(
                     id=model_id,
+                    tenant=job.tenant,
                     job_id=job_id,
                     dataset_id=dataset.id,
                     classes=list(result.classes),

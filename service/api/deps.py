@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from service.auth import DEFAULT_TENANT, Forbidden, Principal, authenticate
 from service.config import Settings, get_settings
 from service.db import session_scope
 from service.jobs import Enqueue, celery_enqueue
@@ -17,6 +18,26 @@ from service.models_store import PredictorCache
 def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
     with session_scope(settings) as session:
         yield session
+
+
+def get_principal(
+    session: Annotated[Session, Depends(get_session)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
+) -> Principal:
+    if not settings.auth_enabled:
+        return Principal(tenant=DEFAULT_TENANT, admin=True)
+    return authenticate(session, authorization)
+
+
+def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+    return principal.tenant
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.admin:
+        raise Forbidden("this route needs an admin API key")
+    return principal
 
 
 def get_predictors(request: Request) -> PredictorCache:
@@ -31,3 +52,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+AdminDep = Annotated[Principal, Depends(get_admin)]
+IdempotencyKeyDep = Annotated[
+    str | None, Header(alias="Idempotency-Key", max_length=255, description="retry-safe creation")
+]

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from service.sample_data import png_bytes
+from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
 
 pytestmark = pytest.mark.integration
@@ -19,21 +20,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def stack(make_settings, pg_url, redis_url, monkeypatch):
     """API in-process with the real enqueue, a real worker process, Redis and PostgreSQL."""
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.config import get_settings
-
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail hub downloads fast, as an air-gapped deployment would
     worker = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
         env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
     try:
-        with TestClient(app) as client:
+        with api_client(settings) as client:
             yield client, settings, worker
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -112,11 +106,6 @@ def test_failing_job_records_error(stack):
 
 def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_url, monkeypatch):
     """SIGKILL the worker while it trains: the job does not stay running; a new worker completes it."""
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.config import get_settings
-
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1")
 
     def start(name: str) -> subprocess.Popen:
@@ -126,12 +115,10 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
             start_new_session=True,
         )
 
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
     first = start("first")
     second = None
     try:
-        with TestClient(app) as client:
+        with api_client(settings) as client:
             job = submit(client, {**TINY_JOB, "epochs": 30})
             j = wait_status(client, job["id"], {"running"})
             while not j["history"]:

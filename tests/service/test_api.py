@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals_zip
 
 
@@ -34,12 +35,8 @@ def test_not_an_archive_is_400_and_leaves_nothing(client, settings):
 
 
 def test_upload_over_size_cap_is_413(make_settings):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-
     s = make_settings(upload_max_bytes="1000")
-    with TestClient(create_app(s)) as c:
+    with api_client(s) as c:
         r = upload(c, animals_zip(per_class=4, classes=2))
     assert r.status_code == 413, r.text
     assert "1000" in r.json()["detail"]
@@ -152,12 +149,8 @@ def test_health_and_docs(client):
 
 
 def test_readyz_reports_unreachable_broker(make_settings):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-
     s = make_settings(broker_url="redis://127.0.0.1:1/0")
-    with TestClient(create_app(s)) as c:
+    with api_client(s, tenant=None) as c:
         r = c.get("/readyz")
     assert r.status_code == 503
     assert r.json()["database"] == "ok" and r.json()["broker"].startswith("error")

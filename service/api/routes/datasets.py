@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import datasets
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import TooLarge
 from service.schemas import DatasetPublic, DatasetsPublic
 
@@ -18,36 +18,48 @@ async def upload_dataset(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     file: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz of <class>/<image> folders")],
     name: Annotated[str | None, Form(max_length=255)] = None,
     on_bad_file: Annotated[Literal["reject", "skip"], Query()] = "reject",
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> DatasetPublic:
     """Upload an archive of class-named folders of images."""
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.upload_max_bytes + 1024 * 1024:
         raise TooLarge(f"upload of {declared} bytes exceeds the {settings.upload_max_bytes} byte limit")
     row = await run_in_threadpool(
-        datasets.create_dataset, session, settings, file.file, file.filename or "upload", name, on_bad_file
+        datasets.create_dataset,
+        session,
+        settings,
+        tenant,
+        file.file,
+        file.filename or "upload",
+        name,
+        on_bad_file,
+        idempotency_key,
     )
     return DatasetPublic.model_validate(row)
 
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(
-    session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    session: SessionDep,
+    tenant: TenantDep,
+    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> DatasetsPublic:
     """List datasets, newest first."""
-    rows, count = datasets.list_datasets(session, offset, limit)
+    rows, count = datasets.list_datasets(session, tenant, offset, limit)
     return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
     """One dataset: classes, counts and skipped files."""
-    return DatasetPublic.model_validate(datasets.get_dataset(session, dataset_id))
+    return DatasetPublic.model_validate(datasets.get_dataset(session, dataset_id, tenant))
 
 
 @router.delete("/{dataset_id}", status_code=204)
-def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> None:
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> None:
     """Delete a dataset and its files (409 while a job uses it)."""
-    datasets.delete_dataset(session, settings, dataset_id)
+    datasets.delete_dataset(session, settings, dataset_id, tenant)

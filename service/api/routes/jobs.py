@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import jobs
-from service.api.deps import EnqueueDep, SessionDep, SettingsDep
+from service.api.deps import EnqueueDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.db import JobStatus
 from service.schemas import JobCreate, JobPublic, JobsPublic
 
@@ -13,30 +13,38 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobPublic)
-def submit_job(body: JobCreate, session: SessionDep, settings: SettingsDep, enqueue: EnqueueDep) -> JobPublic:
+def submit_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    enqueue: EnqueueDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JobPublic:
     """Submit a fine-tuning job; it is queued for a training worker."""
-    return JobPublic.model_validate(jobs.submit_job(session, settings, body, enqueue))
+    return JobPublic.model_validate(jobs.submit_job(session, settings, tenant, body, enqueue, idempotency_key))
 
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> JobsPublic:
     """List jobs, newest first."""
-    rows, count = jobs.list_jobs(session, offset, limit, status)
+    rows, count = jobs.list_jobs(session, tenant, offset, limit, status)
     return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep) -> JobPublic:
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Status, progress, per-epoch history, final metrics and error of one job."""
-    return JobPublic.model_validate(jobs.get_job(session, job_id))
+    return JobPublic.model_validate(jobs.get_job(session, job_id, tenant))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Cancel a queued or running job (honoured between training steps)."""
-    return JobPublic.model_validate(jobs.cancel_job(session, job_id))
+    return JobPublic.model_validate(jobs.cancel_job(session, job_id, tenant))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import models_store
-from service.api.deps import PredictorsDep, SessionDep, SettingsDep
+from service.api.deps import PredictorsDep, SessionDep, SettingsDep, TenantDep
 from service.errors import BadRequest, TooLarge
 from service.schemas import ImagePrediction, LabelProbability, ModelPublic, ModelsPublic, PredictionPublic
 
@@ -17,23 +17,25 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("", response_model=ModelsPublic)
 def list_models(
-    session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    session: SessionDep,
+    tenant: TenantDep,
+    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> ModelsPublic:
     """List trained models, newest first."""
-    rows, count = models_store.list_models(session, offset, limit)
+    rows, count = models_store.list_models(session, tenant, offset, limit)
     return ModelsPublic(data=[ModelPublic.model_validate(models_store.model_public(r)) for r in rows], count=count)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def get_model(model_id: str, session: SessionDep) -> ModelPublic:
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
     """Classes, members, metrics and the job's spec of one model."""
-    return ModelPublic.model_validate(models_store.model_public(models_store.get_model(session, model_id)))
+    return ModelPublic.model_validate(models_store.model_public(models_store.get_model(session, model_id, tenant)))
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep, predictors: PredictorsDep) -> None:
+def delete_model(model_id: str, session: SessionDep, predictors: PredictorsDep, tenant: TenantDep) -> None:
     """Delete a model and its stored weights."""
-    models_store.delete_model(session, predictors, model_id)
+    models_store.delete_model(session, predictors, model_id, tenant)
 
 
 @router.post("/{model_id}/predict", response_model=PredictionPublic)
@@ -42,11 +44,12 @@ async def predict(
     session: SessionDep,
     settings: SettingsDep,
     predictors: PredictorsDep,
+    tenant: TenantDep,
     files: Annotated[list[UploadFile], File(description="one or more images")],
     top_k: Annotated[int, Query(ge=1)] = 5,
 ) -> PredictionPublic:
     """Top-k labels with probabilities for each image, from the averaged ensemble."""
-    row = models_store.get_model(session, model_id)
+    row = models_store.get_model(session, model_id, tenant)
     if len(files) > settings.predict_max_images:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.predict_max_images}")
     top_k = min(top_k, len(row.classes), settings.predict_max_top_k)
