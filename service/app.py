@@ -13,6 +13,7 @@ from service.api.routes import health
 from service.config import Settings, get_settings
 from service.db import get_engine
 from service.errors import ServiceError
+from service.limits import BodySizeLimit
 from service.models_store import PredictorCache
 
 
@@ -39,6 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, **exc.details}, status_code=exc.status)
 
+    slack = 1024 * 1024  # multipart framing and form fields
+
+    def body_limit(path: str) -> int:
+        if path.startswith("/v1/datasets"):
+            return settings.upload_max_bytes + slack
+        if path.endswith("/predict"):
+            return settings.predict_max_bytes + slack
+        return slack
+
+    app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.include_router(health.router)
     app.include_router(api_router)
     return app

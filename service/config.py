@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
     worker_concurrency: int = Field(1, ge=1)
     worker_heartbeat_s: float = Field(30.0, gt=0, description="a running job's record is touched this often")
+    requeue_after_s: float = Field(
+        600.0, gt=0, description="a job queued this long without starting is sent again (lost broker message)"
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -49,6 +49,7 @@ def submit_job(
         spec=spec,
         status=JobStatus.QUEUED,
         progress={"stage": "queued"},
+        enqueued_at=utcnow(),
         history=[],
     )
     session.add(job)

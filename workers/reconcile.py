@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from service.config import Settings
 from service.db import JobRow, JobStatus, session_scope, utcnow
@@ -36,8 +36,37 @@ def stale_jobs(settings: Settings) -> list[str]:
 
 
 def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
-    """Move every stale running job back to ``queued`` and re-enqueue it. Returns their ids."""
+    """Re-enqueue lost work. Returns the ids sent again.
+
+    - a running job with a stale heartbeat goes back to ``queued`` and onto the queue;
+    - a queued job whose message went out more than ``requeue_after_s`` ago is sent again
+      (the broker may have lost it, e.g. a Redis restart without persistence). A duplicate
+      message is harmless: ``claim_job`` lets only one worker run the job.
+    """
     requeued = []
+    waiting_cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
+    with session_scope(settings) as s:
+        waiting = list(
+            s.scalars(
+                select(JobRow.id).where(
+                    JobRow.status == JobStatus.QUEUED,
+                    JobRow.cancel_requested.is_(False),
+                    or_(JobRow.enqueued_at.is_(None), JobRow.enqueued_at < waiting_cutoff),
+                )
+            )
+        )
+    for job_id in waiting:
+        with session_scope(settings) as s:
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED)
+                .values(enqueued_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        if res.rowcount:
+            log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
+            enqueue(job_id)
+            requeued.append(job_id)
     cutoff = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
     for job_id in stale_jobs(settings):
         with session_scope(settings) as s:
@@ -45,7 +74,11 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
             res = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.heartbeat_at < cutoff)
-                .values(status=JobStatus.QUEUED, progress={"stage": "re-queued after its worker stopped"})
+                .values(
+                    status=JobStatus.QUEUED,
+                    enqueued_at=utcnow(),
+                    progress={"stage": "re-queued after its worker stopped"},
+                )
                 .execution_options(synchronize_session=False)
             )
         if res.rowcount:
@@ -65,7 +98,7 @@ def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> thre
                 reconcile(settings, enqueue)
             except Exception:
                 log.exception("reconcile pass failed")
-            if stop.wait(settings.worker_heartbeat_s):
+            if stop.wait(min(settings.worker_heartbeat_s, settings.requeue_after_s)):
                 return
 
     threading.Thread(target=loop, name="zoofit-reconciler", daemon=True).start()

@@ -137,3 +137,27 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
             if p is not None and p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
+
+
+def test_job_survives_redis_losing_its_message(make_settings, pg_url, redis_url, monkeypatch):
+    """Redis keeps nothing on disk: flush it after submitting; the reconciler re-sends the job."""
+    import redis
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, requeue_after_s="2")
+    with api_client(settings) as client:
+        job = submit(client, TINY_JOB)
+        redis.Redis.from_url(redis_url).flushdb()  # the queued message is gone
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"flush-{os.getpid()}@%h"],
+            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            assert j["status"] == "succeeded", j["error"]
+            assert j["attempts"] == 1
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()

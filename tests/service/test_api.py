@@ -154,3 +154,16 @@ def test_readyz_reports_unreachable_broker(make_settings):
         r = c.get("/readyz")
     assert r.status_code == 503
     assert r.json()["database"] == "ok" and r.json()["broker"].startswith("error")
+
+
+def test_oversized_bodies_are_refused_before_parsing(make_settings):
+    s = make_settings(predict_max_bytes="1000")
+    with api_client(s) as c:
+        big = b"x" * (3 * 1024 * 1024)
+        r = c.post("/v1/models/abc/predict", files=[("files", ("a.png", big, "image/png"))])
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+        # a JSON body on a small route, sent chunked (no Content-Length)
+        r = c.post("/v1/jobs", content=iter([b"{" + b" " * 1024 * 1024, b" " * 1024 * 1024 + b"}"]),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.get("/healthz").status_code == 200

@@ -31,3 +31,18 @@ def test_stale_running_job_is_requeued_once(client, settings):
     assert reconcile(settings, sent.append) == [] and sent == [dead]
     # and the next worker can claim it normally
     assert claim_job(dead, "w-new", redelivered=False, settings=settings)
+
+
+def test_queued_job_with_lost_message_is_sent_again(client, settings, enqueued):
+    job_id = _job(client)
+    assert enqueued == [job_id]
+    sent: list[str] = []
+    assert reconcile(settings, sent.append) == []  # just enqueued: leave it alone
+    with session_scope(settings) as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=utcnow() - timedelta(hours=1)))
+    assert reconcile(settings, sent.append) == [job_id]
+    assert reconcile(settings, sent.append) == []  # not again until requeue_after_s passes
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    with session_scope(settings) as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=utcnow() - timedelta(hours=1)))
+    assert reconcile(settings, sent.append) == []  # cancelled jobs are never re-sent
