@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, UniqueConstraint, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings, get_settings
@@ -119,6 +119,11 @@ class IdempotencyRow(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE/DELETE (typed: ``execute`` returns a CursorResult for DML)."""
+    return int(getattr(result, "rowcount", 0))
 
 
 def make_engine(url: str) -> Engine:

@@ -27,9 +27,9 @@ DEMO_JOB: dict[str, Any] = {
     "freeze": {"mode": "first_n", "stages": 3},
     "head_dropout": 0.2,
     "augment": {"random_resized_crop": True, "crop_scale_min": 0.7, "hflip": True, "color_jitter": 0.1},
-    "optimizer": {"name": "nesterov", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    "optimizer": {"name": "nesterov", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
     "schedule": {"name": "cosine", "warmup_epochs": 1},
-    "epochs": 6,
+    "epochs": 8,
     "batch_size": 32,
     "patience": 3,
     "seed": 0,
@@ -69,7 +69,7 @@ def _demo_key() -> str:
 
 def run_demo(port: int | None = None, per_class: int | None = None, job: dict[str, Any] | None = None) -> int:
     port = port or _free_port()
-    per_class = per_class or 40
+    per_class = per_class or 50
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ZOOFIT_PORT": str(port), "ZOOFIT_HOST": "127.0.0.1"}
     print(f"starting zoofit serve on {base} (API + Celery worker)", flush=True)
@@ -111,7 +111,7 @@ def _walk(client: httpx.Client, per_class: int, job: dict[str, Any]) -> int:
         j = client.get(f"/v1/jobs/{job_id}").json()
         p = j["progress"]
         line = f"  [{j['status']}] " + ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()
         )
         if line != last:
             print(line, flush=True)

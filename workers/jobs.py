@@ -19,7 +19,7 @@ from sqlalchemy import or_, select, update
 
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
-from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, session_scope, utcnow
+from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 
 log = logging.getLogger("zoofit.worker")
 
@@ -63,7 +63,7 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             )
             .execution_options(synchronize_session=False)
         )
-        return bool(res.rowcount)
+        return bool(rowcount(res))
 
 
 class JobReporter:

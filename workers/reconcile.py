@@ -17,7 +17,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 
 from service.config import Settings
-from service.db import JobRow, JobStatus, session_scope, utcnow
+from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
 
 log = logging.getLogger("zoofit.reconcile")
 
@@ -63,7 +63,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
                 .values(enqueued_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-        if res.rowcount:
+        if rowcount(res):
             log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
             enqueue(job_id)
             requeued.append(job_id)
@@ -81,7 +81,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
                 )
                 .execution_options(synchronize_session=False)
             )
-        if res.rowcount:
+        if rowcount(res):
             log.warning("job %s had a stale heartbeat (its worker died?); re-queued", job_id)
             enqueue(job_id)
             requeued.append(job_id)
