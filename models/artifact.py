@@ -3,6 +3,8 @@
 ``save_artifact`` writes into a temporary sibling folder and renames it into place, so a
 crash never leaves a half-written model. ``load_predictor`` rebuilds every member from the
 manifest (``create_backbone(..., weights='none')``) and loads the tensors with safetensors.
+The manifest also holds the evaluation ``report`` and the fitted ``temperature``, which the
+``Predictor`` applies to the ensemble's averaged probabilities.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import safetensors.torch
 import timm
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as tvf
 
 from .data import to_array
 from .ensemble import Ensemble
 from .errors import ZooError
-from .spec import TrainSpec
+from .evaluation import scale_probs_torch
+from .spec import TrainSpec, check_name
 from .training import TrainResult, resolve_device
-from .transforms import normalize_batch
+from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess, create_backbone
 
 FORMAT = "zoofit-model"
@@ -35,6 +39,14 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 PREDICT_BATCH = 64
+# Test-time augmentation: the views whose ensemble probabilities are averaged.
+#   none: the image as in training (shorter side resized to S, center crop S x S);
+#   hflip: that plus its mirror image;
+#   five_crop: shorter side resized to S / FIVE_CROP_PCT, then the four corner crops and the
+#     center crop at S x S: each covers ~77% of the area, inside the zoom range that training's
+#     RandomResizedCrop shows the model (scale >= crop_scale_min, 0.6 by default).
+TTA_MODES = ("none", "hflip", "five_crop")
+FIVE_CROP_PCT = 0.875
 
 
 class ArtifactError(ZooError):
@@ -43,6 +55,7 @@ class ArtifactError(ZooError):
 
 def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
     """The JSON manifest describing ``result`` (see ``save_artifact``)."""
+    report = result.report()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -63,7 +76,9 @@ def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
             }
             for m in result.members
         ],
-        "metrics": result.report(),
+        "metrics": report,
+        "report": report,
+        "temperature": result.temperature,
         "spec": spec.model_dump(mode="json"),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
@@ -147,6 +162,7 @@ class Predictor:
         manifest: the saved manifest.
         device: where the ensemble runs.
         model: the ``Ensemble``.
+        temperature: applied to the averaged probabilities, ``softmax(log p / T)`` (1: unchanged).
     """
 
     def __init__(
@@ -156,50 +172,78 @@ class Predictor:
         preprocess: Preprocess,
         manifest: dict[str, Any],
         device: torch.device,
+        temperature: float = 1.0,
     ) -> None:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature}")
         self.model = model
         self.classes = classes
         self.preprocess = preprocess
         self.manifest = manifest
         self.device = device
+        self.temperature = temperature
 
     def prepare(self, images: list[Image.Image]) -> np.ndarray:
         """Images as the training cache stored them: ``uint8 [N, S, S, 3]``."""
         pre = self.preprocess
         return np.stack([to_array(img, pre.image_size, pre.interpolation) for img in images])
 
-    def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
-        """Class probabilities of the ensemble.
+    def views(self, images: list[Image.Image], tta: str = "none") -> list[torch.Tensor]:
+        """The test-time-augmentation views of ``images``, each ``uint8 [N, S, S, 3]`` (see ``TTA_MODES``)."""
+        check_name("tta", tta, TTA_MODES)
+        pre = self.preprocess
+        if tta == "five_crop":
+            big = round(pre.image_size / FIVE_CROP_PCT)
+            arrays = np.stack([to_array(img, big, pre.interpolation) for img in images])
+            crops = tvf.five_crop(to_nchw_uint8(arrays), [pre.image_size, pre.image_size])
+            return [c.permute(0, 2, 3, 1) for c in crops]
+        x = torch.from_numpy(self.prepare(images))
+        return [x, x.flip(2)] if tta == "hflip" else [x]
+
+    def predict_proba(self, images: list[Image.Image], tta: str = "none") -> np.ndarray:
+        """Class probabilities of the ensemble, temperature-scaled.
 
         Args:
             images: PIL images of any mode and size (e.g. from ``open_image``).
+            tta: test-time augmentation, one of ``TTA_MODES``: the ensemble's averaged
+                probabilities of every view are averaged, then the temperature is applied.
 
         Returns:
             ``float32 [N, C]``, rows summing to 1, columns in ``classes`` order.
+
+        Raises:
+            UnknownNameError: ``tta`` is not in ``TTA_MODES``.
         """
+        check_name("tta", tta, TTA_MODES)
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        arrays = self.prepare(images)
+        views = self.views(images, tta)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(arrays), PREDICT_BATCH):
-                x = normalize_batch(arrays[start : start + PREDICT_BATCH], self.preprocess, self.device)
-                out.append(self.model(x).float().cpu())
+            for start in range(0, len(images), PREDICT_BATCH):
+                probs = torch.stack([
+                    self.model(normalize_batch(v[start : start + PREDICT_BATCH], self.preprocess, self.device)).float()
+                    for v in views
+                ]).mean(dim=0)
+                out.append(scale_probs_torch(probs, self.temperature).cpu())
         return torch.cat(out).numpy()
 
-    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
+    def predict(
+        self, images: list[Image.Image], top_k: int = 5, tta: str = "none"
+    ) -> list[list[tuple[str, float]]]:
         """The ``top_k`` most probable classes of each image, most probable first.
 
         Args:
             images: PIL images.
             top_k: how many classes per image (capped at the number of classes).
+            tta: test-time augmentation (``TTA_MODES``).
 
         Returns:
             Per image, ``[(class, probability), ...]`` sorted by decreasing probability.
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        probs = self.predict_proba(images)
+        probs = self.predict_proba(images, tta)
         k = min(top_k, len(self.classes))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
@@ -241,6 +285,9 @@ def load_predictor(path: Path, device: str | None = None) -> Predictor:
         model.load_state_dict(tensors, strict=True)
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
         raise ArtifactError(f"cannot load weights of {path}: {e}") from e
+    temperature = manifest.get("temperature", 1.0)  # models saved before calibration: none
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ArtifactError(f"{path / MANIFEST_FILE}: temperature must be a positive number, got {temperature!r}")
     dev = resolve_device(device)
     model.to(dev).eval()
-    return Predictor(model, list(manifest["classes"]), preprocess, manifest, dev)
+    return Predictor(model, list(manifest["classes"]), preprocess, manifest, dev, float(temperature))

@@ -6,6 +6,8 @@ below ``service/`` raises ``HTTPException``.
 
 from __future__ import annotations
 
+import errno
+
 
 class ZooError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -36,3 +38,28 @@ class TrainingCancelled(ZooError):
 
 class TrainingError(ZooError):
     """The data cannot be trained on as given (e.g. a class with too few images to split)."""
+
+
+class DiskFullError(ZooError):
+    """A checkpoint or model could not be written: the disk (or the quota) is full."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, says the disk or the quota is full.
+
+    Besides ``OSError`` this recognises safetensors' ``SafetensorError``, which carries the
+    operating system's error only in its message ("... No space left on device (os error 28)").
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL:
+            return True
+        if type(cur).__name__ == "SafetensorError" and any(f"(os error {n})" in str(cur) for n in _DISK_FULL):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

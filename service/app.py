@@ -13,7 +13,7 @@ from service.api.routes import health
 from service.config import Settings, get_settings
 from service.db import get_engine
 from service.errors import ServiceError
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
 
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return slack
 
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
+    app.add_middleware(RefuseNulInUrl)
     app.include_router(health.router)
     app.include_router(api_router)
     return app

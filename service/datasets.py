@@ -75,7 +75,7 @@ def create_dataset(
         row = DatasetRow(
             id=dataset_id,
             tenant=tenant,
-            name=name or Path(filename).name.split(".")[0] or dataset_id,
+            name=name or _name_from(filename) or dataset_id,
             classes=result.classes,
             counts=result.counts,
             num_images=result.num_images,
@@ -91,6 +91,11 @@ def create_dataset(
         raise
     finally:
         upload.unlink(missing_ok=True)
+
+
+def _name_from(filename: str) -> str:
+    """A default dataset name from the upload's file name, storable in any database (``name`` is 255 chars)."""
+    return Path(filename.replace("\x00", "")).name.split(".")[0][:255]
 
 
 def get_dataset(session: Session, dataset_id: str, tenant: str) -> DatasetRow:

@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, cast
+from typing import IO, Literal, TypeVar, cast
 
 from PIL import Image, UnidentifiedImageError
 
@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 ArchiveFormat = Literal["zip", "tar", "tar.gz"]
+_T = TypeVar("_T")
 
 _CHUNK = 1024 * 1024
 # tarfile reads a pax or GNU long-name header in one ``read`` of its declared size; a
@@ -607,11 +608,11 @@ def _copy_member(entry: _Entry, display: str, staged: Path, limits: IngestLimits
     assert entry.open is not None
     allowed = min(entry.size, limits.max_file_bytes)
     written = 0
-    source = entry.open()
+    source = _read_side(entry.open, display)
     if source is None:  # tarfile's answer for members without data; regular files always have some
         raise _refuse_member(display, "has no readable data", 400)
     with source as data, staged.open("xb") as out:
-        while chunk := data.read(_CHUNK):
+        while chunk := _read_side(functools.partial(data.read, _CHUNK), display):
             written += len(chunk)
             if written > allowed:
                 if written > limits.max_file_bytes:
@@ -623,6 +624,23 @@ def _copy_member(entry: _Entry, display: str, staged: Path, limits: IngestLimits
                 )
             budget.add_file_bytes(len(chunk))
             out.write(chunk)
+
+
+def _read_side(call: Callable[[], _T], display: str) -> _T:
+    """Run a read from the archive; an OSError there is damage, not a server fault.
+
+    A zip member whose local header offset lies before the start of the file (found by
+    fuzzing) makes zipfile seek to a negative position: ``OSError: [Errno 22]``. Writes to
+    our own disk stay outside this wrapper, so a full disk is still a server error.
+    """
+    try:
+        return call()
+    except OSError as exc:
+        raise DatasetRejected(
+            f"refusing the archive: member {display!r} cannot be read, the archive is corrupt ({exc})",
+            status=400,
+            problems=[{"file": display, "reason": "unreadable (corrupt archive)"}],
+        ) from None
 
 
 # --------------------------------------------------------------------------- layout and checks

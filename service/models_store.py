@@ -52,6 +52,24 @@ def model_public(row: ModelRow) -> dict[str, Any]:
     }
 
 
+def model_report(row: ModelRow) -> dict[str, Any]:
+    """The evaluation report stored in the model's manifest."""
+    report = (row.manifest or {}).get("report")
+    if not report:
+        raise NotFound(f"model {row.id!r} has no evaluation report (it was saved before reports existed)")
+    return dict(report)
+
+
+def report_figure(row: ModelRow, name: str) -> bytes:
+    """PNG bytes of one report figure, rendered on first use and kept in the model folder."""
+    from models.plots import ReportMissingError, cached_figure
+
+    try:
+        return cached_figure(Path(row.path), name, model_report(row))
+    except ReportMissingError as exc:
+        raise NotFound(f"model {row.id!r}: {exc}") from exc
+
+
 def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant: str) -> None:
     row = get_model(session, model_id, tenant)
     path = Path(row.path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,7 +51,8 @@ class BackbonesPublic(BaseModel):
 class JobCreate(TrainSpec):
     """A fine-tuning job: the dataset plus the training recipe (every field has a default)."""
 
-    dataset_id: str = Field(..., min_length=1, max_length=64)
+    # No NUL: PostgreSQL cannot even compare text holding one (a 500 before; found by fuzzing).
+    dataset_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[^\x00]+$")
 
 
 class JobPublic(BaseModel):
@@ -110,6 +111,85 @@ class ImagePrediction(BaseModel):
 class PredictionPublic(BaseModel):
     model_id: str
     predictions: list[ImagePrediction]
+
+
+# Test-time augmentation at predict; the engine's registry is ``models.artifact.TTA_MODES``
+# (kept equal by a test: this module must not import torch).
+TTAMode = Literal["none", "hflip", "five_crop"]
+
+
+class ClassMetricsPublic(BaseModel):
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int = Field(description="validation images of this class")
+
+
+class AveragedMetricsPublic(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+
+
+class EvaluationPublic(BaseModel):
+    size: int = Field(description="validation images")
+    accuracy: float | None
+    top_k_acc: dict[str, float | None] = Field(description="k -> top-k accuracy, for k up to the class count")
+    per_class: list[ClassMetricsPublic]
+    macro_avg: AveragedMetricsPublic
+    weighted_avg: AveragedMetricsPublic
+    confusion: list[list[int]] = Field(description="counts; row = true class, column = predicted, in class order")
+
+
+class ReliabilityBinPublic(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None = Field(description="mean largest probability in the bin; null when empty")
+    accuracy: float | None
+
+
+class CalibrationStatePublic(BaseModel):
+    ece: float | None = Field(description="expected calibration error")
+    nll: float | None = Field(description="mean negative log-likelihood")
+    reliability: list[ReliabilityBinPublic]
+
+
+class CalibrationPublic(BaseModel):
+    bins: int
+    temperature: float
+    temperature_bounds: tuple[float, float]
+    before: CalibrationStatePublic
+    after: CalibrationStatePublic = Field(description="after temperature scaling (fitted on the same split)")
+
+
+class MemberCurvesPublic(BaseModel):
+    member: int
+    best_epoch: int | None
+    epoch: list[int] = Field(description="0-based, as in the job history")
+    train_loss: list[float | None]
+    val_loss: list[float | None]
+    train_acc: list[float | None]
+    val_acc: list[float | None]
+    lr: list[float | None]
+
+
+class ReportPublic(BaseModel):
+    """A model's evaluation report on its held-out validation split (the averaged ensemble)."""
+
+    model_id: str
+    classes: list[str]
+    val_acc: float
+    val_loss: float | None
+    val_size: int
+    train_size: int
+    temperature: float = Field(description="applied at predict: p = softmax(log p_ensemble / T)")
+    evaluation: EvaluationPublic
+    calibration: CalibrationPublic
+    curves: list[MemberCurvesPublic]
+    members: list[dict[str, Any]]
+    figures: dict[str, str] = Field(description="PNG routes of this report")
 
 
 class Message(BaseModel):

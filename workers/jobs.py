@@ -2,6 +2,11 @@
 
 A task takes a job id, claims the job with a guarded status transition, trains, stores the
 artifact and records the outcome. Everything it learns is written to the database as it goes.
+
+Every epoch also leaves a checkpoint in ``<data_dir>/checkpoints/<job id>``. A worker that
+takes over a job whose worker died continues from it: the job's history is cut back to the
+checkpointed epoch and goes on from there, so it reads as one run. The folder is removed once
+the job succeeds, fails or is cancelled.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import traceback
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
 
@@ -21,7 +26,16 @@ from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 
+if TYPE_CHECKING:
+    from models.data import ImageArray
+    from models.training import TrainState
+
 log = logging.getLogger("zoofit.worker")
+
+
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    """Where the job's training checkpoint lives while it runs."""
+    return settings.data_dir / "checkpoints" / job_id
 
 
 class JobNotClaimable(Exception):
@@ -32,8 +46,11 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
     """Move a job to ``running`` if no one else holds it. Returns False when there is nothing to do.
 
     A ``running`` job is taken over only when its message was redelivered (its worker died)
-    or its heartbeat is stale, so one job never trains twice at the same time.
+    or its heartbeat is stale, so one job never trains twice at the same time. The history is
+    cleared unless the job has a checkpoint to resume from (``run_job`` then cuts it back to it).
     """
+    from models.checkpoint import has_state
+
     stale_before = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
     running_ok = JobRow.status == JobStatus.RUNNING
     if not redelivered:
@@ -46,21 +63,27 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
         if job.cancel_requested and job.status == JobStatus.QUEUED:
             job.status = JobStatus.CANCELLED
             job.finished_at = utcnow()
+        if job.status in JobStatus.TERMINAL:
+            # E.g. cancelled through the API while re-queued after its worker died: the
+            # checkpoint that worker left is of no use any more.
+            shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
             return False
         now = utcnow()
+        values: dict[str, Any] = {
+            "status": JobStatus.RUNNING,
+            "attempts": JobRow.attempts + 1,
+            "worker": worker,
+            "started_at": now,
+            "heartbeat_at": now,
+            "progress": {"stage": "loading data"},
+            "error": None,
+        }
+        if not has_state(checkpoint_dir(settings, job_id)):
+            values["history"] = []
         res = s.execute(
             update(JobRow)
             .where(JobRow.id == job_id, or_(JobRow.status == JobStatus.QUEUED, running_ok))
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=JobRow.attempts + 1,
-                worker=worker,
-                started_at=now,
-                heartbeat_at=now,
-                history=[],
-                progress={"stage": "loading data"},
-                error=None,
-            )
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         return bool(rowcount(res))
@@ -76,6 +99,8 @@ class JobReporter:
         self.members = members
         self._last_check = 0.0
         self._cancelled = False
+        # Kept in every progress update of this attempt, e.g. ``resumed_from``.
+        self.sticky: dict[str, Any] = {}
 
     def _write(self, **values: Any) -> None:
         with session_scope(self.settings) as s:
@@ -87,7 +112,17 @@ class JobReporter:
             )
 
     def stage(self, stage: str, **info: Any) -> None:
-        self._write(progress={"stage": stage, **info})
+        self._write(progress={"stage": stage, **info, **self.sticky})
+
+    def start_over(self) -> None:
+        """Training starts from the beginning: no history yet."""
+        self._write(history=[])
+
+    def resumed(self, state: TrainState) -> None:
+        """Training continues from ``state``: the history is exactly the checkpoint's."""
+        # Same convention as the rest of progress: 1-based member, epochs done by that member.
+        self.sticky["resumed_from"] = {"member": state.member + 1, "epoch": state.epoch + 1}
+        self._write(history=[asdict(r) for r in state.history])
 
     def on_epoch(self, rec: EpochRecord) -> None:
         with session_scope(self.settings) as s:
@@ -106,6 +141,7 @@ class JobReporter:
                 "val_loss": rec.val_loss,
                 "val_acc": rec.val_acc,
                 "lr": rec.lr,
+                **self.sticky,
             }
             job.heartbeat_at = utcnow()
             self._cancelled = job.cancel_requested
@@ -137,8 +173,9 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             settings: Settings | None = None) -> str | None:
     """Claim and run one training job. Returns the final status, or None if not claimed."""
     from models.artifact import save_artifact
+    from models.checkpoint import save_state
     from models.data import load_folder
-    from models.errors import TrainingCancelled, ZooError
+    from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
     from models.training import train
     from models.zoo import preprocess_for
 
@@ -156,6 +193,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
     reporter = JobReporter(job_id, settings, spec.epochs, spec.ensemble.members)
     model_id = new_id()
     dest = settings.models_dir / model_id
+    ckpt = checkpoint_dir(settings, job_id)
     try:
         if dataset is None:
             raise ZooError(f"dataset {job.dataset_id} no longer exists")
@@ -164,7 +202,13 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         data = load_folder(
             Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir
         )
-        reporter.stage("training", member=1, members=spec.ensemble.members, epoch=0, epochs=spec.epochs)
+        resume = _resume_state(job_id, ckpt, data, spec, reporter)
+        member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
+        reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
+
+        def checkpoint(state: TrainState) -> None:
+            save_state(state, ckpt)  # raises DiskFullError on a full disk
+
         result = train(
             data,
             spec,
@@ -172,11 +216,18 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             should_stop=reporter.should_stop,
             device=None if settings.device == "auto" else settings.device,
             log=lambda msg: log.info("job %s: %s", job_id, msg),
+            checkpoint=checkpoint,
+            resume=resume,
         )
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
         reporter.stage("saving model")
-        save_artifact(result, spec, dest)
+        try:
+            save_artifact(result, spec, dest)  # all or nothing: a temporary folder renamed into place
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"disk full while writing the model to {dest}") from exc
+            raise
         report = result.report()
         with session_scope(settings) as s:
             manifest = _read_manifest(dest)
@@ -199,32 +250,61 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
                     status=JobStatus.SUCCEEDED,
                     metrics=report,
                     model_id=model_id,
-                    progress={"stage": "done"},
+                    progress={"stage": "done", **reporter.sticky},
                     finished_at=utcnow(),
                 )
                 .execution_options(synchronize_session=False)
             )
+        shutil.rmtree(ckpt, ignore_errors=True)
         log.info("job %s succeeded: val_acc=%.4f model=%s", job_id, result.val_acc, model_id)
         return JobStatus.SUCCEEDED
+    # The checkpoint goes with every outcome below; anything else that escapes (a worker shutting
+    # down mid-epoch) leaves it for the worker that takes the job over.
     except TrainingCancelled:
         shutil.rmtree(dest, ignore_errors=True)
-        _finish(job_id, settings, JobStatus.CANCELLED, progress={"stage": "cancelled"})
+        shutil.rmtree(ckpt, ignore_errors=True)
+        _finish(job_id, settings, JobStatus.CANCELLED, progress={"stage": "cancelled", **reporter.sticky})
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
     except (ZooError, ValueError) as exc:
-        # A bad configuration or bad data: record it; retrying would fail the same way.
+        # A bad configuration, bad data or a full disk: record it; retrying would fail the same way.
         shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
         _finish(job_id, settings, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
-                progress={"stage": "failed"})
+                progress={"stage": "failed", **reporter.sticky})
         log.warning("job %s failed: %s", job_id, exc)
         return JobStatus.FAILED
     except Exception as exc:
         shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
         tb = traceback.format_exc(limit=8)
         _finish(job_id, settings, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}\n{tb}",
-                progress={"stage": "failed"})
+                progress={"stage": "failed", **reporter.sticky})
         log.exception("job %s crashed", job_id)
         return JobStatus.FAILED
+
+
+def _resume_state(
+    job_id: str, directory: Path, data: ImageArray, spec: TrainSpec, reporter: JobReporter
+) -> TrainState | None:
+    """The job's checkpoint if training can continue from it, else None; sets the history to match."""
+    from models.checkpoint import CheckpointError, has_state, load_state
+    from models.training import resume_problem
+
+    if has_state(directory):
+        try:
+            state = load_state(directory)
+            problem = resume_problem(state, data, spec)
+        except CheckpointError as exc:
+            problem = str(exc)
+        if problem is None:
+            log.info("job %s: resuming after member %d epoch %d", job_id, state.member + 1, state.epoch + 1)
+            reporter.resumed(state)
+            return state
+        log.warning("job %s: not resuming from its checkpoint (%s); training from the start", job_id, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+    reporter.start_over()
+    return None
 
 
 def _read_manifest(dest: Path) -> dict[str, Any]:

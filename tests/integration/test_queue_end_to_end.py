@@ -10,9 +10,11 @@ import time
 
 import pytest
 
+from models.checkpoint import has_state
 from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
+from workers.jobs import checkpoint_dir
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +107,7 @@ def test_failing_job_records_error(stack):
 
 
 def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_url, monkeypatch):
-    """SIGKILL the worker while it trains: the job does not stay running; a new worker completes it."""
+    """SIGKILL the worker while it trains: a new worker resumes the job from its last epoch checkpoint."""
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1")
 
     def start(name: str) -> subprocess.Popen:
@@ -120,10 +122,14 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
     try:
         with api_client(settings) as client:
             job = submit(client, {**TINY_JOB, "epochs": 30})
+            ckpt = checkpoint_dir(settings, job["id"])
             j = wait_status(client, job["id"], {"running"})
-            while not j["history"]:
+            # A third epoch on record means the second one's checkpoint is on disk.
+            while len(j["history"]) < 3 or not has_state(ckpt):
+                assert j["status"] == "running", j
                 time.sleep(0.1)
                 j = client.get(f"/v1/jobs/{job['id']}").json()
+            before = j["history"]
             os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child die at once
             first.wait(10)
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
@@ -132,6 +138,13 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
             assert j["status"] == "succeeded", j["error"]
             assert j["attempts"] == 2
             assert [h["epoch"] for h in j["history"]] == list(range(30))  # one clean run, not two
+            # ...that the second worker continued: it took over after the checkpointed epoch...
+            resumed = j["progress"]["resumed_from"]
+            assert resumed["member"] == 1 and 2 <= resumed["epoch"] < 30, resumed
+            # ...and the epochs before it are the first worker's records, untouched.
+            kept = min(resumed["epoch"], len(before))
+            assert j["history"][:kept] == before[:kept]
+            assert not ckpt.exists()
     finally:
         for p in (first, second):
             if p is not None and p.poll() is None:

@@ -15,6 +15,7 @@ from PIL import Image
 from models import artifact
 from models.artifact import ArtifactError, load_predictor, save_artifact
 from models.data import ImageArray, open_image
+from models.evaluation import scale_probs
 from models.spec import TrainSpec
 from models.training import TrainResult, train
 from models.transforms import normalize_batch
@@ -56,7 +57,9 @@ def test_round_trip_predicts_like_the_trained_ensemble(trained, lfw_root: Path, 
     images = [open_image(p, p.name) for p in files]
     proba = predictor.predict_proba(images)
     assert proba.shape == (10, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-6)
-    assert np.allclose(proba, _ensemble_probs(result, lfw_data.images[95:105]), atol=1e-6)
+    # ...and the fitted temperature is applied to the averaged probabilities.
+    expected = scale_probs(_ensemble_probs(result, lfw_data.images[95:105]), result.temperature)
+    assert np.allclose(proba, expected, atol=1e-6)
 
 
 def test_predict_top_k(trained, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import datasets
-from service.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import IdempotencyKeyDep, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.errors import TooLarge
 from service.schemas import DatasetPublic, DatasetsPublic
 
@@ -20,7 +20,7 @@ async def upload_dataset(
     settings: SettingsDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz of <class>/<image> folders")],
-    name: Annotated[str | None, Form(max_length=255)] = None,
+    name: Annotated[str | None, Form(max_length=255, pattern=r"^[^\x00]*$")] = None,
     on_bad_file: Annotated[Literal["reject", "skip"], Query()] = "reject",
     idempotency_key: IdempotencyKeyDep = None,
 ) -> DatasetPublic:
@@ -46,7 +46,7 @@ async def upload_dataset(
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
-    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    offset: OffsetQuery = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> DatasetsPublic:
     """List datasets, newest first."""
     rows, count = datasets.list_datasets(session, tenant, offset, limit)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import jobs
-from service.api.deps import EnqueueDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import EnqueueDep, IdempotencyKeyDep, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.db import JobStatus
 from service.schemas import JobCreate, JobPublic, JobsPublic
 
@@ -30,7 +30,7 @@ def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> JobsPublic:
     """List jobs, newest first."""

@@ -2,15 +2,23 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import models_store
-from service.api.deps import PredictorsDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import OffsetQuery, PredictorsDep, SessionDep, SettingsDep, TenantDep
 from service.errors import BadRequest, TooLarge
-from service.schemas import ImagePrediction, LabelProbability, ModelPublic, ModelsPublic, PredictionPublic
+from service.schemas import (
+    ImagePrediction,
+    LabelProbability,
+    ModelPublic,
+    ModelsPublic,
+    PredictionPublic,
+    ReportPublic,
+    TTAMode,
+)
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -19,7 +27,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
-    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    offset: OffsetQuery = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> ModelsPublic:
     """List trained models, newest first."""
     rows, count = models_store.list_models(session, tenant, offset, limit)
@@ -30,6 +38,44 @@ def list_models(
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
     """Classes, members, metrics and the job's spec of one model."""
     return ModelPublic.model_validate(models_store.model_public(models_store.get_model(session, model_id, tenant)))
+
+
+_FIGURES = ("curves", "confusion", "reliability")
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+@router.get("/{model_id}/report", response_model=ReportPublic)
+def get_report(model_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> ReportPublic:
+    """Evaluation report: per-class metrics, confusion matrix, top-k accuracy, calibration, curves."""
+    row = models_store.get_model(session, model_id, tenant)
+    report = models_store.model_report(row)
+    figures = {name: request.url_for(f"report_{name}_png", model_id=model_id).path for name in _FIGURES}
+    return ReportPublic.model_validate({**report, "model_id": model_id, "figures": figures})
+
+
+def _figure(model_id: str, session: SessionDep, tenant: str, name: str) -> Response:
+    row = models_store.get_model(session, model_id, tenant)
+    return Response(models_store.report_figure(row, name), media_type="image/png")
+
+
+@router.get("/{model_id}/report/curves.png", response_class=Response, responses=_PNG, name="report_curves_png")
+def report_curves_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    """Train/val loss and accuracy and the learning rate per epoch, one colour per member."""
+    return _figure(model_id, session, tenant, "curves")
+
+
+@router.get("/{model_id}/report/confusion.png", response_class=Response, responses=_PNG,
+            name="report_confusion_png")
+def report_confusion_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    """The validation confusion matrix (colour: share of the true class; text: counts)."""
+    return _figure(model_id, session, tenant, "confusion")
+
+
+@router.get("/{model_id}/report/reliability.png", response_class=Response, responses=_PNG,
+            name="report_reliability_png")
+def report_reliability_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    """Reliability diagrams before and after temperature scaling, with ECE and NLL."""
+    return _figure(model_id, session, tenant, "reliability")
 
 
 @router.delete("/{model_id}", status_code=204)
@@ -47,8 +93,9 @@ async def predict(
     tenant: TenantDep,
     files: Annotated[list[UploadFile], File(description="one or more images")],
     top_k: Annotated[int, Query(ge=1)] = 5,
+    tta: Annotated[TTAMode, Query(description="test-time augmentation, averaged with the ensemble")] = "none",
 ) -> PredictionPublic:
-    """Top-k labels with probabilities for each image, from the averaged ensemble."""
+    """Top-k labels with probabilities for each image, from the averaged, temperature-scaled ensemble."""
     row = models_store.get_model(session, model_id, tenant)
     if len(files) > settings.predict_max_images:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.predict_max_images}")
@@ -62,7 +109,7 @@ async def predict(
             raise TooLarge(f"request images exceed {settings.predict_max_bytes} bytes")
         blobs.append((f.filename or f"image-{i}", data))
     results = await run_in_threadpool(_predict, predictors, model_id, Path(row.path), blobs, top_k,
-                                      settings.max_image_pixels)
+                                      settings.max_image_pixels, tta)
     return PredictionPublic(model_id=model_id, predictions=results)
 
 
@@ -73,6 +120,7 @@ def _predict(
     blobs: list[tuple[str, bytes]],
     top_k: int,
     max_pixels: int,
+    tta: str = "none",
 ) -> list[ImagePrediction]:
     from PIL import Image as PILImage
 
@@ -98,7 +146,7 @@ def _predict(
     if bad:
         raise BadRequest("cannot decode image(s): " + "; ".join(bad), files=bad)
     predictor = predictors.get(model_id, path)
-    out = predictor.predict(images, top_k=top_k)
+    out = predictor.predict(images, top_k=top_k, tta=tta)
     return [
         ImagePrediction(file=name, top_k=[LabelProbability(label=lbl, probability=p) for lbl, p in ranked])
         for (name, _), ranked in zip(blobs, out, strict=True)
