@@ -192,7 +192,7 @@ class TrainSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     patience: int | None = Field(5, ge=1, description="early-stopping patience in epochs; null disables")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32 - 64, description="member i uses seed + i")
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
 
     @field_validator("backbone")
