@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,10 +12,13 @@ from fastapi.responses import JSONResponse
 from service.api import api_router
 from service.api.routes import health
 from service.config import Settings, get_settings
+from service.datasets import sweep_stale_uploads
 from service.db import get_engine
 from service.errors import ServiceError
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
+
+log = logging.getLogger("zoofit.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,6 +28,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
         get_engine(settings)  # create tables, fail fast on a bad URL
+        for path in sweep_stale_uploads(settings):
+            log.warning("removed a stale partial upload left by a killed process: %s", path)
         yield
 
     app = FastAPI(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -36,6 +37,29 @@ def save_upload(src: BinaryIO, dest: Path, max_bytes: int) -> str:
         dest.unlink(missing_ok=True)
         raise
     return digest.hexdigest()
+
+
+def sweep_stale_uploads(settings: Settings, max_age_s: float = 3600.0) -> list[Path]:
+    """Remove what a killed API process left mid-upload (``tmp/upload-*``, ``datasets/.<id>.ingest-*``).
+
+    Only entries older than ``max_age_s`` go: several API processes may share the data folder,
+    and a younger entry may be an upload in progress elsewhere.
+    """
+    cutoff = time.time() - max_age_s
+    removed = []
+    candidates = [*settings.tmp_dir.glob("upload-*"), *settings.datasets_dir.glob(".*.ingest-*")]
+    for path in candidates:
+        try:
+            if path.lstat().st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:

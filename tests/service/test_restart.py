@@ -45,3 +45,26 @@ def test_a_fresh_app_serves_everything_the_old_one_created(settings):
         # the queued job is still claimable by a worker after the restart
         assert run_job(queued["id"], settings=settings) == "succeeded"
         assert second.delete(f"/v1/datasets/{ds['id']}").status_code == 204
+
+
+def test_start_up_sweeps_partial_uploads_of_a_killed_process(settings):
+    """A SIGKILLed API leaves its temporary upload and half-extracted folder; the next start removes them."""
+    import os
+    import time
+
+    from tests.conftest import api_client
+
+    old = time.time() - 2 * 3600
+    stale_upload = settings.tmp_dir / "upload-deadbeef"
+    stale_upload.write_bytes(b"partial archive")
+    stale_ingest = settings.datasets_dir / ".abc123.ingest-0a0b0c"
+    (stale_ingest / ".incoming").mkdir(parents=True)
+    (stale_ingest / ".incoming" / "0").write_bytes(b"x")
+    for p in (stale_upload, stale_ingest):
+        os.utime(p, (old, old))
+    fresh = settings.tmp_dir / "upload-inprogress"  # another process's upload in flight
+    fresh.write_bytes(b"still arriving")
+    with api_client(settings) as c:
+        assert c.get("/healthz").status_code == 200
+    assert not stale_upload.exists() and not stale_ingest.exists()
+    assert fresh.exists()
