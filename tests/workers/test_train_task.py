@@ -110,3 +110,23 @@ def test_cancelled_before_start_never_trains(client, settings):
     assert run_job(job["id"], settings=settings) is None
     assert client.get(f"/v1/jobs/{job['id']}").json()["history"] == []
     assert Path(settings.models_dir).exists() and list(settings.models_dir.iterdir()) == []
+
+
+def test_torch_threads_setting_reaches_training(make_settings, monkeypatch):
+    import models.training
+
+    settings = make_settings(torch_threads="1")
+    real = models.training.train
+    seen: list = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.training, "train", spy)
+    from tests.conftest import api_client
+
+    with api_client(settings) as c:
+        _, job = _submit(c, {**TINY_JOB, "epochs": 1})
+    assert run_job(job["id"], settings=settings) == JobStatus.SUCCEEDED
+    assert seen == [1]
