@@ -25,6 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.cli import stop_process  # noqa: E402
 from service.demo import _free_port, _wait_ready  # noqa: E402
 from service.sample_data import animal_split, png_bytes, zip_dataset  # noqa: E402
 
@@ -122,11 +123,7 @@ def main() -> int:
             print("  ", e)
         return 1 if errors else 0
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGINT)
         import shutil
 
         shutil.rmtree(data_dir, ignore_errors=True)

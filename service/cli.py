@@ -50,16 +50,22 @@ def start_worker_process() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=os.environ.copy())
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Ask a child to shut down cleanly; kill it if it has not within ``timeout`` seconds."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve(host: str | None, port: int | None) -> None:
     worker = start_worker_process()
     try:
         run_api(host, port)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker, signal.SIGTERM)
 
 
 def keys_command(args: argparse.Namespace) -> None:

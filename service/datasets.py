@@ -9,12 +9,12 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import idempotency
 from service.config import Settings
-from service.db import DatasetRow, JobRow, JobStatus, new_id
+from service.db import DatasetRow, JobRow, JobStatus, new_id, page
 from service.errors import Conflict, NotFound, ServiceError, TooLarge
 from service.ingest import DatasetRejected, IngestLimits, ingest_archive
 
@@ -131,15 +131,7 @@ def get_dataset(session: Session, dataset_id: str, tenant: str) -> DatasetRow:
 
 
 def list_datasets(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[DatasetRow], int]:
-    count = session.scalar(select(func.count()).select_from(DatasetRow).where(DatasetRow.tenant == tenant)) or 0
-    rows = session.scalars(
-        select(DatasetRow)
-        .where(DatasetRow.tenant == tenant)
-        .order_by(DatasetRow.created_at.desc())
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return list(rows), count
+    return page(session, select(DatasetRow).where(DatasetRow.tenant == tenant), offset, limit)
 
 
 def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant: str) -> None:

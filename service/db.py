@@ -12,7 +12,20 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Integer,
+    Select,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.engine import Engine, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -119,6 +132,14 @@ class IdempotencyRow(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def page(session: Session, query: Select[Any], offset: int, limit: int) -> tuple[list[Any], int]:
+    """One page of ``query`` (newest first by ``created_at`` of its entity) and the total count."""
+    entity = query.column_descriptions[0]["entity"]
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+    rows = session.scalars(query.order_by(entity.created_at.desc()).offset(offset).limit(limit)).all()
+    return list(rows), total
 
 
 def rowcount(result: Result[Any]) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from service.cli import stop_process
 from service.sample_data import animal_split, png_bytes, zip_dataset
 
 DEMO_JOB: dict[str, Any] = {
@@ -82,11 +83,7 @@ def run_demo(port: int | None = None, per_class: int | None = None, job: dict[st
             _wait_ready(client, proc)
             return _walk(client, per_class, job or DEMO_JOB)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGINT)
 
 
 def _walk(client: httpx.Client, per_class: int, job: dict[str, Any]) -> int:

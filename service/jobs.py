@@ -6,13 +6,13 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service import idempotency
 from service.config import TRAIN_QUEUE, Settings
 from service.datasets import get_dataset
-from service.db import IdempotencyRow, JobRow, JobStatus, new_id, utcnow
+from service.db import IdempotencyRow, JobRow, JobStatus, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.schemas import JobCreate
 
@@ -77,12 +77,9 @@ def list_jobs(
     session: Session, tenant: str, offset: int, limit: int, status: str | None = None
 ) -> tuple[list[JobRow], int]:
     query = select(JobRow).where(JobRow.tenant == tenant)
-    count_q = select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant)
     if status:
         query = query.where(JobRow.status == status)
-        count_q = count_q.where(JobRow.status == status)
-    rows = session.scalars(query.order_by(JobRow.created_at.desc()).offset(offset).limit(limit)).all()
-    return list(rows), session.scalar(count_q) or 0
+    return page(session, query, offset, limit)
 
 
 def cancel_job(session: Session, job_id: str, tenant: str) -> JobRow:

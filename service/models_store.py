@@ -8,10 +8,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import ModelRow
+from service.db import ModelRow, page
 from service.errors import NotFound
 
 if TYPE_CHECKING:
@@ -26,15 +26,7 @@ def get_model(session: Session, model_id: str, tenant: str) -> ModelRow:
 
 
 def list_models(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[ModelRow], int]:
-    count = session.scalar(select(func.count()).select_from(ModelRow).where(ModelRow.tenant == tenant)) or 0
-    rows = session.scalars(
-        select(ModelRow)
-        .where(ModelRow.tenant == tenant)
-        .order_by(ModelRow.created_at.desc())
-        .offset(offset)
-        .limit(limit)
-    )
-    return list(rows), count
+    return page(session, select(ModelRow).where(ModelRow.tenant == tenant), offset, limit)
 
 
 def model_public(row: ModelRow) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,14 @@ def client(settings: Settings, enqueued: list[str]) -> Iterator:
         yield c
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database on the real server, dropped afterwards."""
+@contextmanager
+def pg_database(prefix: str = "zoofit_test") -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server, dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    name = f"zoofit_test_{uuid.uuid4().hex[:10]}"
+    from service.db import _engine_for
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -99,16 +102,20 @@ def pg_url() -> Iterator[str]:
     except Exception as exc:  # pragma: no cover - environment problem, say so loudly
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {exc}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    from service.db import _engine_for
-
     try:
+        yield url
+    finally:
         _engine_for(url).dispose()
-    except Exception:
-        pass
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the real server for one test."""
+    with pg_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
 # Bounded: an offset past 2**63 overflowed the database driver into a 500 (found by schemathesis).
 OffsetQuery = Annotated[int, Query(ge=0, le=2**31 - 1, description="records to skip")]
+LimitQuery = Annotated[int, Query(ge=1, le=500, description="records to return")]
 IdempotencyKeyDep = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=255, pattern=r"^[^\x00]*$", description="retry-safe creation"),

@@ -7,9 +7,8 @@ draws fresh random inputs instead of the fixed CI sequence.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from service.config import Settings, get_settings
-from tests.conftest import PG_ADMIN_URL, api_client, issue_key
+from tests.conftest import api_client, issue_key
+from tests.conftest import pg_database as _pg_database
 from tests.utils.data import TINY_JOB, animals_zip
 
 FUZZ_SCALE = max(1, int(os.environ.get("ZOOFIT_TEST_FUZZ_SCALE", "1")))
@@ -73,28 +73,9 @@ def trained_store(data_dir: Path, database_url: str | None = None) -> Iterator[T
         mp.undo()
 
 
-@contextmanager
-def pg_database() -> Iterator[str]:
+def pg_database() -> AbstractContextManager[str]:
     """A fresh database on the test PostgreSQL server for a whole module, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    from service.db import _engine_for
-
-    name = f"zoofit_fuzz_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # pragma: no cover - environment problem, say so loudly
-        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {exc}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        _engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return _pg_database("zoofit_fuzz")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import datasets
-from service.api.deps import IdempotencyKeyDep, OffsetQuery, SessionDep, SettingsDep, TenantDep
+from service.api.deps import IdempotencyKeyDep, LimitQuery, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.errors import TooLarge
 from service.schemas import DatasetPublic, DatasetsPublic
 
@@ -46,7 +46,7 @@ async def upload_dataset(
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
-    offset: OffsetQuery = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    offset: OffsetQuery = 0, limit: LimitQuery = 100
 ) -> DatasetsPublic:
     """List datasets, newest first."""
     rows, count = datasets.list_datasets(session, tenant, offset, limit)

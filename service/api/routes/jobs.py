@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import jobs
-from service.api.deps import EnqueueDep, IdempotencyKeyDep, OffsetQuery, SessionDep, SettingsDep, TenantDep
+from service.api.deps import EnqueueDep, IdempotencyKeyDep, LimitQuery, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.db import JobStatus
 from service.schemas import JobCreate, JobPublic, JobsPublic
 
@@ -31,7 +31,7 @@ def list_jobs(
     tenant: TenantDep,
     status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
     offset: OffsetQuery = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: LimitQuery = 100,
 ) -> JobsPublic:
     """List jobs, newest first."""
     rows, count = jobs.list_jobs(session, tenant, offset, limit, status)

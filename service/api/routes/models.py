@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import models_store
-from service.api.deps import OffsetQuery, PredictorsDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import LimitQuery, OffsetQuery, PredictorsDep, SessionDep, SettingsDep, TenantDep
 from service.errors import BadRequest, TooLarge
 from service.schemas import (
     ImagePrediction,
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
-    offset: OffsetQuery = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    offset: OffsetQuery = 0, limit: LimitQuery = 100
 ) -> ModelsPublic:
     """List trained models, newest first."""
     rows, count = models_store.list_models(session, tenant, offset, limit)
