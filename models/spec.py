@@ -93,10 +93,46 @@ OPTIMIZERS: dict[str, OptimInfo] = {
         OptimInfo("rmsprop", "rmsprop", uses_momentum=True, description="RMSProp: leaky AdaGrad"),
         OptimInfo("adam", "adam", uses_betas=True, description="Adam: momentum + RMSProp with bias correction"),
         OptimInfo("adamw", "adamw", uses_betas=True, description="Adam with decoupled weight decay"),
+        # Not a timm optimizer: torch.optim.LBFGS with a strong-Wolfe line search, full batch.
+        OptimInfo(
+            "lbfgs", "", description="L-BFGS (quasi-Newton), full batch on cached features: linear probe only"
+        ),
     )
 }
 
-SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+SCHEDULES: tuple[str, ...] = (
+    "constant",
+    "step",
+    "multistep",
+    "exponential",
+    "inverse_time",
+    "cosine",
+    "cosine_restarts",
+    "one_cycle",
+    "plateau",
+)
+
+FREEZE_MODES: tuple[str, ...] = ("none", "linear_probe", "first_n", "gradual", "auto")
+
+# Augmentation presets: each fills the AugmentSpec fields the request leaves out.
+AUGMENT_PRESETS: dict[str, dict[str, object]] = {
+    "none": {
+        "random_resized_crop": False, "hflip": False, "color_jitter": 0.0, "auto_augment": "none",
+        "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+    },
+    "light": {
+        "random_resized_crop": True, "crop_scale_min": 0.8, "hflip": True, "color_jitter": 0.0,
+        "auto_augment": "none", "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+    },
+    "standard": {
+        "random_resized_crop": True, "crop_scale_min": 0.6, "hflip": True, "color_jitter": 0.2,
+        "auto_augment": "none", "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+    },
+    "strong": {
+        "random_resized_crop": True, "crop_scale_min": 0.35, "hflip": True, "color_jitter": 0.0,
+        "auto_augment": "trivialaugment", "random_erasing": 0.25, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
+    },
+}
 
 
 def check_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> str:
@@ -113,24 +149,70 @@ class _Strict(BaseModel):
 
 
 class FreezeSpec(_Strict):
-    """Which part of the backbone keeps its pretrained weights.
+    """The transfer strategy: which part of the backbone keeps its pretrained weights, and when.
 
-    ``linear_probe`` trains only the new classifier; ``first_n`` freezes the first
-    ``stages`` parameter groups (stem counts as stage 0); ``none`` fine-tunes everything.
+    ``linear_probe`` trains only the new classifier; ``first_n`` freezes the first ``stages``
+    parameter groups (the stem is group 0) for the whole run; ``none`` fine-tunes everything;
+    ``gradual`` starts as a linear probe and unfreezes one more group, from the top, every
+    ``unfreeze_every`` epochs, down to ``stages`` frozen groups; ``auto`` picks one of these from
+    the number of training images per class (the job record says what it chose and why).
     """
 
-    mode: Literal["none", "linear_probe", "first_n"] = "first_n"
-    stages: int = Field(3, ge=0, le=64, description="frozen groups for mode=first_n (stem = 1)")
-    train_bn: bool = Field(False, description="let BatchNorm in the frozen part update its statistics")
+    mode: Literal["none", "linear_probe", "first_n", "gradual", "auto"] = "first_n"
+    stages: int = Field(3, ge=0, le=64, description="frozen groups for first_n; groups that stay frozen for gradual")
+    unfreeze_every: int = Field(1, ge=1, le=1000, description="gradual: epochs between two unfreezings")
+    train_bn: bool = Field(
+        False, description="BatchNorm policy: false keeps the frozen part's running statistics fixed"
+    )
+    backbone_lr_mult: float = Field(
+        1.0, gt=0.0, le=10.0, description="discriminative lr: backbone groups train at lr x this, the head at lr"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="timm layer-wise lr decay: each group lower gets lr x this once more"
+    )
 
 
 class AugmentSpec(_Strict):
-    """Training-time augmentation; evaluation is always deterministic."""
+    """Training-time augmentation; evaluation is always deterministic.
 
+    ``preset`` (``none``, ``light``, ``standard``, ``strong``) fills every field the request leaves
+    out (``AUGMENT_PRESETS``); a field given explicitly always wins.
+    """
+
+    preset: Literal["none", "light", "standard", "strong"] = "standard"
     random_resized_crop: bool = True
     crop_scale_min: float = Field(0.6, gt=0.0, le=1.0)
     hflip: bool = True
     color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="brightness/contrast/saturation strength")
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of erasing a random rectangle")
+    mixup_alpha: float = Field(0.0, ge=0.0, le=10.0, description="mixup Beta(alpha, alpha); 0 disables")
+    cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0, description="cutmix Beta(alpha, alpha); 0 disables")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        if isinstance(data, dict):
+            preset = data.get("preset", "standard")
+            if preset in AUGMENT_PRESETS:
+                return {**AUGMENT_PRESETS[preset], **data}
+        return data
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any per-image augmentation is on (images differ between epochs)."""
+        return (
+            self.random_resized_crop
+            or self.hflip
+            or self.color_jitter > 0
+            or self.auto_augment != "none"
+            or self.random_erasing > 0
+        )
+
+    @property
+    def mixes(self) -> bool:
+        """Whether mixup or cutmix mixes pairs of images."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class OptimizerSpec(_Strict):
@@ -147,31 +229,134 @@ class OptimizerSpec(_Strict):
 
 
 class ScheduleSpec(_Strict):
+    """Learning-rate schedule over the epochs, stepped once per epoch, after a linear warm-up.
+
+    ``constant``; ``step`` (x ``gamma`` every ``step_epochs``); ``multistep`` (x ``gamma`` at each of
+    ``milestones``); ``exponential`` (x ``gamma`` every epoch); ``inverse_time`` (lr / (1 + ``decay`` t));
+    ``cosine`` (to ``min_lr`` at the end); ``cosine_restarts`` (cosine over ``cycle_epochs``, then
+    restart, each cycle ``cycle_mult`` times longer); ``one_cycle`` (up from lr / ``div_factor`` to lr
+    over ``pct_start`` of the run, then cosine down to ``min_lr``); ``plateau`` (x ``gamma`` after
+    ``plateau_patience`` epochs without a better validation loss). ``t`` counts epochs after warm-up.
+    """
+
     name: str = "cosine"
     warmup_epochs: int = Field(1, ge=0, le=1000)
     warmup_lr: float = Field(1e-5, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
     step_epochs: int = Field(5, ge=1, description="decay period for name=step")
-    gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor for name=step")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor for step, multistep, exponential, plateau")
+    milestones: list[int] = Field(default_factory=lambda: [5, 8], description="multistep: epochs where lr drops")
+    decay: float = Field(0.5, gt=0.0, le=100.0, description="inverse_time: lr / (1 + decay * t)")
+    cycle_epochs: int = Field(5, ge=1, description="cosine_restarts: length of the first cycle")
+    cycle_mult: float = Field(1.0, ge=1.0, le=10.0, description="cosine_restarts: each cycle this times longer")
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="one_cycle: share of the run spent rising")
+    div_factor: float = Field(25.0, ge=1.0, le=1e4, description="one_cycle: starting lr is lr / div_factor")
+    plateau_patience: int = Field(2, ge=0, le=1000, description="plateau: epochs without improvement before a drop")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return check_name("schedule", v, SCHEDULES)
 
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(m < 1 or m > 1000 for m in v) or sorted(set(v)) != v:
+            raise ValueError(f"milestones must be strictly increasing epochs in 1..1000, got {v}")
+        return v
+
 
 class EnsembleSpec(_Strict):
+    """How many models are trained and how they are combined.
+
+    ``members`` independent runs (seed + i, optionally other ``backbones``), or with ``snapshot``
+    one run whose cosine schedule restarts ``members`` times: each cycle's final weights are a
+    member (the schedule is then cyclic cosine and early stopping is off). ``ema`` keeps a Polyak /
+    exponential moving average of each member's weights (timm ``ModelEmaV3``); ``serve`` picks
+    which weights each member serves: ``raw``, ``ema`` or ``best`` (whichever validates better).
+    ``greedy`` keeps a subset chosen by greedy forward selection (with replacement) on validation.
+    """
+
     members: int = Field(1, ge=1, le=16)
     backbones: list[str] = Field(
         default_factory=list,
         description="optional extra backbones; member i uses ([backbone] + backbones)[i % n]",
     )
+    snapshot: bool = Field(False, description="members are the end-of-cycle weights of one cyclic-cosine run")
+    ema: bool = Field(False, description="keep an exponential moving average of the weights")
+    ema_decay: float = Field(0.998, ge=0.5, lt=1.0, description="per optimizer step")
+    serve: Literal["raw", "ema", "best"] = Field("best", description="weights served when ema is on")
+    greedy: bool = Field(False, description="greedy forward selection of members on validation")
 
     @field_validator("backbones")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         for name in v:
             check_name("backbone", name, list(BACKBONES))
+        return v
+
+
+class CacheSpec(_Strict):
+    """The frozen-prefix cache: outputs of the layers that stay frozen, computed once per image.
+
+    ``auto`` uses it whenever a prefix of the backbone is frozen for the whole run (exact without
+    augmentation; with augmentation, ``views`` augmented views per image are computed once and
+    cycled through, one per epoch). ``off`` always runs the full forward pass.
+    """
+
+    mode: Literal["auto", "off"] = "auto"
+    views: int = Field(4, ge=1, le=64, description="augmented views per image cached when augmentation is on")
+
+
+class SweepSpec(_Strict):
+    """A hyperparameter search before the final training.
+
+    ``trials`` configurations sample lr and weight decay log-uniformly from the ranges (and,
+    when given, the optimizer, freeze depth and head dropout from the choices); successive halving
+    trains all of them ``min_epochs``, keeps the best 1/``eta`` on validation accuracy, trains those
+    ``eta`` times longer, and so on; ``rounds`` > 1 then narrows the ranges around the best and
+    searches again (coarse to fine). The final model is trained from the best configuration.
+    """
+
+    trials: int = Field(8, ge=2, le=64)
+    lr: tuple[float, float] = (1e-4, 1e-1)
+    weight_decay: tuple[float, float] = (1e-6, 1e-2)
+    optimizers: list[str] = Field(default_factory=list, description="optimizer choices; empty: keep the spec's")
+    freeze_stages: list[int] = Field(default_factory=list, description="first_n depth choices; empty: keep")
+    head_dropout: list[float] = Field(default_factory=list, description="dropout choices; empty: keep")
+    min_epochs: int = Field(1, ge=1, le=100, description="epochs of the first halving rung")
+    eta: int = Field(3, ge=2, le=8, description="successive halving keeps 1/eta per rung")
+    rounds: int = Field(2, ge=1, le=4, description="coarse-to-fine rounds")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi <= 10):
+            raise ValueError(f"a log-uniform range needs 0 < low <= high <= 10, got {list(v)}")
+        return v
+
+    @field_validator("optimizers")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            check_name("optimizer", name, list(OPTIMIZERS))
+        if "lbfgs" in v:
+            raise ValueError("a sweep cannot choose lbfgs: it only fits a linear probe; sweep it on its own")
+        return v
+
+    @field_validator("head_dropout")
+    @classmethod
+    def _dropouts(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= p < 1 for p in v):
+            raise ValueError(f"head_dropout choices must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("freeze_stages")
+    @classmethod
+    def _stages(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= n <= 64 for n in v):
+            raise ValueError(f"freeze_stages choices must be in 0..64, got {v}")
         return v
 
 
@@ -184,7 +369,13 @@ class TrainSpec(_Strict):
         None, ge=16, le=1024, description="training/inference resolution; default: backbone's native size"
     )
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
-    head_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on the pooled features")
+    drop_connect: float = Field(
+        0.0, ge=0.0, lt=1.0, description="DropConnect on the classifier: drop this share of its weights"
+    )
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth (timm drop_path_rate)")
+    head_pool: Literal["avg", "fractional_max"] = Field("avg", description="global pooling before the classifier")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
@@ -192,8 +383,13 @@ class TrainSpec(_Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     patience: int | None = Field(5, ge=1, description="early-stopping patience in epochs; null disables")
+    monitor: Literal["val_acc", "val_loss"] = Field(
+        "val_acc", description="early stopping and best-weights metric (ties broken by the other)"
+    )
     seed: int = Field(0, ge=0, lt=2**32 - 64, description="member i uses seed + i")
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    sweep: SweepSpec | None = Field(None, description="search hyperparameters first, then train the best")
 
     @field_validator("backbone")
     @classmethod
@@ -212,6 +408,44 @@ class TrainSpec(_Strict):
                 )
             if self.weights == "hub" and not info.hub:
                 raise ValueError(f"backbone {name!r} has no pretrained hub weights; use weights='none'")
+        return self
+
+    @model_validator(mode="after")
+    def _lbfgs_fits(self) -> TrainSpec:
+        if self.optimizer.name != "lbfgs":
+            return self
+        problems = []
+        if self.freeze.mode != "linear_probe":
+            problems.append(
+                f"freeze.mode is {self.freeze.mode!r}: L-BFGS fits only the linear head on features computed "
+                "once (freeze.mode='linear_probe'); to fine-tune layers with mini-batches use adam or nesterov"
+            )
+        if self.augment.mixes:
+            problems.append("mixup/cutmix change the objective every step; set mixup_alpha=cutmix_alpha=0")
+        if self.head_dropout > 0 or self.drop_connect > 0:
+            problems.append(
+                f"dropout makes the objective random and breaks the line search; set head_dropout=0 and "
+                f"drop_connect=0 (got {self.head_dropout}, {self.drop_connect})"
+            )
+        if self.ensemble.snapshot or self.ensemble.ema:
+            problems.append("snapshot ensembles and EMA average SGD iterates; L-BFGS converges to one optimum")
+        if self.head_pool != "avg":
+            problems.append("fractional max pooling is random in training; use head_pool='avg'")
+        if self.cache.mode == "off":
+            problems.append("L-BFGS runs full batch on cached features; cache.mode must be 'auto'")
+        if problems:
+            raise ValueError("optimizer 'lbfgs' is a poor fit here: " + "; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble_fits(self) -> TrainSpec:
+        if self.ensemble.snapshot and self.ensemble.members > self.epochs:
+            raise ValueError(
+                f"a snapshot ensemble of {self.ensemble.members} members needs at least that many epochs "
+                f"(one cycle each), got epochs={self.epochs}"
+            )
+        if self.ensemble.snapshot and self.ensemble.backbones:
+            raise ValueError("a snapshot ensemble is one run of one backbone; drop ensemble.backbones")
         return self
 
     def member_backbones(self) -> list[str]:
