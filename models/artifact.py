@@ -29,10 +29,11 @@ from .data import to_array
 from .ensemble import Ensemble
 from .errors import ZooError
 from .evaluation import scale_probs_torch
+from .heads import HeadConfig, create_classifier
 from .spec import TrainSpec, check_name
 from .training import TrainResult, resolve_device
 from .transforms import normalize_batch, to_nchw_uint8
-from .zoo import Preprocess, create_backbone
+from .zoo import Preprocess
 
 FORMAT = "zoofit-model"
 FORMAT_VERSION = 1
@@ -73,6 +74,8 @@ def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
                 "val_loss": m.val_loss if math.isfinite(m.val_loss) else None,
                 "best_epoch": m.best_epoch,
                 "seed": m.seed,
+                "head": dict(m.head),
+                "served": m.served,
             }
             for m in result.members
         ],
@@ -217,16 +220,63 @@ class Predictor:
         check_name("tta", tta, TTA_MODES)
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        views = self.views(images, tta)
+        return self.predict_proba_views(self.views(images, tta))
+
+    def predict_proba_views(self, views: list[torch.Tensor]) -> np.ndarray:
+        """Class probabilities of prepared views, temperature-scaled: the forward half of ``predict_proba``.
+
+        The views of several requests with the same TTA mode can be concatenated along the first
+        dimension and run at once; the API's micro-batcher does that.
+
+        Args:
+            views: what ``views`` returns: one ``uint8 [N, S, S, 3]`` tensor per TTA view, all of the
+                same shape, ``S`` being ``preprocess.image_size``. The ensemble's probabilities of the
+                views are averaged, then the temperature is applied.
+
+        Returns:
+            ``float32 [N, C]``, rows summing to 1, columns in ``classes`` order.
+
+        Raises:
+            ValueError: no views, or views of another shape or dtype than described.
+        """
+        if not views:
+            raise ValueError("predict_proba_views needs at least one view")
+        size = self.preprocess.image_size
+        shape = tuple(views[0].shape)
+        for v in views:
+            if tuple(v.shape) != shape or v.dtype != torch.uint8 or shape[1:] != (size, size, 3):
+                raise ValueError(
+                    f"views must all be uint8 [N, {size}, {size}, 3] for this model, "
+                    f"got {[(str(w.dtype), list(w.shape)) for w in views]}"
+                )
+        n = shape[0]
+        if n == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(images), PREDICT_BATCH):
+            for start in range(0, n, PREDICT_BATCH):
                 probs = torch.stack([
                     self.model(normalize_batch(v[start : start + PREDICT_BATCH], self.preprocess, self.device)).float()
                     for v in views
                 ]).mean(dim=0)
                 out.append(scale_probs_torch(probs, self.temperature).cpu())
         return torch.cat(out).numpy()
+
+    def rank(self, probs: np.ndarray, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` most probable classes of each row of ``probs``, most probable first.
+
+        Args:
+            probs: ``[N, C]`` probabilities, columns in ``classes`` order (``predict_proba``).
+            top_k: how many classes per row (capped at the number of classes).
+
+        Returns:
+            Per row, ``[(class, probability), ...]`` sorted by decreasing probability.
+        """
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, len(self.classes))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
     def predict(
         self, images: list[Image.Image], top_k: int = 5, tta: str = "none"
@@ -243,10 +293,7 @@ class Predictor:
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        probs = self.predict_proba(images, tta)
-        k = min(top_k, len(self.classes))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
+        return self.rank(self.predict_proba(images, tta), top_k)
 
 
 def load_predictor(path: Path, device: str | None = None) -> Predictor:
@@ -265,16 +312,20 @@ def load_predictor(path: Path, device: str | None = None) -> Predictor:
     path = Path(path)
     manifest = read_manifest(path)
     preprocess = Preprocess.from_dict(manifest["preprocess"])
-    members = [
-        create_backbone(
-            m["backbone"],
-            weights="none",
-            num_classes=int(m["num_classes"]),
-            drop_rate=float(m["drop_rate"]),
-            image_size=preprocess.image_size,
-        )
-        for m in manifest["members"]
-    ]
+    try:
+        members = [
+            create_classifier(
+                m["backbone"],
+                weights="none",
+                num_classes=int(m["num_classes"]),
+                # Models saved before head options existed only have drop_rate.
+                head=HeadConfig.from_dict({"drop_rate": float(m["drop_rate"]), **(m.get("head") or {})}),
+                image_size=preprocess.image_size,
+            )
+            for m in manifest["members"]
+        ]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path / MANIFEST_FILE}: cannot rebuild the members: {e}") from e
     model = Ensemble(
         members,
         input_norm=(preprocess.mean, preprocess.std),

@@ -319,7 +319,7 @@ class SweepSpec(_Strict):
     """
 
     trials: int = Field(8, ge=2, le=64)
-    lr: tuple[float, float] = (1e-4, 1e-1)
+    lr: tuple[float, float] = Field((1e-4, 1e-1), description="log-uniform range (the lr is at most 1 here)")
     weight_decay: tuple[float, float] = (1e-6, 1e-2)
     optimizers: list[str] = Field(default_factory=list, description="optimizer choices; empty: keep the spec's")
     freeze_stages: list[int] = Field(default_factory=list, description="first_n depth choices; empty: keep")
@@ -332,8 +332,8 @@ class SweepSpec(_Strict):
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
         lo, hi = v
-        if not (0 < lo <= hi <= 10):
-            raise ValueError(f"a log-uniform range needs 0 < low <= high <= 10, got {list(v)}")
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"a log-uniform range needs 0 < low <= high <= 1, got {list(v)}")
         return v
 
     @field_validator("optimizers")
@@ -446,6 +446,12 @@ class TrainSpec(_Strict):
             )
         if self.ensemble.snapshot and self.ensemble.backbones:
             raise ValueError("a snapshot ensemble is one run of one backbone; drop ensemble.backbones")
+        if self.sweep is not None and self.sweep.freeze_stages and self.freeze.mode not in ("first_n", "gradual"):
+            raise ValueError(
+                f"sweep.freeze_stages only applies to freeze.mode 'first_n' or 'gradual', not {self.freeze.mode!r}"
+            )
+        if self.head_pool == "fractional_max" and any(b.startswith("vit") for b in self.member_backbones()):
+            raise ValueError("head_pool='fractional_max' needs a convolutional feature map; ViT has none")
         return self
 
     def member_backbones(self) -> list[str]:

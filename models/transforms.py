@@ -7,6 +7,8 @@ and prediction only normalise (``normalize_batch``). Training augments each uint
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -37,12 +39,20 @@ def normalize_transform(preprocess: Preprocess) -> v2.Compose:
 def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Transform:
     """Random augmentation of one uint8 CHW image tensor, output uint8 CHW at the model size.
 
-    RandomResizedCrop (scale ``(crop_scale_min, 1)``), RandomHorizontalFlip and ColorJitter
-    (brightness = contrast = saturation = ``color_jitter``), each only when enabled.
+    In order, each only when enabled: RandomResizedCrop (scale ``(crop_scale_min, 1)``),
+    RandomHorizontalFlip, RandAugment (2 ops at magnitude 9, as in the paper) or
+    TrivialAugmentWide (``auto_augment``), ColorJitter (brightness = contrast = saturation =
+    ``color_jitter``) and RandomErasing (probability ``random_erasing``, timm's default area
+    and aspect ranges).
+
+    Random erasing runs here, on uint8, rather than after normalisation (timm's place for it) so
+    the output stays uint8: the rectangle is filled with the backbone's mean colour, which
+    normalises to zero, the value torchvision's RandomErasing writes into a normalised tensor.
+    Mixup and CutMix mix pairs of images, so they are batch operations (``models.heads.batch_mixer``).
 
     Args:
         augment: the job's augmentation settings.
-        preprocess: gives the output size and interpolation.
+        preprocess: gives the output size, interpolation and mean colour.
 
     Returns:
         A transform for single images (v2 transforms draw one set of parameters per call,
@@ -60,9 +70,20 @@ def augment_transform(augment: AugmentSpec, preprocess: Preprocess) -> v2.Transf
         )
     if augment.hflip:
         ops.append(v2.RandomHorizontalFlip())
+    # As timm: what geometric ops uncover and what erasing removes is filled with the mean colour
+    # (zero after normalisation). Those ops support only nearest and bilinear on tensors.
+    mean_colour: Any = [round(255 * m) for m in preprocess.mean]
+    if augment.auto_augment == "randaugment":
+        ops.append(
+            v2.RandAugment(num_ops=2, magnitude=9, interpolation=InterpolationMode.BILINEAR, fill=mean_colour)
+        )
+    elif augment.auto_augment == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR, fill=mean_colour))
     if augment.color_jitter > 0:
         j = augment.color_jitter
         ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if augment.random_erasing > 0:
+        ops.append(v2.RandomErasing(p=augment.random_erasing, value=mean_colour))
     return v2.Compose(ops) if ops else v2.Identity()
 
 

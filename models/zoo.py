@@ -153,12 +153,15 @@ def create_backbone(
     weights: str,
     num_classes: int,
     drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
     image_size: int | None = None,
 ) -> nn.Module:
     """Build a zoo backbone with a fresh ``num_classes`` classifier.
 
     The head applies dropout (``drop_rate``) to the pooled features before the classifier,
-    in training mode only (timm's ``drop_rate``). As with timm's ``pretrained=True``, a
+    in training mode only (timm's ``drop_rate``); ``drop_path_rate`` turns on stochastic depth
+    (timm's ``DropPath`` in the residual blocks, the rate growing linearly to ``drop_path_rate``
+    at the deepest block, also in training mode only). As with timm's ``pretrained=True``, a
     ``num_classes`` equal to the checkpoint's (1000) keeps the pretrained ImageNet classifier.
 
     Args:
@@ -166,6 +169,7 @@ def create_backbone(
         weights: ``bundled`` (offline package weights), ``hub`` (timm download) or ``none`` (random).
         num_classes: outputs of the new classifier.
         drop_rate: dropout probability before the classifier.
+        drop_path_rate: stochastic depth rate of the deepest block; 0 disables.
         image_size: input size; only matters for fixed-input models (ViT), which are built for it.
 
     Returns:
@@ -180,6 +184,10 @@ def create_backbone(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     kwargs: dict[str, Any] = {"drop_rate": float(drop_rate), **_size_kwargs(name, image_size)}
+    if drop_path_rate:  # only when asked: timm models without stochastic depth do not take the argument
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        kwargs["drop_path_rate"] = float(drop_path_rate)
 
     if weights == "bundled":
         if not info.bundled:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service.api import api_router
 from service.api.routes import health
+from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.datasets import sweep_stale_uploads
 from service.db import get_engine
@@ -30,7 +31,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         get_engine(settings)  # create tables, fail fast on a bad URL
         for path in sweep_stale_uploads(settings):
             log.warning("removed a stale partial upload left by a killed process: %s", path)
-        yield
+        try:
+            yield
+        finally:
+            await app.state.batcher.aclose()
 
     app = FastAPI(
         title="zoofit",
@@ -40,6 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.predictors = PredictorCache(
         settings.model_cache_size, device=None if settings.device == "auto" else settings.device
+    )
+    # Forward passes run on the batcher's one inference thread, which applies predict_threads
+    # (torch is imported there, on the first prediction, not when the API starts).
+    app.state.batcher = MicroBatcher(
+        settings.predict_batch_max, settings.predict_batch_wait_ms, threads=settings.predict_threads
     )
 
     @app.exception_handler(ServiceError)

@@ -44,10 +44,25 @@ class Settings(BaseSettings):
     predict_max_bytes: int = Field(64 * 1024**2, ge=1)
     predict_max_top_k: int = Field(20, ge=1)
     model_cache_size: int = Field(4, ge=1, description="trained models kept loaded in memory")
+    predict_batch_max: int = Field(
+        32, ge=1, description="images of concurrent requests run in one forward pass at most (1: no batching)"
+    )
+    predict_batch_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="how long a request waits for others to share its forward pass"
+    )
+    predict_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of the API's inference thread; default: all usable cores"
+    )
 
     # workers
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
+    feature_cache_memory_bytes: int = Field(
+        2 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job keeps in memory"
+    )
+    feature_cache_disk_bytes: int = Field(
+        16 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job spills to data_dir/cache"
+    )
     worker_concurrency: int = Field(1, ge=1)
     worker_heartbeat_s: float = Field(30.0, gt=0, description="a running job's record is touched this often")
     requeue_after_s: float = Field(

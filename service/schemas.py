@@ -175,6 +175,42 @@ class MemberCurvesPublic(BaseModel):
     lr: list[float | None]
 
 
+class SweepTrialPublic(BaseModel):
+    trial: int = Field(description="configuration id, 0-based, unique across rounds")
+    round: int = Field(description="coarse-to-fine round, 0-based")
+    rung: int = Field(description="successive-halving rung, 0-based; each rung trains from scratch")
+    epochs: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    freeze_stages: int
+    head_dropout: float
+    status: str = Field(description="running, done or failed (diverged: ranked last)")
+    outcome: str | None = Field(description="promoted, stopped, or best (the round's winner); null while running")
+    val_acc: float | None
+    val_loss: float | None
+    seconds: float
+    error: str | None
+
+
+class SweepRoundPublic(BaseModel):
+    round: int
+    lr: tuple[float, float] = Field(description="log-uniform range sampled in this round")
+    weight_decay: tuple[float, float]
+    trials: int
+
+
+class SweepPublic(BaseModel):
+    """The hyperparameter sweep that chose the model's recipe (``models.sweep.SweepResult.to_dict``)."""
+
+    trials: list[SweepTrialPublic] = Field(description="one record per trial and rung, in the order run")
+    rounds: list[SweepRoundPublic]
+    best: SweepTrialPublic | None
+    final_spec: dict[str, Any] | None = Field(description="the recipe the final model was trained with")
+    epochs_trained: int = Field(description="epochs spent on trials")
+    seconds: float
+
+
 class ReportPublic(BaseModel):
     """A model's evaluation report on its held-out validation split (the averaged ensemble)."""
 
@@ -189,6 +225,7 @@ class ReportPublic(BaseModel):
     calibration: CalibrationPublic
     curves: list[MemberCurvesPublic]
     members: list[dict[str, Any]]
+    sweep: SweepPublic | None = Field(None, description="the sweep before the final training, if the job had one")
     figures: dict[str, str] = Field(description="PNG routes of this report")
 
 

@@ -7,11 +7,19 @@ Every epoch also leaves a checkpoint in ``<data_dir>/checkpoints/<job id>``. A w
 takes over a job whose worker died continues from it: the job's history is cut back to the
 checkpointed epoch and goes on from there, so it reads as one run. The folder is removed once
 the job succeeds, fails or is cancelled.
+
+A job with a ``sweep`` first searches its hyperparameters (``models.sweep.run_sweep``; every
+trial shows in ``progress["sweep"]``), then trains the best recipe as above. The finished sweep
+is kept in the checkpoint folder (``sweep.json``), so a worker that takes the job over goes
+straight to the final training; one that dies during the sweep leaves nothing, and the sweep
+starts again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -28,9 +36,13 @@ from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount
 
 if TYPE_CHECKING:
     from models.data import ImageArray
+    from models.sweep import SweepResult, TrialRecord
     from models.training import TrainState
 
 log = logging.getLogger("zoofit.worker")
+
+
+SWEEP_FILE = "sweep.json"
 
 
 def checkpoint_dir(settings: Settings, job_id: str) -> Path:
@@ -124,6 +136,23 @@ class JobReporter:
         self.sticky["resumed_from"] = {"member": state.member + 1, "epoch": state.epoch + 1}
         self._write(history=[asdict(r) for r in state.history])
 
+    def sweep(
+        self, record: TrialRecord, sweep: SweepResult | None = None, epoch: EpochRecord | None = None
+    ) -> None:
+        """A sweep trial started or ended (``sweep``: every trial so far), or finished an ``epoch``."""
+        if sweep is not None:
+            # Sticky: the trials stay in the progress of the final training and of the outcome.
+            self.sticky["sweep"] = sweep.to_dict()
+        info: dict[str, Any] = {
+            "round": record.round + 1,
+            "rung": record.rung + 1,
+            "trial": record.trial + 1,
+            "trial_epochs": record.epochs,
+        }
+        if epoch is not None:
+            info.update(epoch=epoch.epoch + 1, val_loss=epoch.val_loss, val_acc=epoch.val_acc, lr=epoch.lr)
+        self.stage("sweep", **info)
+
     def on_epoch(self, rec: EpochRecord) -> None:
         with session_scope(self.settings) as s:
             job = s.get(JobRow, self.job_id)
@@ -176,6 +205,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
     from models.checkpoint import save_state
     from models.data import load_folder
     from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
+    from models.sweep import with_sweep
     from models.training import train
     from models.zoo import preprocess_for
 
@@ -202,7 +232,15 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         data = load_folder(
             Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir
         )
+        sweep = None
+        job_spec = spec
+        if spec.sweep is not None:
+            sweep = _sweep(job_id, data, spec, reporter, settings, ckpt)
+            assert sweep.final_spec is not None
+            spec = sweep.final_spec  # the recipe trained, checkpointed and saved from here on
         resume = _resume_state(job_id, ckpt, data, spec, reporter)
+        if sweep is not None:
+            _save_sweep(ckpt, sweep, data, job_spec)
         member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
         reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
 
@@ -222,6 +260,8 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         )
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
+        if sweep is not None:
+            result = with_sweep(result, sweep)  # report()["sweep"]: in the manifest and the metrics
         reporter.stage("saving model")
         try:
             save_artifact(result, spec, dest)  # all or nothing: a temporary folder renamed into place
@@ -285,6 +325,57 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         return JobStatus.FAILED
 
 
+def _sweep(
+    job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: Path
+) -> SweepResult:
+    """The job's sweep: the one a previous worker finished (``sweep.json``), else run now."""
+    from models.sweep import SweepResult, run_sweep
+    from models.training import run_fingerprint, train
+
+    stored = ckpt / SWEEP_FILE
+    if stored.is_file():
+        try:
+            saved = json.loads(stored.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == run_fingerprint(data, spec):
+                sweep = SweepResult.from_dict(saved["sweep"])
+                if sweep.final_spec is not None:
+                    log.info("job %s: the sweep finished before; training its best recipe", job_id)
+                    reporter.sticky["sweep"] = sweep.to_dict()
+                    return sweep
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("job %s: ignoring its stored sweep (%s)", job_id, exc)
+    reporter.stage("sweep")
+    sweep = run_sweep(
+        data,
+        spec,
+        train_fn=train,
+        on_trial=lambda record, sweep: reporter.sweep(record, sweep),
+        on_epoch=lambda record, rec: reporter.sweep(record, epoch=rec),
+        should_stop=reporter.should_stop,
+        device=None if settings.device == "auto" else settings.device,
+        num_threads=settings.torch_threads,
+        log=lambda msg: log.info("job %s: %s", job_id, msg),
+    )
+    reporter.sticky["sweep"] = sweep.to_dict()  # with the last rung's outcomes, the best and the final recipe
+    return sweep
+
+
+def _save_sweep(ckpt: Path, sweep: SweepResult, data: ImageArray, spec: TrainSpec) -> None:
+    """Keep the finished sweep beside the checkpoint (written whole, then renamed into place)."""
+    from models.training import run_fingerprint
+
+    tmp = ckpt / f".{SWEEP_FILE}.tmp"
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"fingerprint": run_fingerprint(data, spec), "sweep": sweep.to_dict()}),
+                       encoding="utf-8")
+        os.replace(tmp, ckpt / SWEEP_FILE)
+    except OSError as exc:
+        # Only a worker taking the job over needs it (to skip the sweep): not worth failing for.
+        log.warning("could not keep the finished sweep in %s: %s", ckpt, exc)
+        tmp.unlink(missing_ok=True)
+
+
 def _resume_state(
     job_id: str, directory: Path, data: ImageArray, spec: TrainSpec, reporter: JobReporter
 ) -> TrainState | None:
@@ -309,8 +400,6 @@ def _resume_state(
 
 
 def _read_manifest(dest: Path) -> dict[str, Any]:
-    import json
-
     return json.loads((dest / "manifest.json").read_text())
 
 

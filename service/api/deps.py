@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
 from service.auth import DEFAULT_TENANT, Forbidden, Principal, authenticate
+from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.db import session_scope
 from service.jobs import Enqueue, celery_enqueue
@@ -44,6 +45,10 @@ def get_predictors(request: Request) -> PredictorCache:
     return request.app.state.predictors  # type: ignore[no-any-return]
 
 
+def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher  # type: ignore[no-any-return]
+
+
 def get_enqueue() -> Enqueue:
     return celery_enqueue
 
@@ -51,6 +56,7 @@ def get_enqueue() -> Enqueue:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from models import weights as bundled
@@ -195,3 +196,18 @@ def test_head_dropout_active_in_training_only(name: str) -> None:
     assert not torch.allclose(a, b), f"{name}: head dropout is not applied in training"
     a, b = two_train_forwards(0.0)
     assert torch.allclose(a, b), f"{name}: something other than head dropout is random"
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_drop_path_rate_reaches_every_backbone(name: str) -> None:
+    with torch.device("meta"):  # structure only
+        plain = create_backbone(name, weights="none", num_classes=3)
+        model = create_backbone(name, weights="none", num_classes=3, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and 0 < max(rates) <= 0.2 + 1e-6, f"{name}: stochastic depth missing"
+    assert not any(m.drop_prob > 0 for m in plain.modules() if isinstance(m, DropPath))
+
+
+def test_drop_path_rate_is_checked() -> None:
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        create_backbone("test_efficientnet", weights="none", num_classes=3, drop_path_rate=1.0)

@@ -2,13 +2,21 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service import models_store
-from service.api.deps import LimitQuery, OffsetQuery, PredictorsDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import (
+    BatcherDep,
+    LimitQuery,
+    OffsetQuery,
+    PredictorsDep,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
 from service.errors import BadRequest, TooLarge
 from service.schemas import (
     ImagePrediction,
@@ -19,6 +27,11 @@ from service.schemas import (
     ReportPublic,
     TTAMode,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.artifact import Predictor
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -90,6 +103,7 @@ async def predict(
     session: SessionDep,
     settings: SettingsDep,
     predictors: PredictorsDep,
+    batcher: BatcherDep,
     tenant: TenantDep,
     files: Annotated[list[UploadFile], File(description="one or more images")],
     top_k: Annotated[int, Query(ge=1)] = 5,
@@ -108,20 +122,31 @@ async def predict(
         if total > settings.predict_max_bytes:
             raise TooLarge(f"request images exceed {settings.predict_max_bytes} bytes")
         blobs.append((f.filename or f"image-{i}", data))
-    results = await run_in_threadpool(_predict, predictors, model_id, Path(row.path), blobs, top_k,
-                                      settings.max_image_pixels, tta)
-    return PredictionPublic(model_id=model_id, predictions=results)
+    # Decoding, resizing and loading the model run in the threadpool; the forward pass is shared
+    # with concurrent requests on the batcher's inference thread.
+    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, Path(row.path), blobs,
+                                               settings.max_image_pixels, tta)
+    probs = await batcher.predict_proba(predictor, views, tta)
+    ranked = predictor.rank(probs, top_k)
+    return PredictionPublic(model_id=model_id, predictions=[
+        ImagePrediction(file=name, top_k=[LabelProbability(label=lbl, probability=p) for lbl, p in labels])
+        for (name, _), labels in zip(blobs, ranked, strict=True)
+    ])
 
 
-def _predict(
+def _prepare(
     predictors: models_store.PredictorCache,
     model_id: str,
     path: Path,
     blobs: list[tuple[str, bytes]],
-    top_k: int,
     max_pixels: int,
     tta: str = "none",
-) -> list[ImagePrediction]:
+) -> tuple[Predictor, list[torch.Tensor]]:
+    """The loaded model and the TTA views of the decoded images (``Predictor.views``).
+
+    Raises:
+        BadRequest: an image does not decode or has more than ``max_pixels`` pixels (all are named).
+    """
     from PIL import Image as PILImage
 
     from models.data import open_image
@@ -146,8 +171,4 @@ def _predict(
     if bad:
         raise BadRequest("cannot decode image(s): " + "; ".join(bad), files=bad)
     predictor = predictors.get(model_id, path)
-    out = predictor.predict(images, top_k=top_k, tta=tta)
-    return [
-        ImagePrediction(file=name, top_k=[LabelProbability(label=lbl, probability=p) for lbl, p in ranked])
-        for (name, _), ranked in zip(blobs, out, strict=True)
-    ]
+    return predictor, predictor.views(images, tta)
