@@ -507,6 +507,14 @@ def greedy_selection(member_probs: list[np.ndarray], labels: np.ndarray) -> tupl
     return chosen, path
 
 
+def polyak(model: nn.Module, decay: float) -> Any:
+    """Polyak averaging: timm's ``ModelEmaV3`` of ``model``, ``ema = decay * ema + (1 - decay) * w``
+    after every optimizer step (``.update(model)``), buffers included, no warm-up of the decay."""
+    from timm.utils.model_ema import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=False)
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -752,9 +760,7 @@ class _Run:
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         ema: Any = None
         if spec.ensemble.ema:
-            from timm.utils.model_ema import ModelEmaV3
-
-            ema = ModelEmaV3(model, decay=spec.ensemble.ema_decay)
+            ema = polyak(model, spec.ensemble.ema_decay)
         augment = augment_transform(spec.augment, pre) if spec.augment.enabled else None
         mixer = batch_mixer(spec.augment, self.num_classes, spec.label_smoothing)
         criterion = train_criterion(spec)
@@ -940,7 +946,11 @@ class _Run:
                 val_acc=val_acc,
                 lr=lr,
                 seconds=0.0,
-                extra={"train_images_per_s": n_train / max(train_seconds, 1e-9), "lr_min": min(lrs)},
+                extra={
+                    "train_images_per_s": n_train / max(train_seconds, 1e-9),
+                    "lr_min": min(lrs),
+                    "trainable_params": float(freeze.trainable_params),
+                },
             )
             improved = False
             if serve in ("raw", "best"):

@@ -17,6 +17,7 @@ starts again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -257,6 +258,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             log=lambda msg: log.info("job %s: %s", job_id, msg),
             checkpoint=checkpoint,
             resume=resume,
+            **_cache_bounds(settings),
         )
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
@@ -348,7 +350,7 @@ def _sweep(
     sweep = run_sweep(
         data,
         spec,
-        train_fn=train,
+        train_fn=functools.partial(train, **_cache_bounds(settings)),
         on_trial=lambda record, sweep: reporter.sweep(record, sweep),
         on_epoch=lambda record, rec: reporter.sweep(record, epoch=rec),
         should_stop=reporter.should_stop,
@@ -406,3 +408,12 @@ def _read_manifest(dest: Path) -> dict[str, Any]:
 def running_jobs(settings: Settings) -> list[str]:
     with session_scope(settings) as s:
         return list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.RUNNING)))
+
+
+def _cache_bounds(settings: Settings) -> dict[str, Any]:
+    """Where the frozen-prefix feature cache may live: memory first, then spilled under data_dir/cache."""
+    return {
+        "cache_memory_bytes": settings.feature_cache_memory_bytes,
+        "cache_disk_bytes": settings.feature_cache_disk_bytes,
+        "cache_dir": settings.cache_dir / "features",
+    }

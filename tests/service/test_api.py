@@ -167,3 +167,24 @@ def test_oversized_bodies_are_refused_before_parsing(make_settings):
                    headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert c.get("/healthz").status_code == 200
+
+
+def test_techniques_that_do_not_fit_are_422_saying_why(client, enqueued):
+    ds = upload(client, animals_zip(per_class=3, classes=2)).json()
+    lbfgs = {"dataset_id": ds["id"], "optimizer": {"name": "lbfgs"}, "head_dropout": 0.0}
+    r = client.post("/v1/jobs", json={**lbfgs, "freeze": {"mode": "first_n"}})
+    assert r.status_code == 422 and "L-BFGS fits only the linear head" in _error_text(r)
+    r = client.post("/v1/jobs", json={**lbfgs, "freeze": {"mode": "linear_probe"}, "augment": {"preset": "strong"}})
+    assert r.status_code == 422 and "mixup" in _error_text(r)
+    r = client.post("/v1/jobs", json={**lbfgs, "freeze": {"mode": "linear_probe"}, "head_dropout": 0.3})
+    assert r.status_code == 422 and "dropout" in _error_text(r)
+    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 2, "ensemble": {"members": 3, "snapshot": True}})
+    assert r.status_code == 422 and "snapshot" in _error_text(r)
+    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "sweep": {"lr": [0.1, 0.001]}})
+    assert r.status_code == 422 and "log-uniform" in _error_text(r)
+    assert enqueued == []
+    # The same recipe, made to fit, is accepted and the job record shows every field applied.
+    r = client.post("/v1/jobs", json={**lbfgs, "freeze": {"mode": "linear_probe"}, "augment": {"preset": "light"}})
+    assert r.status_code == 202, r.text
+    spec = r.json()["spec"]
+    assert spec["optimizer"]["name"] == "lbfgs" and spec["augment"]["crop_scale_min"] == 0.8

@@ -111,9 +111,13 @@ async def predict(
 ) -> PredictionPublic:
     """Top-k labels with probabilities for each image, from the averaged, temperature-scaled ensemble."""
     row = models_store.get_model(session, model_id, tenant)
+    path, num_classes = Path(row.path), len(row.classes)
+    # Nothing below needs the database: give its connection back to the pool now instead of holding
+    # it while the images decode and wait for their batch (concurrent requests outnumber the pool).
+    session.close()
     if len(files) > settings.predict_max_images:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.predict_max_images}")
-    top_k = min(top_k, len(row.classes), settings.predict_max_top_k)
+    top_k = min(top_k, num_classes, settings.predict_max_top_k)
     blobs: list[tuple[str, bytes]] = []
     total = 0
     for i, f in enumerate(files):
@@ -124,7 +128,7 @@ async def predict(
         blobs.append((f.filename or f"image-{i}", data))
     # Decoding, resizing and loading the model run in the threadpool; the forward pass is shared
     # with concurrent requests on the batcher's inference thread.
-    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, Path(row.path), blobs,
+    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, path, blobs,
                                                settings.max_image_pixels, tta)
     probs = await batcher.predict_proba(predictor, views, tta)
     ranked = predictor.rank(probs, top_k)
