@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit integration clean compose-check
+.PHONY: install demo test lint typecheck unit integration clean compose-check bench techniques
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Speed against the obvious implementation (issue #4); figures and machine go in BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_train
+	$(BIN)/python -m benchmarks.bench_predict
+
+# Every technique of the job spec at one budget (issue #3): regenerates docs/techniques.md.
+techniques: $(STAMP)
+	$(BIN)/python -m benchmarks.techniques
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

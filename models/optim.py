@@ -412,6 +412,8 @@ SCHEDULE_BUILDERS: dict[str, _Builder] = {
 def _warmup_epochs(spec: ScheduleSpec, epochs: int) -> int:
     if epochs < 1:
         raise ValueError(f"a schedule needs at least one epoch, got {epochs}")
+    if spec.name == "one_cycle":
+        return 0  # its rise from lr / div_factor is the warm-up
     # Warm-up counts within the epochs and leaves at least one epoch after it.
     return min(spec.warmup_epochs, epochs - 1)
 

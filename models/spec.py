@@ -235,8 +235,11 @@ class ScheduleSpec(_Strict):
     ``milestones``); ``exponential`` (x ``gamma`` every epoch); ``inverse_time`` (lr / (1 + ``decay`` t));
     ``cosine`` (to ``min_lr`` at the end); ``cosine_restarts`` (cosine over ``cycle_epochs``, then
     restart, each cycle ``cycle_mult`` times longer); ``one_cycle`` (up from lr / ``div_factor`` to lr
-    over ``pct_start`` of the run, then cosine down to ``min_lr``); ``plateau`` (x ``gamma`` after
-    ``plateau_patience`` epochs without a better validation loss). ``t`` counts epochs after warm-up.
+    over ``pct_start`` of the run, then cosine down to ``min_lr``; its rise replaces ``warmup_epochs``);
+    ``plateau`` (x ``gamma`` once the validation loss has not improved for more than
+    ``plateau_patience`` epochs, as torch's ReduceLROnPlateau). ``t`` counts epochs after warm-up
+    (``milestones`` too). ``min_lr`` floors cosine, cosine_restarts, one_cycle and plateau. L-BFGS
+    ignores the lr and the schedule (its line search picks each step).
     """
 
     name: str = "cosine"
@@ -251,7 +254,9 @@ class ScheduleSpec(_Strict):
     cycle_mult: float = Field(1.0, ge=1.0, le=10.0, description="cosine_restarts: each cycle this times longer")
     pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="one_cycle: share of the run spent rising")
     div_factor: float = Field(25.0, ge=1.0, le=1e4, description="one_cycle: starting lr is lr / div_factor")
-    plateau_patience: int = Field(2, ge=0, le=1000, description="plateau: epochs without improvement before a drop")
+    plateau_patience: int = Field(
+        2, ge=0, le=1000, description="plateau: the lr drops after more than this many epochs without improvement"
+    )
 
     @field_validator("name")
     @classmethod

@@ -226,6 +226,14 @@ class ReportPublic(BaseModel):
     curves: list[MemberCurvesPublic]
     members: list[dict[str, Any]]
     sweep: SweepPublic | None = Field(None, description="the sweep before the final training, if the job had one")
+    applied: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what each member's run actually did: transfer strategy (and why, for auto), frozen-prefix "
+        "cache path, optimizer groups and their lr, schedule, head, augmentation, EMA, snapshots, greedy selection",
+    )
+    comparison: dict[str, Any] = Field(
+        default_factory=dict, description="raw, EMA and ensemble validation accuracy side by side"
+    )
     figures: dict[str, str] = Field(description="PNG routes of this report")
 
 

@@ -284,7 +284,8 @@ def test_every_schedule_builds(name: str) -> None:
     sched = create_scheduler(opt, ScheduleSpec(name=name), epochs=10)
     assert isinstance(sched, Scheduler)
     lrs = lr_at_epochs(ScheduleSpec(name=name), 10, 0.1)
-    assert len(lrs) == 10 and lrs[0] == pytest.approx(1e-5) and max(lrs) == pytest.approx(0.1)
+    first = 0.1 / ScheduleSpec().div_factor if name == "one_cycle" else ScheduleSpec().warmup_lr
+    assert len(lrs) == 10 and lrs[0] == pytest.approx(first) and max(lrs) == pytest.approx(0.1)
 
 
 def _cos(lo: float, hi: float, frac: float) -> float:
@@ -359,8 +360,8 @@ EXPECTED: dict[str, list[tuple[dict[str, object], int, float, list[float] | None
             7,
             0.1,
             None,
-            # warm-up, then one cycle over the 5 epochs left: peak at t = round(1.5) - 1 = 1
-            [0.0, 0.05, 0.01, 0.1, _cos(0, 0.1, 1 / 3), _cos(0, 0.1, 2 / 3), 0.0],
+            # warmup_epochs is ignored (the rise is the warm-up): peak at t = round(2.1) - 1 = 1
+            [0.01, 0.1] + [_cos(0, 0.1, k / 5) for k in range(1, 6)],
         ),
     ],
     "plateau": [

@@ -178,7 +178,8 @@ def test_techniques_that_do_not_fit_are_422_saying_why(client, enqueued):
     assert r.status_code == 422 and "mixup" in _error_text(r)
     r = client.post("/v1/jobs", json={**lbfgs, "freeze": {"mode": "linear_probe"}, "head_dropout": 0.3})
     assert r.status_code == 422 and "dropout" in _error_text(r)
-    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 2, "ensemble": {"members": 3, "snapshot": True}})
+    snapshot = {"members": 3, "snapshot": True}
+    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "epochs": 2, "ensemble": snapshot})
     assert r.status_code == 422 and "snapshot" in _error_text(r)
     r = client.post("/v1/jobs", json={"dataset_id": ds["id"], "sweep": {"lr": [0.1, 0.001]}})
     assert r.status_code == 422 and "log-uniform" in _error_text(r)

@@ -37,6 +37,12 @@ def test_report_json_and_figures(client, settings) -> None:
     assert len(report["calibration"]["before"]["reliability"]) == report["calibration"]["bins"] == 15
     assert [len(c["epoch"]) for c in report["curves"]] == [TINY_JOB["epochs"]] * 2
     assert report["figures"]["curves"] == f"/v1/models/{model_id}/report/curves.png"
+    # what ran is in the report: TINY_JOB fine-tunes everything, so the frozen-prefix cache is off, saying why
+    applied = report["applied"]["members"]
+    assert [a["member"] for a in applied] == [0, 1]
+    assert applied[0]["transfer"]["mode"] == "none" and applied[0]["cache"]["path"] == "off"
+    assert "nothing is frozen" in applied[0]["cache"]["reason"]
+    assert report["comparison"]["ensemble_val_acc"] == report["val_acc"]
     # the model record's metrics are the same report (what the job stored)
     assert client.get(f"/v1/models/{model_id}").json()["metrics"]["evaluation"] == ev
 
