@@ -10,7 +10,8 @@ for a fixed time; images/s and latency percentiles are measured on the client si
 each of those measurements, with the API idle, this process times the raw forward pass of the same
 ensemble on batches of 32 prepared images (``Predictor.predict_proba_views``, the call the batcher
 makes): the ceiling each HTTP figure is compared with, measured under the same machine load.
-Stops by itself; nothing leaves the machine.
+The CPU time per image of the API process and of the raw forward pass is reported too: on a
+shared machine their ratio says more than the images/s do. Stops by itself; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,9 @@ def _jpeg(image: Any, side: int = 256) -> bytes:
 
 
 @contextmanager
-def _server(command: str, data_dir: Path, headers: dict[str, str], **env: str) -> Iterator[httpx.Client]:
-    """``zoofit <command>`` on a free port with ``ZOOFIT_<KEY>=value`` settings; a client for it."""
+def _server(command: str, data_dir: Path, headers: dict[str, str],
+            **env: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
+    """``zoofit <command>`` on a free port with ``ZOOFIT_<KEY>=value`` settings: a client for it, and the process."""
     port = _free_port()
     full_env = {**os.environ, "ZOOFIT_DATA_DIR": str(data_dir), "ZOOFIT_PORT": str(port),
                 **{f"ZOOFIT_{k.upper()}": v for k, v in env.items()}}
@@ -72,9 +75,15 @@ def _server(command: str, data_dir: Path, headers: dict[str, str], **env: str) -
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=300) as c:
             _wait_ready(c, proc)
-            yield c
+            yield c, proc
     finally:
         stop_process(proc, signal.SIGINT)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _train(c: httpx.Client, image_size: int) -> str:
@@ -107,18 +116,21 @@ async def _client(client: httpx.AsyncClient, url: str, images: list[bytes], star
 
 
 async def _load(base: str, headers: dict[str, str], url: str, images: list[bytes], clients: int,
-                seconds: float) -> tuple[float, list[float], list[str]]:
-    """Images per second, latencies and errors of ``clients`` concurrent one-image clients."""
+                seconds: float, cpu: Callable[[], float]) -> tuple[float, list[float], list[str], float]:
+    """Images per second, latencies and errors of ``clients`` concurrent one-image clients, and the
+    server CPU seconds (``cpu()``) spent during the warm-up before the measured ``seconds``."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120, limits=limits) as client:
         lat: list[float] = []
         errors: list[str] = []
         # Warm-up: connections open, the model loaded, the inference thread started.
+        cpu0 = cpu()
         await asyncio.gather(*[_client(client, url, images, k, time.monotonic() + 1.0, [], []) for k in range(clients)])
+        warm_cpu = cpu() - cpu0
         t0 = time.monotonic()
         await asyncio.gather(*[_client(client, url, images, k, t0 + seconds, lat, errors) for k in range(clients)])
         elapsed = time.monotonic() - t0
-    return len(lat) / elapsed, lat, errors
+    return len(lat) / elapsed, lat, errors, warm_cpu
 
 
 class RawForward:
@@ -138,31 +150,45 @@ class RawForward:
         self.views = self.predictor.views(batch)
         self.predictor.predict_proba_views(self.views)  # warm-up
 
-    def rate(self, seconds: float) -> float:
-        """Images per second of ``predict_proba_views`` on the batch, over at least ``seconds``."""
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """Images per second and CPU milliseconds per image of ``predict_proba_views`` on the batch."""
         n = 0
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         while (elapsed := time.perf_counter() - t0) < seconds or n == 0:
             self.predictor.predict_proba_views(self.views)
             n += RAW_BATCH
-        return n / elapsed
+        return n / elapsed, 1000 * (time.process_time() - cpu0) / n
 
 
-Row = tuple[float, float, float, float, int]  # raw images/s, HTTP images/s, p50 ms, p99 ms, errors
+@dataclass(frozen=True)
+class Row:
+    """One concurrency level: the raw forward pass, then the API (CPU: milliseconds per image)."""
+
+    raw_rate: float
+    raw_cpu: float
+    rate: float
+    p50: float
+    p99: float
+    server_cpu: float
+    errors: int
 
 
-def _measure(c: httpx.Client, raw: RawForward, model_id: str, images: list[bytes], levels: list[int],
+def _measure(c: httpx.Client, pid: int, raw: RawForward, model_id: str, images: list[bytes], levels: list[int],
              seconds: float) -> dict[int, Row]:
     """Per concurrency level: the raw forward pass (the API idle), then the API under load."""
     out = {}
     headers = dict(c.headers)
     for clients in levels:
-        raw_rate = raw.rate(seconds / 2)
-        rate, lat, errors = asyncio.run(_load(str(c.base_url), headers, f"/v1/models/{model_id}/predict", images,
-                                              clients, seconds))
+        raw_rate, raw_cpu = raw.measure(seconds / 2)
+        cpu0 = _cpu_seconds(pid)
+        rate, lat, errors, warm_cpu = asyncio.run(
+            _load(str(c.base_url), headers, f"/v1/models/{model_id}/predict", images, clients, seconds,
+                  lambda: _cpu_seconds(pid))
+        )
+        server_cpu = 1000 * (_cpu_seconds(pid) - cpu0 - warm_cpu) / max(len(lat), 1)
         for e in errors[:3]:
             print("   error:", e, file=sys.stderr)
-        out[clients] = (raw_rate, rate, _pct(lat, 50), _pct(lat, 99), len(errors))
+        out[clients] = Row(raw_rate, raw_cpu, rate, _pct(lat, 50), _pct(lat, 99), server_cpu, len(errors))
         print(f"  {clients} client(s): raw {raw_rate:.1f}, HTTP {rate:.1f} images/s", file=sys.stderr)
     return out
 
@@ -193,7 +219,7 @@ def main() -> int:
     images = [_jpeg(img) for _, _, img in test]
     try:
         t0 = time.monotonic()
-        with _server("serve", data_dir, headers) as c:
+        with _server("serve", data_dir, headers) as (c, _):
             model_id = _train(c, args.image_size)
         print(f"trained {MEMBERS} x tf_efficientnet_lite0 at {args.image_size} px in {time.monotonic() - t0:.0f} s",
               file=sys.stderr)
@@ -207,22 +233,26 @@ def main() -> int:
         }
         for name, env in configs.items():
             print(name, file=sys.stderr)
-            with _server("api", data_dir, headers, **env, **threads_env) as c:
-                runs[name] = _measure(c, raw, model_id, images, levels, args.seconds)
+            with _server("api", data_dir, headers, **env, **threads_env) as (c, proc):
+                runs[name] = _measure(c, proc.pid, raw, model_id, images, levels, args.seconds)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
     print(f"\npredict: {MEMBERS} x tf_efficientnet_lite0 at {args.image_size} px, one 256x256 JPEG per request, "
           f"{args.seconds:g} s per level, {raw.threads} torch threads, {os.cpu_count()} CPUs; raw: predict_proba_views "
           f"on batches of {RAW_BATCH} prepared images, in this process, measured right before each HTTP row\n")
-    print("| server | clients | HTTP images/s | p50 ms | p99 ms | errors | raw images/s | HTTP / raw |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("CPU ms/img: CPU time per image of the whole API process (all threads), and of the raw forward pass; "
+          "their ratio is what HTTP / raw tends to on a quiet machine where the API is CPU-bound\n")
+    print("| server | clients | HTTP images/s | p50 ms | p99 ms | errors | raw images/s | HTTP / raw "
+          "| API CPU ms/img | raw CPU ms/img | raw / API CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     errors = 0
     for name, results in runs.items():
-        for clients, (raw_rate, rate, p50, p99, n_err) in results.items():
-            errors += n_err
-            print(f"| {name} | {clients} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {n_err} | {raw_rate:.1f} "
-                  f"| {rate / raw_rate:.2f} |")
+        for clients, r in results.items():
+            errors += r.errors
+            print(f"| {name} | {clients} | {r.rate:.1f} | {r.p50:.0f} | {r.p99:.0f} | {r.errors} | {r.raw_rate:.1f} "
+                  f"| {r.rate / r.raw_rate:.2f} | {r.server_cpu:.1f} | {r.raw_cpu:.1f} "
+                  f"| {r.raw_cpu / r.server_cpu:.2f} |")
     print(f"\nbenchmark wall time {time.monotonic() - started:.0f} s")
     return 1 if errors else 0
 

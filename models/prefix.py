@@ -193,6 +193,8 @@ class FeatureCache:
             # keep the caller's order: rows were sorted for the memmap read
             order = np.argsort(np.argsort(rows))
             t = t[torch.from_numpy(order)]
+            if self.device.type == "cuda":
+                t = t.pin_memory()  # so the copy below overlaps with compute
             return t.to(self.device, non_blocking=True).float()
         return store[torch.from_numpy(rows).to(store.device)].float()
 

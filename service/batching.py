@@ -135,13 +135,20 @@ class MicroBatcher:
         Raises:
             InferenceFailed: the forward pass of the batch raised (HTTP 500).
             Unavailable: the batch ran out of memory or was cancelled (HTTP 503).
+            ValueError: views of different shapes, or unlike those queued for the same model and
+                ``tta`` (checked here, so that a wrong request cannot fail the batch it would join).
         """
         loop = asyncio.get_running_loop()
         self._bind(loop)
         n = len(views[0]) if views else 0
         if n == 0:
             return predictor.predict_proba_views(views)  # raises on no views; zeros otherwise
+        if any(v.shape != views[0].shape for v in views):
+            raise ValueError(f"the views of one request must have one shape, got {[list(v.shape) for v in views]}")
         queue = self._queues.setdefault((predictor, tta), deque())
+        if queue and (len(queue[0].views) != len(views) or queue[0].views[0].shape[1:] != views[0].shape[1:]):
+            raise ValueError(f"{len(views)} view(s) of {list(views[0].shape[1:])} do not match the "
+                             f"{len(queue[0].views)} of {list(queue[0].views[0].shape[1:])} queued for tta={tta!r}")
         now = loop.time()
         futures: list[asyncio.Future[np.ndarray]] = []
         for start in range(0, n, self.max_batch):

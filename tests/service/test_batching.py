@@ -190,6 +190,23 @@ def test_an_error_fails_only_its_batch(predictor, model_path, pngs, monkeypatch)
     np.testing.assert_allclose(after, healthy.predict_proba(_images(pngs, 2, 0)), rtol=1e-5, atol=1e-6)
 
 
+def test_views_unlike_the_queued_ones_are_refused_before_joining(predictor, pngs, monkeypatch):
+    spy = Spy(predictor, monkeypatch)
+
+    async def main(b: MicroBatcher) -> list[np.ndarray]:
+        queued = asyncio.ensure_future(_request(b, predictor, _images(pngs, 1)))
+        await asyncio.sleep(0)
+        hflip_views = predictor.views(_images(pngs, 1), "hflip")
+        with pytest.raises(ValueError, match="do not match"):
+            await b.predict_proba(predictor, hflip_views, "none")  # mislabelled: 2 views, not 1
+        with pytest.raises(ValueError, match="one shape"):
+            await b.predict_proba(predictor, [hflip_views[0], hflip_views[0][:0]], "hflip")
+        return list(await asyncio.gather(queued, _request(b, predictor, _images(pngs, 1, 1))))
+
+    run_with(MicroBatcher(max_batch=2, max_wait_ms=LONG_WAIT_MS), main)
+    assert spy.calls == [(1, 2)]
+
+
 def test_a_cancelled_request_leaves_the_batch(predictor, pngs, monkeypatch):
     spy = Spy(predictor, monkeypatch)
 
