@@ -25,6 +25,16 @@ def get_model(session: Session, model_id: str, tenant: str) -> ModelRow:
     return row
 
 
+def model_location(session: Session, model_id: str, tenant: str) -> tuple[Path, int]:
+    """The model folder and class count, without loading the stored report (what predict needs)."""
+    found = session.execute(
+        select(ModelRow.path, ModelRow.classes).where(ModelRow.id == model_id, ModelRow.tenant == tenant)
+    ).first()
+    if found is None:
+        raise NotFound(f"model {model_id!r} not found")
+    return Path(found.path), len(found.classes)
+
+
 def list_models(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[ModelRow], int]:
     return page(session, select(ModelRow).where(ModelRow.tenant == tenant), offset, limit)
 

@@ -110,8 +110,7 @@ async def predict(
     tta: Annotated[TTAMode, Query(description="test-time augmentation, averaged with the ensemble")] = "none",
 ) -> PredictionPublic:
     """Top-k labels with probabilities for each image, from the averaged, temperature-scaled ensemble."""
-    row = models_store.get_model(session, model_id, tenant)
-    path, num_classes = Path(row.path), len(row.classes)
+    path, num_classes = models_store.model_location(session, model_id, tenant)
     # Nothing below needs the database: give its connection back to the pool now instead of holding
     # it while the images decode and wait for their batch (concurrent requests outnumber the pool).
     session.close()
