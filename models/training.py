@@ -977,7 +977,7 @@ class _Run:
                         freeze, head, "ema snapshot" if use_ema else "snapshot",
                     )
                 )
-                self.member_probs.append(snap.probs)
+                self.member_probs.append(snap.probs.copy())  # never shares memory with best.probs
                 self.log(f"snapshot {k + 1}/{len(ends)} at the end of epoch {epoch + 1}: val acc {snap.acc:.3f}")
             self.log(
                 f"member {i + 1} epoch {epoch + 1}/{spec.epochs}: lr {lr:.2e} "

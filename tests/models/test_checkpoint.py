@@ -217,3 +217,35 @@ def test_is_disk_full_recognises_safetensors_and_chained_errors() -> None:
         assert is_disk_full(outer)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not is_disk_full(safetensors.SafetensorError("Error while serializing: something else"))
+
+
+RICH = {
+    # cached augmented views, EMA served when better, the plateau schedule's state, discriminative lr
+    "cache-ema-plateau": {
+        "epochs": 3, "ensemble": {"members": 2, "ema": True, "ema_decay": 0.9}, "cache": {"views": 2},
+        "freeze": {"mode": "first_n", "stages": 3, "backbone_lr_mult": 0.5},
+        "schedule": {"name": "plateau", "warmup_epochs": 0, "plateau_patience": 0},
+    },
+    # one cyclic run whose snapshots are the members, while groups unfreeze
+    "snapshot-gradual": {
+        "epochs": 4, "ensemble": {"members": 2, "snapshot": True},
+        "freeze": {"mode": "gradual", "stages": 2, "unfreeze_every": 1},
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(RICH))
+def test_resume_is_exact_with_every_stateful_technique(small, tiny_spec, tmp_path, name) -> None:
+    rich = tiny_spec(**RICH[name])
+    straight = train(small, rich, device="cpu")
+    member, epoch = (1, 0) if name == "cache-ema-plateau" else (0, 2)
+    _run_until(small, rich, tmp_path, member, epoch)
+    state = load_state(tmp_path)
+    assert resume_problem(state, small, rich) is None
+    if name == "snapshot-gradual":
+        assert len(state.finished) == 1  # the first cycle's snapshot is kept in the checkpoint
+    else:
+        assert state.ema is not None
+    resumed = train(small, rich, device="cpu", resume=state)
+    _assert_same_run(resumed, straight)
+    assert [m.served for m in resumed.members] == [m.served for m in straight.members]
