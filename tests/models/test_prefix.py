@@ -11,12 +11,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from models.artifact import load_predictor, save_artifact
 from models.data import ImageArray
 from models.ensemble import Ensemble
 from models.freezing import apply_freeze, set_train_mode
 from models.prefix import build_cache, cache_problem, forward_steps, frozen_prefix, model_steps, set_prefix_eval
 from models.spec import TrainSpec
 from models.training import train
+from models.transforms import normalize_batch
 
 FAMILIES = ["test_efficientnet", "mobilenetv3_large_100", "resnet18", "convnext_tiny"]
 
@@ -185,3 +187,23 @@ def test_ensemble_runs_a_shared_frozen_prefix_once() -> None:
     assert len(calls) == 4
     hook.remove()
     torch.testing.assert_close(got, want)
+
+
+def test_a_saved_ensemble_shares_its_frozen_prefix_at_prediction(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], tmp_path: Path
+) -> None:
+    # Random init differs per member seed: nothing to share.
+    spec = tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 3}, ensemble={"members": 2})
+    result = train(lfw_data, spec, device="cpu", num_threads=1)
+    predictor = load_predictor(save_artifact(result, spec, tmp_path / "random"), device="cpu")
+    assert predictor.model.shared_groups() == [(0, [0]), (0, [1])]
+    # The same pretrained weights, frozen: the members share stem, blocks.0 and blocks.1.
+    spec = spec.model_copy(update={"backbone": "tf_efficientnet_lite0", "weights": "bundled"})
+    result = train(lfw_data, spec, device="cpu", num_threads=1)
+    predictor = load_predictor(save_artifact(result, spec, tmp_path / "m"), device="cpu")
+    assert predictor.model.shared_groups() == [(3, [0, 1])]
+    x = torch.from_numpy(lfw_data.images[:8])
+    plain = Ensemble(list(predictor.model.members), share_prefix=False).eval()
+    with torch.inference_mode():
+        xn = normalize_batch(x, predictor.preprocess)
+        torch.testing.assert_close(predictor.model(xn), plain(xn))
