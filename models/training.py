@@ -670,9 +670,7 @@ class _Run:
         views = spec.cache.views if spec.augment.enabled else 1
 
         def train_inputs(view: int, rows: np.ndarray) -> torch.Tensor:
-            if views == 1:
-                return self._input(self.train_idx[rows], pre)
-            # View v of the whole split is drawn from its own seed: a resumed run rebuilds the same views.
+            # Augmented views are drawn under a fixed seed (below): a resumed run rebuilds the same ones.
             return self._input(self.train_idx[rows], pre, augment)
 
         t0 = time.perf_counter()
