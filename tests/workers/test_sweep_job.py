@@ -7,23 +7,14 @@ import pytest
 import models.checkpoint
 import models.training
 from service.db import JobRow, JobStatus, session_scope
-from tests.utils.data import TINY_JOB, animals_zip
+from tests.utils.data import TINY_JOB
+from tests.workers.test_resume import Killed, _submit
 from workers.jobs import SWEEP_FILE, checkpoint_dir, run_job
 
 SWEEP = {"trials": 4, "eta": 2, "min_epochs": 1, "rounds": 1, "lr": [1e-4, 1e-2], "optimizers": ["adam", "sgd"]}
 JOB = {**TINY_JOB, "epochs": 2, "sweep": SWEEP}
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL: no ``except Exception`` in the worker catches it."""
-
-
-def _submit(client, job: dict) -> str:
-    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
-    assert ds.status_code == 201, ds.text
-    r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **job})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
 
 
 def _spy_train(monkeypatch, settings, job_id: str) -> list[tuple[dict, dict]]:
