@@ -5,7 +5,7 @@ the first stages frozen so the frozen-prefix cache makes epochs cheap, Nesterov 
 schedule, one member, seed 0) and one run per technique that changes only the technique's job
 fields, at the same number of epochs. Each trained model is scored on a held-out test split that
 training never sees (``TrainResult.build_ensemble()`` on normalised test images), next to its
-validation accuracy and wall time. The baseline is also trained with two more seeds, to show how
+validation accuracy and wall time. The baseline is also trained with four more seeds, to show how
 much accuracy moves when nothing but the seed (split and initialisation) changes.
 
 A second set of runs draws the optimizer picture: SGD, momentum, Nesterov, AdaGrad, RMSProp, Adam
@@ -34,24 +34,25 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from benchmarks.bench_train import write_folder
-from models.data import ImageArray, load_folder
+from models.data import ImageArray, load_folder, stratified_split
 from models.spec import TrainSpec
-from models.training import TrainResult, available_cpus, train
+from models.training import TrainResult, TrainState, available_cpus, train
 from models.transforms import normalize_batch
 from models.zoo import preprocess_for
 from service.sample_data import ANIMAL_CLASSES, animal_split, png_bytes
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-SEED_ROWS = ("baseline seed 1", "baseline seed 2")
+SEED_ROWS = tuple(f"baseline seed {s}" for s in range(1, 5))
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,14 @@ class Budget:
     """What every run of one benchmark shares."""
 
     size: int = 64
-    per_class: int = 40
+    per_class: int = 50
     test_per_class: int = 50
     epochs: int = 8
-    probe_epochs: int = 15
+    probe_epochs: int = 30
     fmp_size: int = 160
 
 
-QUICK = Budget(size=48, per_class=12, test_per_class=5, epochs=2, probe_epochs=3, fmp_size=160)
+QUICK = Budget(size=48, per_class=12, test_per_class=5, epochs=3, probe_epochs=3, fmp_size=64)
 
 
 def baseline(b: Budget) -> dict[str, Any]:
@@ -78,8 +79,8 @@ def baseline(b: Budget) -> dict[str, Any]:
         "epochs": b.epochs,
         "batch_size": 32,
         "val_fraction": 0.2,
-        # stem + blocks.0-4 frozen: blocks.5, blocks.6 + conv_head and the classifier train.
-        "freeze": {"mode": "first_n", "stages": 6},
+        # stem + blocks.0-5 frozen (7 groups): blocks.6 + conv_head and the classifier train.
+        "freeze": {"mode": "first_n", "stages": 7},
         "head_dropout": 0.0,
         "augment": {"preset": "none"},
         "optimizer": {"name": "nesterov", "lr": 0.01},
@@ -102,10 +103,10 @@ class Technique:
     versus: str | None = "baseline"  # the row it is compared with
 
 
-def _probe(name: str, lr: float, what: str) -> Technique:
+def _probe(name: str, what: str, **optimizer: Any) -> Technique:
     change: dict[str, Any] = {
         "freeze": {"mode": "linear_probe"},
-        "optimizer": {"name": name, "lr": lr},
+        "optimizer": {"name": name, **optimizer},
         "schedule": {"name": "constant", "warmup_epochs": 0},
         "epochs": "probe_epochs",
     }
@@ -117,7 +118,7 @@ def techniques(b: Budget) -> list[Technique]:
     """Every row, baseline first."""
     rows = [Technique("baseline", "baseline", {}, "the recipe every other row changes", versus=None)]
     rows += [Technique(n, "baseline", {"seed": s}, "the baseline, another seed (split and init)")
-             for n, s in zip(SEED_ROWS, (1, 2), strict=True)]
+             for s, n in enumerate(SEED_ROWS, start=1)]
     opt = "optimizer"
     rows += [
         Technique("sgd", opt, {"optimizer": {"name": "sgd", "lr": 0.1}},
@@ -151,9 +152,10 @@ def techniques(b: Budget) -> list[Technique]:
     rows += [
         Technique("linear_probe", tr, {"freeze": {"mode": "linear_probe"}}, "only the new classifier trains"),
         Technique("full fine-tune", tr, {"freeze": {"mode": "none"}}, "every layer trains (no cache)"),
-        Technique("gradual", tr, {"freeze": {"mode": "gradual", "stages": 6}},
-                  "linear probe first, then one more stage from the top each epoch, down to the baseline's 6"),
+        Technique("gradual", tr, {"freeze": {"mode": "gradual", "stages": 7}},
+                  "linear probe for one epoch, then blocks.6 + conv_head too (the baseline frozen depth)"),
         Technique("auto", tr, {"freeze": {"mode": "auto"}}, "picked from the images per class"),
+        Technique("first_n 6 stages", tr, {"freeze": {"stages": 6}}, "blocks.5 (three residual blocks) trains too"),
         Technique("backbone_lr_mult 0.1", tr, {"freeze": {"backbone_lr_mult": 0.1}},
                   "fine-tuned stages at lr/10, the head at lr"),
         Technique("layer_decay 0.75", tr, {"freeze": {"layer_decay": 0.75}}, "each stage lower at 0.75 x the lr"),
@@ -164,7 +166,10 @@ def techniques(b: Budget) -> list[Technique]:
     rows += [
         Technique("head_dropout 0.5", reg, {"head_dropout": 0.5}, "dropout on the pooled features"),
         Technique("drop_connect 0.3", reg, {"drop_connect": 0.3}, "DropConnect on the classifier's weights"),
-        Technique("drop_path 0.1", reg, {"drop_path": 0.1}, "stochastic depth in the trained blocks"),
+        Technique("drop_path 0.1", reg, {"drop_path": 0.1},
+                  "stochastic depth in the trained blocks: blocks.6.0 has no residual branch to drop"),
+        Technique("drop_path 0.1, 6 stages", reg, {"freeze": {"stages": 6}, "drop_path": 0.1},
+                  "stochastic depth where it can act: blocks.5's residual blocks train", versus="first_n 6 stages"),
         Technique("label_smoothing 0.1", reg, {"label_smoothing": 0.1}, "soft targets"),
         Technique(f"baseline {b.fmp_size} px", reg, {"image_size": "fmp_size"},
                   "the baseline at the size where fractional max pooling is random", size="fmp_size"),
@@ -187,8 +192,8 @@ def techniques(b: Budget) -> list[Technique]:
         Technique("members 3", ens, {"ensemble": {"members": 3}}, "3 runs (seeds 0-2), probabilities averaged"),
         Technique("snapshot 3", ens, {"ensemble": {"members": 3, "snapshot": True}},
                   "one run, cosine restarted 3 times, each cycle's end a member"),
-        Technique("ema", ens, {"ensemble": {"ema": True, "ema_decay": 0.99, "serve": "ema"}},
-                  "serve the exponential moving average of the weights (decay 0.99 per step)"),
+        Technique("ema", ens, {"ensemble": {"ema": True, "ema_decay": 0.95, "serve": "ema"}},
+                  "serve the exponential moving average of the weights (decay 0.95 per optimizer step)"),
         Technique("greedy of 3", ens, {"ensemble": {"members": 3, "greedy": True}},
                   "3 runs, greedy forward selection on validation"),
     ]
@@ -197,13 +202,13 @@ def techniques(b: Budget) -> list[Technique]:
                   "stop after 2 epochs without a better val loss, keep the best"),
     ]
     rows += [
-        _probe("sgd", 0.01, "plain SGD"),
-        _probe("momentum", 0.01, "heavy ball"),
-        _probe("nesterov", 0.01, "Nesterov momentum"),
-        _probe("adagrad", 0.01, "AdaGrad"),
-        _probe("rmsprop", 0.01, "RMSProp"),
-        _probe("adam", 0.01, "Adam"),
-        _probe("lbfgs", 0.01, "L-BFGS (lr unused: a line search picks each step)"),
+        _probe("sgd", "plain SGD", lr=0.01),
+        _probe("momentum", "heavy ball", lr=0.01),
+        _probe("nesterov", "Nesterov momentum", lr=0.01),
+        _probe("adagrad", "AdaGrad", lr=0.01),
+        _probe("rmsprop", "RMSProp as in the lecture: no momentum", lr=0.01, momentum=0.0),
+        _probe("adam", "Adam", lr=0.01),
+        _probe("lbfgs", "L-BFGS (no lr: a line search picks each step)"),
     ]
     return rows
 
@@ -229,25 +234,19 @@ def job_of(t: Technique, b: Budget) -> dict[str, Any]:
     return merge(baseline(b), resolve(t.change, b))
 
 
-def decode(items: list, root: Path, size: int, interpolation: str) -> ImageArray:
-    for cls, index, image in items:
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        (root / cls / f"{index}.png").write_bytes(png_bytes(image))
-    return load_folder(root, list(ANIMAL_CLASSES), size, interpolation)
-
-
 def datasets(b: Budget, sizes: set[int], tmp: Path) -> dict[int, tuple[ImageArray, ImageArray]]:
     """(train, test) image arrays per size: PNG class folders decoded by ``load_folder`` like an upload."""
-    train_root = write_folder(tmp / "train", b.per_class)  # animal_split(per_class, 1, seed=0)'s train part
-    _, test = animal_split(per_class=b.per_class, test_per_class=b.test_per_class, seed=0)  # same train part
+    train_root = write_folder(tmp / "train", b.per_class)  # the train part of animal_split(per_class, 1, seed=0)
+    # The same seed draws the same train part whatever test_per_class is: the test images are disjoint from it.
+    _, test = animal_split(per_class=b.per_class, test_per_class=b.test_per_class, seed=0)
+    for cls, index, image in test:
+        (tmp / "test" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp / "test" / cls / f"{index}.png").write_bytes(png_bytes(image))
     out = {}
     for size in sorted(sizes):
-        interp = preprocess_for("tf_efficientnet_lite0", size).interpolation
-        data = load_folder(train_root, list(ANIMAL_CLASSES), size, interp)
-        test_data = decode(test, tmp / f"test{size}", size, interp) if size == min(sizes) else None
-        if test_data is None:
-            test_data = load_folder(tmp / f"test{min(sizes)}", list(ANIMAL_CLASSES), size, interp)
-        out[size] = (data, test_data)
+        interp = preprocess_for(baseline(b)["backbone"], size).interpolation
+        out[size] = (load_folder(train_root, list(ANIMAL_CLASSES), size, interp),
+                     load_folder(tmp / "test", list(ANIMAL_CLASSES), size, interp))
     return out
 
 
@@ -259,6 +258,38 @@ def test_correct(result: TrainResult, test: ImageArray) -> np.ndarray:
         for s in range(0, len(test), 128):
             preds.append(model(normalize_batch(test.images[s : s + 128], result.preprocess)).argmax(1).numpy())
     return np.concatenate(preds) == test.labels
+
+
+def probe_objective(
+    result: TrainResult, data: ImageArray, spec: TrainSpec, heads: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[float]:
+    """The linear probe's full-batch objective after each epoch: what L-BFGS minimises and reports.
+
+    Mean cross-entropy over the whole training split plus ``weight_decay / 2 x ||W||^2`` (timm puts no
+    decay on the bias, and neither does L-BFGS), from the classifier weights the ``checkpoint``
+    callback kept. A mini-batch optimizer's own ``train_loss`` is the mean of its batch losses while
+    the weights move, without the penalty: not the same number. For L-BFGS (no callback) the
+    engine's ``train_loss`` is this objective already; the final weights are then checked against it.
+    """
+    model = result.members[0].build()  # a linear probe: the backbone is the pretrained one
+    train_idx, _ = stratified_split(data.labels, spec.val_fraction, spec.seed)
+    with torch.inference_mode():
+        x = normalize_batch(data.images[train_idx], result.preprocess)
+        feats = cast(Any, model).forward_head(cast(Any, model).forward_features(x), pre_logits=True)
+        y = torch.from_numpy(data.labels[train_idx])
+        wd = spec.optimizer.weight_decay
+
+        def objective(w: torch.Tensor, b: torch.Tensor) -> float:
+            return float(F.cross_entropy(feats @ w.t() + b, y) + wd / 2 * (w**2).sum())
+
+        if heads:
+            return [objective(w, b) for w, b in heads]
+        member = result.members[0]  # its best epoch's weights
+        kept = objective(member.state_dict["classifier.weight"], member.state_dict["classifier.bias"])
+        losses = [r.train_loss for r in result.history]
+        if abs(kept - losses[member.best_epoch]) > 1e-3 * kept + 1e-6:
+            print(f"  ! L-BFGS reported {losses[member.best_epoch]:.6g}, its weights give {kept:.6g}", file=sys.stderr)
+        return losses
 
 
 @dataclass
@@ -280,30 +311,40 @@ class Row:
     applied: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     train_loss: list[float] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
+    correct: str = ""  # per test image, in order: "1" predicted right, "0" wrong
     error: str | None = None
 
 
 def run_one(t: Technique, b: Budget, data: ImageArray, test: ImageArray, verbose: bool) -> Row:
     job = job_of(t, b)
     row = Row(t.name, t.group, t.what, resolve(t.change, b), t.versus, job["image_size"], job["epochs"], t.plot)
+    heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep_head(state: TrainState) -> None:  # the state's tensors are live: copy
+        heads.append((state.model["classifier.weight"].clone(), state.model["classifier.bias"].clone()))
+
     try:
         spec = TrainSpec.model_validate(job)
         t0 = time.perf_counter()
-        result = train(data, spec, device="cpu", log=print if verbose else None)
+        result = train(data, spec, device="cpu", log=print if verbose else None,
+                       checkpoint=keep_head if t.plot else None)
         row.seconds = time.perf_counter() - t0
         correct = test_correct(result, test)
+        if t.plot:
+            row.extra["objective"] = probe_objective(result, data, spec, heads)
     except Exception as e:  # an engine failure is a result too: the row keeps it
         row.error = f"{type(e).__name__}: {e}"
         print(f"  ! {t.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
         return row
-    row.correct = correct.tolist()
+    row.correct = "".join("1" if c else "0" for c in correct)
     row.test_acc = float(correct.mean())
     row.val_acc = result.val_acc
     row.member_val_acc = list(result.member_val_acc)
     row.applied = [
         {
             "transfer": a["transfer"]["mode"],
+            "stages": a["transfer"]["stages"],
+            "backbone_lr_mult": a["transfer"]["backbone_lr_mult"],
             "why": a["transfer"]["why"],
             "cache": a["cache"]["path"],
             "cache_reason": a["cache"]["reason"],
@@ -318,6 +359,10 @@ def run_one(t: Technique, b: Budget, data: ImageArray, test: ImageArray, verbose
     if "greedy" in result.applied:
         row.extra["greedy_chosen"] = result.applied["greedy"]["chosen"]
         row.extra["all_members_val_acc"] = result.applied["greedy"]["all_val_acc"]
+    # What the served model is built of: proof that a head option took effect.
+    built = cast(Any, result.members[0].build())
+    row.extra["pool"] = type(built.global_pool).__name__
+    row.extra["classifier"] = type(built.get_classifier()).__name__
     if spec.ensemble.ema:
         row.extra["ema"] = result.comparison["runs"]
     first = min(r.member for r in result.history)
@@ -328,15 +373,15 @@ def run_one(t: Technique, b: Budget, data: ImageArray, test: ImageArray, verbose
 # --------------------------------------------------------------------------- reporting
 
 
-def paired_sd(a: list[bool], b: list[bool]) -> float:
+def paired_sd(a: str, b: str) -> float:
     """Standard deviation of the difference of two accuracies on the same test images (paired binomial)."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    d = np.array([int(c) for c in a], dtype=float) - np.array([int(c) for c in b], dtype=float)
     return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
 
 
 def seed_sd(rows: dict[str, Row]) -> float | None:
     """Standard deviation of the baseline's test accuracy over its seeds."""
-    accs = [rows[n].test_acc for n in ("baseline", *SEED_ROWS) if n in rows and rows[n].test_acc is not None]
+    accs = [a for n in ("baseline", *SEED_ROWS) if n in rows and (a := rows[n].test_acc) is not None]
     return float(np.std(accs, ddof=1)) if len(accs) >= 2 else None
 
 
@@ -350,10 +395,17 @@ def _ran(r: Row) -> str:
     modes = sorted({a["transfer"] for a in r.applied})
     if modes != ["first_n"]:
         parts.append("/".join(modes))
+    elif r.change.get("freeze", {}).get("mode") == "auto":
+        a = r.applied[0]
+        parts.append(f"first_n, {a['stages']} groups frozen, backbone at lr x {a['backbone_lr_mult']:g}")
     parts.append("cache " + "/".join(sorted({a["cache"] for a in r.applied})))
     views = sorted({a["views"] for a in r.applied if a["cache"] != "off"})
     if views and views != [1]:
         parts[-1] += f" ({'/'.join(map(str, views))} views)"
+    plain = (None, "SelectAdaptivePool2d", "Linear")
+    layers = [str(r.extra[k]) for k in ("pool", "classifier") if r.extra.get(k) not in plain]
+    if layers:
+        parts.append(", ".join(layers))
     stopped = [a["epochs_run"] for a in r.applied if a["epochs_run"] is not None and a["epochs_run"] < r.epochs]
     if stopped:
         parts.append(f"stopped after {stopped} epochs")
@@ -412,7 +464,7 @@ def optimizer_figure(rows: dict[str, Row]) -> bytes:
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    styles = {"lbfgs": dict(color="black", linestyle="--", marker="o", markersize=3)}
+    styles: dict[str, dict[str, Any]] = {"lbfgs": {"color": "black", "linestyle": "--", "marker": "o", "markersize": 3}}
     for r in rows.values():
         if not r.plot or not r.train_loss:
             continue
@@ -420,12 +472,15 @@ def optimizer_figure(rows: dict[str, Row]) -> bytes:
         label = {"sgd": "SGD", "momentum": "momentum", "nesterov": "Nesterov", "adagrad": "AdaGrad",
                  "rmsprop": "RMSProp", "adam": "Adam", "lbfgs": "L-BFGS"}.get(opt, opt)
         label += f" (test {r.test_acc:.2f})" if r.test_acc is not None else ""
-        epochs = np.arange(1, len(r.train_loss) + 1)
-        ax.plot(epochs, r.train_loss, label=label, linewidth=1.8, **styles.get(opt, {"marker": "."}))
+        loss = r.extra.get("objective") or r.train_loss
+        epochs = np.arange(1, len(loss) + 1)
+        ax.plot(epochs, loss, label=label, linewidth=1.8, **styles.get(opt, {"marker": "."}))
     ax.set_yscale("log")
     ax.set_xlabel("epoch (L-BFGS: one outer step of up to 20 full-batch iterations)")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title("Linear probe on EfficientNet-Lite0 features, Animal-MNIST: same problem, seven optimizers")
+    ax.set_ylabel("training objective: full-batch cross-entropy + L2 term")
+    lr = next((r.change["optimizer"]["lr"] for r in rows.values() if r.plot and r.name != "probe lbfgs"), None)
+    ax.set_title(f"One linear probe (EfficientNet-Lite0 features, Animal-MNIST), seven optimizers\n"
+                 f"first-order methods at lr {lr:g}, constant; batch 32", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
     buf = io.BytesIO()
@@ -436,24 +491,26 @@ def optimizer_figure(rows: dict[str, Row]) -> bytes:
 def header(meta: dict[str, Any], rows: dict[str, Row]) -> str:
     b = meta["budget"]
     base = rows.get("baseline")
-    n_test = len(base.correct) if base is not None else 0
+    n_test = max((len(r.correct) for r in rows.values()), default=0)
     p = base.test_acc if base is not None and base.test_acc is not None else math.nan
     sd_test = math.sqrt(p * (1 - p) / n_test) if n_test else math.nan
     sd_seed = seed_sd(rows)
-    seeds = [f"{rows[n].test_acc:.3f}" for n in ("baseline", *SEED_ROWS) if n in rows and rows[n].test_acc is not None]
+    seeds = {s: rows[n].test_acc for s, n in enumerate(("baseline", *SEED_ROWS)) if n in rows and rows[n].test_acc}
     return "\n".join(
         [
-            f"Run on {meta['date']} ({meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, "
+            f"Run on {meta['date']} ({meta['machine']}; torch {meta['torch']}, torch threads: {meta['threads']}; "
             f"other jobs sharing the machine), {meta['total_seconds'] / 60:.1f} min in all.",
             f"Data: {b['per_class']} Animal-MNIST images per class (10 classes) for training and validation "
             f"(val fraction 0.2), {n_test} other images for the test; {b['size']} px, {b['epochs']} epochs "
             f"(linear-probe picture: {b['probe_epochs']}).",
             "",
             f"Noise: one test accuracy near {p:.2f} on {n_test} images has a binomial standard deviation of "
-            f"{100 * sd_test:.1f} points; the baseline's test accuracy over seeds 0, 1, 2 is "
-            f"{', '.join(seeds)} (standard deviation {100 * (sd_seed or math.nan):.1f} points). "
-            "\"vs baseline\" is the difference ± two standard deviations of that difference (the paired "
-            "test-sampling noise and twice the seed variance added); `*` marks a difference larger than that.",
+            f"{100 * sd_test:.1f} points; the baseline's test accuracy over seeds {', '.join(map(str, seeds))} is "
+            f"{', '.join(f'{a:.3f}' for a in seeds.values())} (standard deviation "
+            f"{100 * (sd_seed or math.nan):.1f} points). "
+            "\"vs\" is the change in test accuracy, in points, against the baseline (or the row named) ± two "
+            "standard deviations of that difference (the paired test-sampling noise and twice the seed variance "
+            "added); `*` marks a change larger than that.",
         ]
     )
 
@@ -485,10 +542,23 @@ def load_rows(meta: dict[str, Any]) -> dict[str, Row]:
     return {r["name"]: Row(**r) for r in stored["rows"]}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run; writes nothing")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows (or groups) to run, e.g. adam schedule")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine more threads can stall each other)")
+    parser.add_argument("--no-write", action="store_true", help="print the results only")
     parser.add_argument("--verbose", action="store_true", help="print the training log")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     args = parser.parse_args()
@@ -508,14 +578,15 @@ def main() -> None:
         # Each row needs the row it is compared with (and that one its own).
         by_name = {t.name: t for t in all_rows}
         for name in list(wanted):
-            while by_name[name].versus:
-                name = by_name[name].versus
-                wanted.add(name)
+            versus = by_name[name].versus
+            while versus:
+                wanted.add(versus)
+                versus = by_name[versus].versus
         chosen = [t for t in all_rows if t.name in wanted]
-    torch.set_num_threads(available_cpus())
+    torch.set_num_threads(args.threads)
     meta = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {available_cpus()} CPU cores",
+        "machine": f"{cpu_name()}, {available_cpus()} CPU cores",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "budget": b.__dict__,
@@ -546,7 +617,7 @@ def main() -> None:
     print(header(meta, rows))
     print()
     print(table(rows, markdown=False))
-    if not args.quick:
+    if not (args.quick or args.no_write):
         write_docs(meta, rows)
         print(f"\nwrote {DOCS / 'techniques.json'}, {DOCS / 'techniques.md'}, {DOCS / 'optimizers.png'}")
 

@@ -507,6 +507,19 @@ def greedy_selection(member_probs: list[np.ndarray], labels: np.ndarray) -> tupl
     return chosen, path
 
 
+def _active_drop_paths(modules: list[nn.Module]) -> int:
+    """Residual blocks among ``modules`` whose branch stochastic depth can drop (timm ``DropPath``)."""
+    from timm.layers import DropPath
+
+    seen: set[int] = set()
+    for root in modules:
+        for block in root.modules():
+            dp = getattr(block, "drop_path", None)
+            if isinstance(dp, DropPath) and dp.drop_prob > 0 and getattr(block, "has_skip", True):
+                seen.add(id(block))
+    return len(seen)
+
+
 def polyak(model: nn.Module, decay: float) -> Any:
     """Polyak averaging: timm's ``ModelEmaV3`` of ``model``, ``ema = decay * ema + (1 - decay) * w``
     after every optimizer step (``.update(model)``), buffers included, no warm-up of the decay."""
@@ -798,6 +811,14 @@ class _Run:
             "label_smoothing": spec.label_smoothing,
             "ema": spec.ensemble.ema,
         }
+        if spec.drop_path > 0:
+            active = _active_drop_paths([m for st in steps[n_cache:] for m in st.modules] if steps else [model])
+            applied["drop_path"] = {"rate": spec.drop_path, "active_blocks": active}
+            if active == 0:
+                applied["drop_path"]["note"] = (
+                    "no residual block trains, so stochastic depth has nothing to drop (frozen blocks run in eval)"
+                )
+                self.log(f"member {i + 1}: drop_path {spec.drop_path} has no effect: {applied['drop_path']['note']}")
         try:
             if lbfgs:
                 self._train_lbfgs(i, backbone, model, steps, cache, pre, seed, freeze, head, applied)

@@ -223,3 +223,14 @@ def test_a_model_with_every_head_option_saves_and_predicts_the_same(
         want = result.build_ensemble()(x)
         got = predictor.model(x)
     torch.testing.assert_close(got, want)
+
+
+def test_the_record_says_when_stochastic_depth_has_nothing_to_drop(lfw_data: ImageArray, tiny_spec: Spec) -> None:
+    # test_efficientnet has no residual block at all; Lite0 has some in every stage but the first and last.
+    none = train(lfw_data, tiny_spec(epochs=1, drop_path=0.2), device="cpu")
+    lite = {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "epochs": 1, "drop_path": 0.2}
+    some = train(lfw_data, tiny_spec(**lite, freeze={"mode": "first_n", "stages": 6}), device="cpu")
+    assert none.applied["members"][0]["drop_path"]["active_blocks"] == 0
+    assert "nothing to drop" in none.applied["members"][0]["drop_path"]["note"]
+    assert some.applied["members"][0]["drop_path"]["active_blocks"] > 0  # blocks.5 trains
+    assert "note" not in some.applied["members"][0]["drop_path"]
