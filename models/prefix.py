@@ -15,9 +15,10 @@ statistics fixed), which is what makes caching them exact.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -163,16 +164,7 @@ class CachePlan:
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "reason": self.reason,
-            "prefix_steps": self.prefix_steps,
-            "prefix": self.prefix,
-            "views": self.views,
-            "feature_shape": list(self.feature_shape),
-            "bytes": self.bytes,
-            "dtype": self.dtype,
-        }
+        return asdict(self)
 
 
 class FeatureCache:
@@ -181,11 +173,17 @@ class FeatureCache:
     Rows are indexed by position in ``train_idx`` / ``val_idx`` (not by dataset index).
     """
 
-    def __init__(self, train: list[torch.Tensor | np.ndarray], val: torch.Tensor | np.ndarray, device: torch.device):
+    def __init__(
+        self,
+        train: list[torch.Tensor | np.ndarray],
+        val: torch.Tensor | np.ndarray,
+        device: torch.device,
+        spill: tempfile.TemporaryDirectory[str] | None = None,
+    ) -> None:
         self.train = train
         self.val = val
         self.device = device
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp = spill  # the spilled files' folder, removed by close()
 
     def _take(self, store: torch.Tensor | np.ndarray, rows: np.ndarray) -> torch.Tensor:
         if isinstance(store, np.ndarray):
@@ -202,12 +200,9 @@ class FeatureCache:
         """Features of training rows ``rows`` in view ``view % views``."""
         return self._take(self.train[view % len(self.train)], rows)
 
-    def val_batches(self, batch: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """``(rows, features)`` over the validation images, in order."""
-        n = len(self.val)
-        for start in range(0, n, batch):
-            rows = np.arange(start, min(start + batch, n))
-            yield rows, self._take(self.val, rows)
+    def val_batch(self, rows: np.ndarray) -> torch.Tensor:
+        """Features of validation rows ``rows``."""
+        return self._take(self.val, rows)
 
     def close(self) -> None:
         self.train, self.val = [], np.empty(0)
@@ -303,22 +298,21 @@ def build_cache(
                     if should_stop is not None:
                         should_stop()
                     rows = np.arange(s, min(s + batch, n_train))
-                    with autocast() if autocast is not None else _null():
+                    with autocast() if autocast is not None else contextlib.nullcontext():
                         h = forward_steps(steps, train_inputs(v, rows), 0, n).float()
                     _write(out, s, h)
                 train_views.append(out)
             val = store(n_val, "val")
             for s in range(0, n_val, batch):
                 rows = np.arange(s, min(s + batch, n_val))
-                with autocast() if autocast is not None else _null():
+                with autocast() if autocast is not None else contextlib.nullcontext():
                     h = forward_steps(steps, val_inputs(rows), 0, n).float()
                 _write(val, s, h)
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
         raise
-    cache = FeatureCache(train_views, val, device)
-    cache._tmp = tmp
+    cache = FeatureCache(train_views, val, device, spill=tmp)
     reason = (
         f"steps up to {name} are frozen: their output is computed once per image"
         + (f", {want_views} augmented views cycled one per epoch" if want_views > 1 else "")
@@ -326,14 +320,6 @@ def build_cache(
         + (f"; spilled to disk (over the memory bound {_size(memory_bytes)})" if path == "disk" else "")
     )
     return cache, CachePlan(path, reason, n, name, want_views, shape, total)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _write(out: torch.Tensor | np.ndarray, start: int, h: torch.Tensor) -> None:

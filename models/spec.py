@@ -112,8 +112,6 @@ SCHEDULES: tuple[str, ...] = (
     "plateau",
 )
 
-FREEZE_MODES: tuple[str, ...] = ("none", "linear_probe", "first_n", "gradual", "auto")
-
 # Augmentation presets: each fills the AugmentSpec fields the request leaves out.
 AUGMENT_PRESETS: dict[str, dict[str, object]] = {
     "none": {

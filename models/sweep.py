@@ -23,10 +23,11 @@ and differ only in their hyperparameters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,21 +40,16 @@ from .training import TrainResult, train
 __all__ = [
     "RoundInfo",
     "SweepResult",
-    "SweptTrainResult",
     "TrialConfig",
     "TrialRecord",
     "narrow_range",
     "rung_epochs",
     "run_sweep",
     "sample_configs",
-    "sweep_problems",
     "with_sweep",
 ]
 
 TrainFn = Callable[..., TrainResult]
-
-# freeze.stages means something only for these freeze modes.
-_STAGED_MODES = ("first_n", "gradual")
 
 
 @dataclass(frozen=True)
@@ -238,20 +234,9 @@ class SweepResult:
         )
 
 
-@dataclass
-class SweptTrainResult(TrainResult):
-    """A ``TrainResult`` whose report also holds the sweep that chose its recipe (``report()["sweep"]``)."""
-
-    sweep: dict[str, Any] = field(default_factory=dict)
-
-    def report(self) -> dict[str, Any]:
-        return {**super().report(), "sweep": self.sweep}
-
-
-def with_sweep(result: TrainResult, sweep: SweepResult) -> SweptTrainResult:
+def with_sweep(result: TrainResult, sweep: SweepResult) -> TrainResult:
     """``result`` with ``sweep.to_dict()`` added to its report (and so to the saved model's manifest)."""
-    values = {f.name: getattr(result, f.name) for f in fields(TrainResult) if f.init}
-    return SweptTrainResult(**values, sweep=sweep.to_dict())
+    return dataclasses.replace(result, sections={**result.sections, "sweep": sweep.to_dict()})
 
 
 def _num(x: float | None) -> float | None:
@@ -259,22 +244,6 @@ def _num(x: float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def sweep_problems(spec: TrainSpec) -> list[str]:
-    """What makes ``spec.sweep`` unusable with the rest of ``spec`` (empty: fine)."""
-    sweep = spec.sweep
-    if sweep is None:
-        return ["the spec has no sweep"]
-    problems = []
-    if sweep.freeze_stages and spec.freeze.mode not in _STAGED_MODES:
-        problems.append(
-            f"sweep.freeze_stages needs freeze.mode 'first_n' or 'gradual' (freeze.stages means nothing "
-            f"for {spec.freeze.mode!r}); got choices {sweep.freeze_stages}"
-        )
-    if sweep.weight_decay[1] > 1.0:
-        problems.append(f"sweep.weight_decay reaches {sweep.weight_decay[1]}; optimizer.weight_decay is at most 1")
-    return problems
 
 
 def rung_epochs(sweep: SweepSpec, rung: int, max_epochs: int) -> int:
@@ -358,16 +327,14 @@ def run_sweep(
         Every trial, the best one and the final recipe.
 
     Raises:
-        ValueError: the sweep does not fit the rest of the spec (``sweep_problems``).
+        ValueError: ``spec`` has no sweep (a sweep that does not fit the rest of the spec is refused
+            by ``TrainSpec`` itself, when the job is submitted).
         TrainingCancelled: ``should_stop`` returned True.
         TrainingError: every trial of a rung failed (diverged), or the data cannot be trained on.
     """
     sweep = spec.sweep
     if sweep is None:
         raise ValueError("run_sweep needs a spec with a sweep")
-    problems = sweep_problems(spec)
-    if problems:
-        raise ValueError("; ".join(problems))
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     result = SweepResult()

@@ -132,6 +132,7 @@ class TrainResult:
         applied: what the run actually did, per member: the transfer strategy (and why, for
             ``auto``), the frozen-prefix cache path, optimizer groups, EMA, snapshots, selection.
         comparison: raw, EMA and ensemble validation accuracy side by side.
+        sections: further report sections from outside ``train`` (``sweep``: the search that chose the recipe).
     """
 
     members: list[TrainedMember]
@@ -152,6 +153,7 @@ class TrainResult:
     temperature: float = 1.0
     applied: dict[str, Any] = field(default_factory=dict)
     comparison: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
 
     def build_ensemble(self) -> Ensemble:
         """The trained ensemble as an eval-mode CPU module (input normalised with ``preprocess``)."""
@@ -208,6 +210,7 @@ class TrainResult:
             "curves": training_curves(self.history, _curve_best_epochs(self)),
             "applied": self.applied,
             "comparison": self.comparison,
+            **self.sections,
         }
 
 
@@ -647,19 +650,14 @@ class _Run:
         model.eval()
         probs, loss_sum = [], 0.0
         with torch.inference_mode():
-            if cache is not None and steps is not None:
-                batches = ((rows, forward_steps(steps, h, cached)) for rows, h in cache.val_batches(EVAL_BATCH))
-            else:
-                batches = (
-                    (rows, model(self._input(self.val_idx[rows], pre)))
-                    for rows in (
-                        np.arange(s, min(s + EVAL_BATCH, len(self.val_idx)))
-                        for s in range(0, len(self.val_idx), EVAL_BATCH)
-                    )
-                )
-            for rows, out in batches:
+            for start in range(0, len(self.val_idx), EVAL_BATCH):
+                rows = np.arange(start, min(start + EVAL_BATCH, len(self.val_idx)))
                 with self.autocast():
-                    logits = out.float()
+                    if cache is not None and steps is not None:
+                        out = forward_steps(steps, cache.val_batch(rows), cached)
+                    else:
+                        out = model(self._input(self.val_idx[rows], pre))
+                logits = out.float()
                 y = self.val_labels[torch.from_numpy(rows).to(self.device)]
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 probs.append(logits.softmax(dim=-1).cpu())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
 from service.config import Settings, get_settings
@@ -41,6 +42,18 @@ class Trained:
     key: str
     dataset_id: str
     model_id: str
+
+
+@contextmanager
+def trained_client(trained: Trained, **overrides: object) -> Iterator[TestClient]:
+    """A client of a fresh app on the trained model's data folder, with settings changed for one test."""
+    from service.app import create_app
+
+    s = trained.settings.model_copy(update=overrides)
+    app = create_app(s)
+    app.dependency_overrides[get_settings] = lambda: s
+    with TestClient(app, headers={"Authorization": f"Bearer {trained.key}"}) as c:
+        yield c
 
 
 @contextmanager

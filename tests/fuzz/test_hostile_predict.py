@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.config import get_settings
 from service.sample_data import png_bytes
-from tests.fuzz.conftest import Trained
+from tests.fuzz.conftest import Trained, trained_client
 from tests.utils.archives import png_header_bomb
 from tests.utils.data import animals
 
@@ -20,30 +15,20 @@ def _image(i: int = 0) -> bytes:
     return png_bytes(animals(3, 2, 2)[1][i][2])
 
 
-@contextmanager
-def predict_client(trained: Trained, **caps: int) -> Iterator[TestClient]:
-    """A client for the trained model's data folder, with predict caps changed for this test."""
-    s = trained.settings.model_copy(update=caps)
-    app = create_app(s)
-    app.dependency_overrides[get_settings] = lambda: s
-    with TestClient(app, headers={"Authorization": f"Bearer {trained.key}"}) as c:
-        yield c
-
-
 def _predict(c: TestClient, trained: Trained, files: list[tuple[str, bytes]]):
     return c.post(f"/v1/models/{trained.model_id}/predict",
                   files=[("files", (name, data, "image/png")) for name, data in files])
 
 
 def test_well_formed_request_predicts(trained: Trained) -> None:
-    with predict_client(trained) as c:
+    with trained_client(trained) as c:
         r = _predict(c, trained, [("a.png", _image(0)), ("b.png", _image(1))])
     assert r.status_code == 200, r.text
     assert [p["file"] for p in r.json()["predictions"]] == ["a.png", "b.png"]
 
 
 def test_too_many_images_is_413(trained: Trained) -> None:
-    with predict_client(trained, predict_max_images=2) as c:
+    with trained_client(trained, predict_max_images=2) as c:
         r = _predict(c, trained, [(f"{i}.png", _image(0)) for i in range(3)])
     assert r.status_code == 413
     assert "3 images" in r.json()["detail"] and "limit is 2" in r.json()["detail"]
@@ -51,13 +36,13 @@ def test_too_many_images_is_413(trained: Trained) -> None:
 
 def test_images_over_the_byte_cap_are_413(trained: Trained) -> None:
     # Under the transport cap (cap + 1 MiB of framing slack), over the cap on image bytes.
-    with predict_client(trained, predict_max_bytes=2000) as c:
+    with trained_client(trained, predict_max_bytes=2000) as c:
         r = _predict(c, trained, [("big.png", b"\x89PNG" + b"\x00" * 4000)])
     assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
 
 
 def test_body_over_the_transport_cap_is_413_before_parsing(trained: Trained) -> None:
-    with predict_client(trained, predict_max_bytes=2000) as c:
+    with trained_client(trained, predict_max_bytes=2000) as c:
         r = _predict(c, trained, [("huge.png", b"\x00" * (2 * 1024 * 1024))])
         assert r.status_code == 413 and "limit for this route" in r.json()["detail"]
         # the server is fine afterwards
@@ -74,7 +59,7 @@ def test_body_over_the_transport_cap_is_413_before_parsing(trained: Trained) -> 
 def test_pixel_bomb_is_400_naming_the_file(trained: Trained, size: tuple[int, int], reason: str) -> None:
     bomb = png_header_bomb(*size)
     assert len(bomb) < 100_000  # tiny on the wire, gigabytes once decoded
-    with predict_client(trained) as c:
+    with trained_client(trained) as c:
         r = _predict(c, trained, [("ok.png", _image(0)), ("bomb.png", bomb)])
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
@@ -93,7 +78,7 @@ def test_pixel_bomb_is_400_naming_the_file(trained: Trained, size: tuple[int, in
 def test_undecodable_file_is_400_naming_the_file(trained: Trained, data: bytes) -> None:
     if data == b"TRUNCATED":
         data = _image(0)[:60]
-    with predict_client(trained) as c:
+    with trained_client(trained) as c:
         r = _predict(c, trained, [("ok.png", _image(0)), ("broken.png", data)])
     assert r.status_code == 400, r.text
     assert "broken.png" in r.json()["detail"] and "ok.png" not in r.json()["detail"]
@@ -101,7 +86,7 @@ def test_undecodable_file_is_400_naming_the_file(trained: Trained, data: bytes) 
 
 
 def test_zero_files_is_422(trained: Trained) -> None:
-    with predict_client(trained) as c:
+    with trained_client(trained) as c:
         no_files = c.post(f"/v1/models/{trained.model_id}/predict", data={"other": "x"})
         not_multipart = c.post(f"/v1/models/{trained.model_id}/predict", json={"files": []})
     for r in (no_files, not_multipart):

@@ -10,7 +10,6 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,12 +20,10 @@ from fastapi.testclient import TestClient
 
 from models.artifact import Predictor, load_predictor
 from models.data import open_image
-from service.app import create_app
 from service.batching import InferenceFailed, MicroBatcher
-from service.config import get_settings
 from service.db import ModelRow, session_scope
 from service.sample_data import png_bytes
-from tests.fuzz.conftest import Trained, trained_store
+from tests.fuzz.conftest import Trained, trained_client, trained_store
 from tests.utils.data import animals
 
 LONG_WAIT_MS = 60_000.0  # a wait that must never expire: batches in these tests are flushed by being full
@@ -258,15 +255,6 @@ def test_invalid_settings_are_refused():
 # --- through the predict endpoint ------------------------------------------------------------------
 
 
-@contextmanager
-def batched_client(trained: Trained, **settings: Any) -> Iterator[TestClient]:
-    s = trained.settings.model_copy(update=settings)
-    app = create_app(s)
-    app.dependency_overrides[get_settings] = lambda: s
-    with TestClient(app, headers={"Authorization": f"Bearer {trained.key}"}) as c:
-        yield c
-
-
 def _app_predictor(c: TestClient, trained: Trained, model_path: Path) -> Predictor:
     """The predictor the app will use (loaded into its cache now, so a spy can be put on it)."""
     app: Any = c.app
@@ -290,7 +278,7 @@ def _distribution(prediction: dict[str, Any], classes: list[str]) -> list[float]
 
 
 def test_http_concurrent_requests_share_a_forward_pass(trained, model_path, pngs, monkeypatch):
-    with batched_client(trained, predict_batch_max=4, predict_batch_wait_ms=LONG_WAIT_MS) as c:
+    with trained_client(trained, predict_batch_max=4, predict_batch_wait_ms=LONG_WAIT_MS) as c:
         predictor = _app_predictor(c, trained, model_path)
         spy = Spy(predictor, monkeypatch)
         requests = [{"files": [pngs[0]]}, {"files": [pngs[1], pngs[2]]}, {"files": [pngs[3]]}]
@@ -307,7 +295,7 @@ def test_http_concurrent_requests_share_a_forward_pass(trained, model_path, pngs
 
 
 def test_http_tta_modes_get_separate_batches_and_top_k_is_capped(trained, model_path, pngs, monkeypatch):
-    with batched_client(trained, predict_batch_max=2, predict_batch_wait_ms=LONG_WAIT_MS) as c:
+    with trained_client(trained, predict_batch_max=2, predict_batch_wait_ms=LONG_WAIT_MS) as c:
         spy = Spy(_app_predictor(c, trained, model_path), monkeypatch)
         requests = [{"files": [pngs[i]], "params": {"tta": tta, "top_k": 50}} for tta in ("none", "hflip")
                     for i in range(2)]
@@ -318,7 +306,7 @@ def test_http_tta_modes_get_separate_batches_and_top_k_is_capped(trained, model_
 
 
 def test_http_request_bigger_than_max_batch(trained, model_path, pngs, monkeypatch):
-    with batched_client(trained, predict_batch_max=2, predict_batch_wait_ms=0) as c:
+    with trained_client(trained, predict_batch_max=2, predict_batch_wait_ms=0) as c:
         predictor = _app_predictor(c, trained, model_path)
         spy = Spy(predictor, monkeypatch)
         (r,) = _post_all(c, trained, [{"files": pngs[:5], "params": {"top_k": 2}}])
@@ -331,7 +319,7 @@ def test_http_request_bigger_than_max_batch(trained, model_path, pngs, monkeypat
 
 def test_http_failed_batch_is_500_for_its_requests_and_the_service_keeps_serving(trained, model_path, pngs,
                                                                                  monkeypatch):
-    with batched_client(trained, predict_batch_max=2, predict_batch_wait_ms=LONG_WAIT_MS) as c:
+    with trained_client(trained, predict_batch_max=2, predict_batch_wait_ms=LONG_WAIT_MS) as c:
         spy = Spy(_app_predictor(c, trained, model_path), monkeypatch)
         spy.fail.append(RuntimeError("the forward pass broke"))
         failed = _post_all(c, trained, [{"files": [pngs[0]]}, {"files": [pngs[1]]}])
@@ -347,7 +335,7 @@ def test_http_failed_batch_is_500_for_its_requests_and_the_service_keeps_serving
 
 
 def test_http_bad_image_is_still_400_and_never_reaches_the_batcher(trained, model_path, pngs, monkeypatch):
-    with batched_client(trained) as c:
+    with trained_client(trained) as c:
         spy = Spy(_app_predictor(c, trained, model_path), monkeypatch)
         (r,) = _post_all(c, trained, [{"files": [pngs[0], b"\xff\xd8\xff garbage"]}])
     assert r.status_code == 400 and "1.png" in r.json()["detail"]
