@@ -31,7 +31,8 @@ from .errors import ZooError
 from .evaluation import scale_probs_torch
 from .heads import HeadConfig, create_classifier
 from .spec import TrainSpec, check_name
-from .training import TrainResult, resolve_device
+from .runtime import resolve_device
+from .training import TrainResult
 from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess
 

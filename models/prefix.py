@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .units import format_bytes
+
 
 @dataclass(frozen=True)
 class Step:
@@ -269,8 +271,8 @@ def build_cache(
         note = ""
     else:
         reason = (
-            f"the cache would need {_size(total)}, more than the memory bound {_size(memory_bytes)}"
-            + (f" and the disk bound {_size(disk_bytes)}" if spill_dir is not None else "")
+            f"the cache would need {format_bytes(total)}, more than the memory bound {format_bytes(memory_bytes)}"
+            + (f" and the disk bound {format_bytes(disk_bytes)}" if spill_dir is not None else "")
             + ": running the full forward pass every step"
         )
         return None, CachePlan("off", reason, n, name, 0, shape, 0)
@@ -317,7 +319,7 @@ def build_cache(
         f"steps up to {name} are frozen: their output is computed once per image"
         + (f", {want_views} augmented views cycled one per epoch" if want_views > 1 else "")
         + note
-        + (f"; spilled to disk (over the memory bound {_size(memory_bytes)})" if path == "disk" else "")
+        + (f"; spilled to disk (over the memory bound {format_bytes(memory_bytes)})" if path == "disk" else "")
     )
     return cache, CachePlan(path, reason, n, name, want_views, shape, total)
 
@@ -327,14 +329,6 @@ def _write(out: torch.Tensor | np.ndarray, start: int, h: torch.Tensor) -> None:
         out[start : start + len(h)] = h.cpu().numpy()
     else:
         out[start : start + len(h)] = h
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def cache_problem(

@@ -36,6 +36,7 @@ from .evaluation import calibration_report, classification_report, training_curv
 from .freezing import FreezeReport, apply_freeze, parameter_groups, set_train_mode
 from .heads import HeadConfig, batch_mixer, create_classifier, train_criterion
 from .optim import create_optimizer, create_scheduler, create_snapshot_scheduler, cycle_ends
+from .runtime import available_cpus, num_threads, resolve_device
 from .prefix import (
     CachePlan,
     FeatureCache,
@@ -365,31 +366,6 @@ def _set_rng_state(rng: dict[str, Any], batches: np.random.Generator) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
     batches.bit_generator.state = rng["batches"]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` or ``auto``: the first CUDA GPU if there is one, else the CPU; otherwise as given."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_trainable(data: ImageArray) -> None:
@@ -1175,7 +1151,7 @@ def train(
     run.check_stop()
     # Default: torch's own setting (a caller's set_num_threads wins), capped at the usable cores.
     threads = num_threads or min(torch.get_num_threads(), available_cpus())
-    with _num_threads(threads):
+    with num_threads(threads):
         run.log(
             f"training {spec.ensemble.members} member(s) on {dev} ({run.amp_dtype or 'fp32'}, {threads} threads), "
             f"{len(run.train_idx)} train / {len(run.val_idx)} val images, {len(data.classes)} classes, "

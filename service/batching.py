@@ -60,7 +60,7 @@ _Key = tuple["Predictor", str]
 def _start_inference_thread(threads: int | None) -> None:
     import torch
 
-    from models.training import available_cpus
+    from models.runtime import available_cpus
 
     n = threads or available_cpus()
     torch.set_num_threads(n)

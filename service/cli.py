@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from models.runtime import available_cpus
 from service.config import TRAIN_QUEUE, get_settings
 
 
@@ -76,7 +77,7 @@ def serve(host: str | None, port: int | None) -> None:
     """The API and a worker subprocess on one machine; unless configured, they split the cores."""
     settings = get_settings()
     if settings.torch_threads is None and settings.predict_threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cpus()
         api, worker_threads = split_threads(cores, settings.worker_concurrency)
         os.environ["ZOOFIT_PREDICT_THREADS"] = str(api)
         os.environ["ZOOFIT_TORCH_THREADS"] = str(worker_threads)

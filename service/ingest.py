@@ -36,6 +36,8 @@ from typing import IO, Literal, TypeVar, cast
 
 from PIL import Image, UnidentifiedImageError
 
+from models.units import format_bytes
+
 __all__ = [
     "ArchiveFormat",
     "DatasetRejected",
@@ -324,16 +326,16 @@ class _Budget:
     def check_member_size(self, name: str, size: int) -> None:
         if size > self.limits.max_file_bytes:
             raise DatasetRejected(
-                f"member {name!r} is larger than the {_human(self.limits.max_file_bytes)} limit per file",
+                f"member {name!r} is larger than the {format_bytes(self.limits.max_file_bytes)} limit per file",
                 status=413,
-                problems=[{"file": name, "reason": f"larger than {_human(self.limits.max_file_bytes)}"}],
+                problems=[{"file": name, "reason": f"larger than {format_bytes(self.limits.max_file_bytes)}"}],
             )
 
     def add_file_bytes(self, n: int) -> None:
         self.file_bytes += n
         if self.file_bytes > self.limits.max_total_bytes:
             raise DatasetRejected(
-                f"the archive expands to more than {_human(self.limits.max_total_bytes)} "
+                f"the archive expands to more than {format_bytes(self.limits.max_total_bytes)} "
                 f"(limit on total uncompressed size, reached at {self.current!r})",
                 status=413,
             )
@@ -344,7 +346,7 @@ class _Budget:
         cap = self.limits.max_total_bytes + _TAR_OVERHEAD_PER_MEMBER * self.limits.max_members
         if offset > cap:
             raise DatasetRejected(
-                f"the archive expands to more than {_human(cap)} of tar data "
+                f"the archive expands to more than {format_bytes(cap)} of tar data "
                 f"(limit on total uncompressed size, reached after {self.current!r})",
                 status=413,
             )
@@ -354,17 +356,9 @@ class _Budget:
         if expanded > self.limits.max_ratio * self.archive_bytes:
             raise DatasetRejected(
                 f"the archive expands more than {self.limits.max_ratio:g}x its compressed size of "
-                f"{_human(self.archive_bytes)} (possible zip bomb; limit reached at {self.current!r})",
+                f"{format_bytes(self.archive_bytes)} (possible zip bomb; limit reached at {self.current!r})",
                 status=413,
             )
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class _ForwardReader(io.RawIOBase):

@@ -1,0 +1,45 @@
+"""Where and how torch runs: the device, the CPU cores this process may use, torch's thread count.
+
+Imported by the training loop and by the serving path alike; torch is imported only inside the
+functions that need it, so the CLI and the API can count cores without loading torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` or ``auto``: the first CUDA GPU if there is one, else the CPU; otherwise as given."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch runs with ``n`` CPU threads inside the block, with its previous setting after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
