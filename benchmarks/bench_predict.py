@@ -141,7 +141,7 @@ class RawForward:
 
         from models.artifact import load_predictor
         from models.data import open_image
-        from models.training import available_cpus
+        from models.runtime import available_cpus
 
         self.threads = threads or available_cpus()  # as the API's inference thread does
         torch.set_num_threads(self.threads)

@@ -34,8 +34,9 @@ from PIL import Image
 
 from models.data import ImageArray, load_folder, open_image, stratified_split, to_array
 from models.freezing import apply_freeze
+from models.runtime import available_cpus
 from models.spec import TrainSpec
-from models.training import available_cpus, train
+from models.training import train
 from models.transforms import augment_batch, augment_transform, normalize_batch, normalize_transform
 from models.zoo import create_backbone, preprocess_for
 from service.sample_data import ANIMAL_CLASSES, animal_split, png_bytes

@@ -43,9 +43,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from benchmarks.bench_train import write_folder
+from models.checkpoint import TrainState
 from models.data import ImageArray, load_folder, stratified_split
+from models.results import TrainResult
+from models.runtime import available_cpus
 from models.spec import TrainSpec
-from models.training import TrainResult, TrainState, available_cpus, train
+from models.training import TrainHooks, train
 from models.transforms import normalize_batch
 from models.zoo import preprocess_for
 from service.sample_data import ANIMAL_CLASSES, animal_split, png_bytes
@@ -326,8 +329,8 @@ def run_one(t: Technique, b: Budget, data: ImageArray, test: ImageArray, verbose
     try:
         spec = TrainSpec.model_validate(job)
         t0 = time.perf_counter()
-        result = train(data, spec, device="cpu", log=print if verbose else None,
-                       checkpoint=keep_head if t.plot else None)
+        hooks = TrainHooks(log=print if verbose else None, checkpoint=keep_head if t.plot else None)
+        result = train(data, spec, device="cpu", hooks=hooks)
         row.seconds = time.perf_counter() - t0
         correct = test_correct(result, test)
         if t.plot:

@@ -30,9 +30,9 @@ from .ensemble import Ensemble
 from .errors import ZooError
 from .evaluation import scale_probs_torch
 from .heads import HeadConfig, create_classifier
-from .spec import TrainSpec, check_name
+from .results import TrainResult
 from .runtime import resolve_device
-from .training import TrainResult
+from .spec import TrainSpec, check_name
 from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess
 

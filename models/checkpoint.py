@@ -1,4 +1,8 @@
-"""A training run's state on disk, so a run cut short (a killed worker) can carry on.
+"""A training run's state, and that state on disk, so a run cut short (a killed worker) can carry on.
+
+``TrainState`` is where a run stands at the end of an epoch; ``run_fingerprint`` and
+``resume_problem`` say whether a state belongs to a recipe and its data; ``rng_state`` and
+``set_rng_state`` carry every random generator across the break.
 
 ``save_state`` writes a ``TrainState`` as one safetensors file: every tensor (weights, optimizer
 moments, RNG states, the split, validation probabilities) as a tensor, everything else (the
@@ -11,24 +15,40 @@ last complete checkpoint in place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import random
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .data import ImageArray, stratified_split
 from .errors import DiskFullError, ZooError, is_disk_full
-from .spec import EpochRecord
-from .training import TrainedMember, TrainState
+from .optim import cycle_ends
+from .results import TrainedMember
+from .spec import EpochRecord, TrainSpec
 from .zoo import Preprocess
 
-__all__ = ["STATE_FILE", "CheckpointError", "TrainState", "has_state", "load_state", "save_state"]
+__all__ = [
+    "STATE_FILE",
+    "CheckpointError",
+    "TrainState",
+    "has_state",
+    "load_state",
+    "resume_problem",
+    "rng_state",
+    "run_fingerprint",
+    "save_state",
+    "set_rng_state",
+]
 
 FORMAT = "zoofit-train-state"
 FORMAT_VERSION = 1
@@ -39,6 +59,149 @@ _TMP_SUFFIX = ".tmp"
 
 class CheckpointError(ZooError):
     """A checkpoint that is missing, incomplete or not one this code reads."""
+
+
+@dataclass
+class TrainState:
+    """Where a ``train`` run stands at the end of an epoch: enough to carry on as if it never stopped.
+
+    ``train`` hands one to its ``checkpoint`` callback after every epoch and continues from one
+    given as ``resume``; ``models.checkpoint`` stores it on disk. Tensors may share memory with
+    the live model and optimizer, so a callback must write (or copy) them before it returns.
+
+    Attributes:
+        member: ensemble index of the member being trained (0-based).
+        epoch: that member's last finished epoch (0-based, like ``EpochRecord.epoch``).
+        member_done: the member trains no further (its last epoch, or early stopping).
+        fingerprint: the recipe, data and library versions the run belongs to (``run_fingerprint``).
+        train_idx: training indices of the split.
+        val_idx: validation indices of the split.
+        model: the member's current weights.
+        optimizer: the optimizer's ``state_dict()``.
+        scheduler: the learning-rate scheduler's ``state_dict()``.
+        scaler: the fp16 ``GradScaler``'s ``state_dict()``, when one is used.
+        best_state: the member's best weights so far (CPU).
+        best_epoch: epoch of ``best_state``.
+        best_acc: validation accuracy of ``best_state``.
+        best_loss: validation loss of ``best_state``.
+        best_probs: validation probabilities of ``best_state``, ``float32 [V, C]``.
+        since_best: epochs without improvement (the early-stopping counter).
+        rng: generator states: ``torch``, ``cuda`` (one per GPU), ``numpy`` and ``python`` (the
+            global ones) and ``batches`` (the member's batch-order generator).
+        finished: the members already trained.
+        finished_probs: their validation probabilities (for the ensemble's metrics).
+        history: every epoch record so far, in order.
+        ema: the member's exponential-moving-average weights, when ``ensemble.ema``.
+        best_kind: which weights ``best_state`` holds: ``raw`` or ``ema``.
+    """
+
+    member: int
+    epoch: int
+    member_done: bool
+    fingerprint: dict[str, str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_acc: float
+    best_loss: float
+    best_probs: np.ndarray
+    since_best: int
+    rng: dict[str, Any]
+    finished: list[TrainedMember]
+    finished_probs: list[np.ndarray]
+    history: list[EpochRecord]
+    ema: dict[str, torch.Tensor] | None = None
+    best_kind: str = "raw"
+
+
+def run_fingerprint(data: ImageArray, spec: TrainSpec) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the recipe, the data and the library versions."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((list(data.classes), data.images.shape, data.labels.dtype.str)).encode())
+    h.update(np.ascontiguousarray(data.labels).data)
+    h.update(np.ascontiguousarray(data.images).data)
+    return {
+        "spec": hashlib.sha256(spec.model_dump_json().encode()).hexdigest(),
+        "data": h.hexdigest(),
+        "versions": f"torch {torch.__version__}, timm {timm.__version__}",
+    }
+
+
+def resume_problem(
+    state: TrainState, data: ImageArray, spec: TrainSpec, *, fingerprint: dict[str, str] | None = None
+) -> str | None:
+    """Why ``state`` cannot continue training ``spec`` on ``data``; None when it can.
+
+    ``train`` checks this itself (and starts from the beginning when there is a problem); callers
+    that record a resume elsewhere (the worker's job history) check it first.
+
+    Args:
+        state: a loaded checkpoint.
+        data: the images about to be trained on.
+        spec: the recipe about to be trained.
+        fingerprint: ``run_fingerprint(data, spec)`` when the caller has it already.
+    """
+    want = fingerprint or run_fingerprint(data, spec)
+    have = state.fingerprint
+    if have.get("spec") != want["spec"]:
+        return "it was written for another recipe"
+    if have.get("data") != want["data"]:
+        return "it was written for other images"
+    if have.get("versions") != want["versions"]:
+        return f"it was written by {have.get('versions')}, this is {want['versions']}"
+    backbones = spec.member_backbones()
+    if not 0 <= state.member < len(backbones) or not 0 <= state.epoch < spec.epochs:
+        return f"member {state.member} epoch {state.epoch} is outside the recipe"
+    if spec.ensemble.snapshot:
+        ends = cycle_ends(spec.epochs, spec.ensemble.members)
+        done = sum(1 for e in ends if e <= state.epoch)
+        if state.member != 0 or len(state.finished) != done or len(state.finished_probs) != done:
+            return f"it holds {len(state.finished)} snapshots, expected {done}"
+    elif len(state.finished) != state.member or len(state.finished_probs) != state.member:
+        return f"it holds {len(state.finished)} finished members, expected {state.member}"
+    elif [m.backbone for m in state.finished] != backbones[: state.member]:
+        return "its finished members have other backbones"
+    train_idx, val_idx = stratified_split(data.labels, spec.val_fraction, spec.seed)
+    if not (np.array_equal(state.train_idx, train_idx) and np.array_equal(state.val_idx, val_idx)):
+        return "its train/validation split differs from this one"
+    expected = state.epoch + 1
+    if not spec.ensemble.snapshot:
+        expected += sum(m.epochs_run for m in state.finished)
+    if len(state.history) != expected or [(r.member, r.epoch) for r in state.history[-1:]] != [
+        (state.member, state.epoch)
+    ]:
+        return f"its history has {len(state.history)} epochs, expected {expected}"
+    return None
+
+
+def rng_state(batches: np.random.Generator) -> dict[str, Any]:
+    """Every random generator a run draws from: torch (and CUDA), numpy's and Python's global ones, ``batches``."""
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # legacy form: (name, keys, pos, gauss...)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+        "batches": batches.bit_generator.state,
+    }
+
+
+def set_rng_state(rng: dict[str, Any], batches: np.random.Generator) -> None:
+    """Put back what ``rng_state`` took (``batches`` is the member's batch-order generator)."""
+    torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda") or []
+    # A run moved to another machine keeps going, only its CUDA randomness differs.
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(rng["python"])
+    batches.bit_generator.state = rng["batches"]
 
 
 def has_state(directory: Path) -> bool:

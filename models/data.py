@@ -258,6 +258,23 @@ def load_folder(
     return data
 
 
+def check_trainable(data: ImageArray) -> None:
+    """Raise ``TrainingError`` unless every class has at least 2 images (one per split).
+
+    Raises:
+        TrainingError: fewer than 2 classes, or a class with fewer than 2 images.
+    """
+    if len(data.classes) < 2:
+        raise TrainingError(f"need at least 2 classes to train a classifier, got {len(data.classes)}")
+    counts = data.counts()
+    few = {c: n for c, n in counts.items() if n < 2}
+    if few:
+        listing = ", ".join(f"{c!r} ({n})" for c, n in few.items())
+        raise TrainingError(
+            f"every class needs at least 2 images (one for training, one for validation); too few: {listing}"
+        )
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split into train and validation indices.
 

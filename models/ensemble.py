@@ -1,18 +1,25 @@
-"""An ensemble that averages its members' class probabilities.
+"""An ensemble that averages its members' class probabilities, and how its members are chosen and averaged.
 
 Members fine-tuned from the same pretrained backbone with the same frozen layers carry identical
 weights in that frozen prefix; the ensemble finds the longest such shared prefix at construction
 (``model_steps`` + ``torch.equal`` over the prefix's parameters and buffers) and runs it once per
 batch, then each member's own remainder.
+
+``greedy_selection`` picks members on validation (Caruana et al.); ``polyak`` keeps the running
+Polyak (EMA) average of one member's weights during training.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .evaluation import negative_log_likelihood
 from .prefix import Step, forward_steps, model_steps
 
 Norm = tuple[Sequence[float], Sequence[float]]
@@ -154,3 +161,38 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Average class probabilities ``float32 [N, C]``; rows sum to 1."""
         return self.member_probs(x).mean(dim=0)
+
+
+def greedy_selection(member_probs: list[np.ndarray], labels: np.ndarray) -> tuple[list[int], list[float]]:
+    """Greedy forward selection of ensemble members on validation (Caruana et al., 2004).
+
+    Starts from the member with the lowest validation NLL and keeps adding the member whose
+    addition lowers the NLL of the averaged probabilities most, while it does (no repeats).
+
+    Returns:
+        The chosen member indices in the order added, and the NLL after each addition.
+    """
+    left = list(range(len(member_probs)))
+    chosen: list[int] = []
+    path: list[float] = []
+    total = np.zeros_like(member_probs[0], dtype=np.float64)
+    best = math.inf
+    while left:
+        scores = [(negative_log_likelihood((total + member_probs[j]) / (len(chosen) + 1), labels), j) for j in left]
+        score, j = min(scores)
+        if chosen and score >= best - 1e-9:
+            break
+        chosen.append(j)
+        left.remove(j)
+        total += member_probs[j]
+        best = score
+        path.append(score)
+    return chosen, path
+
+
+def polyak(model: nn.Module, decay: float) -> Any:
+    """Polyak averaging: timm's ``ModelEmaV3`` of ``model``, ``ema = decay * ema + (1 - decay) * w``
+    after every optimizer step (``.update(model)``), buffers included, no warm-up of the decay."""
+    from timm.utils.model_ema import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=False)

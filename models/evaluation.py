@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .report import finite_or_none
 from .spec import EpochRecord
 
 N_BINS = 15
@@ -201,11 +202,6 @@ def scale_probs_torch(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return (probs.clamp_min(PROB_FLOOR).log() / temperature).softmax(dim=-1)
 
 
-def _num(x: float) -> float | None:
-    # JSON has no NaN/inf: an undefined value (an empty bin) is null.
-    return float(x) if math.isfinite(x) else None
-
-
 def classification_report(
     probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], top_k: Sequence[int] = TOP_K
 ) -> dict[str, Any]:
@@ -230,9 +226,9 @@ def classification_report(
     weights = support / support.sum() if support.sum() else np.zeros(len(classes))
     return {
         "size": len(y),
-        "accuracy": _num(top_k_accuracy(p, y, 1)),
+        "accuracy": finite_or_none(top_k_accuracy(p, y, 1)),
         "top_k_acc": {
-            str(k): _num(top_k_accuracy(p, y, k)) for k in sorted(set(top_k)) if k == 1 or k < len(classes)
+            str(k): finite_or_none(top_k_accuracy(p, y, k)) for k in sorted(set(top_k)) if k == 1 or k < len(classes)
         },
         "per_class": [
             {
@@ -254,15 +250,15 @@ def _calibration_of(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[
     r = reliability(probs, labels, n_bins)
     edges = r["edges"]
     return {
-        "ece": _num(expected_calibration_error(probs, labels, n_bins)),
-        "nll": _num(negative_log_likelihood(probs, labels)),
+        "ece": finite_or_none(expected_calibration_error(probs, labels, n_bins)),
+        "nll": finite_or_none(negative_log_likelihood(probs, labels)),
         "reliability": [
             {
                 "lower": float(edges[b]),
                 "upper": float(edges[b + 1]),
                 "count": int(r["count"][b]),
-                "confidence": _num(float(r["confidence"][b])),
-                "accuracy": _num(float(r["accuracy"][b])),
+                "confidence": finite_or_none(float(r["confidence"][b])),
+                "accuracy": finite_or_none(float(r["accuracy"][b])),
             }
             for b in range(n_bins)
         ],
@@ -310,11 +306,11 @@ def training_curves(history: Sequence[EpochRecord], best_epochs: Sequence[int] =
                 "member": member,
                 "best_epoch": best_epochs[member] if member < len(best_epochs) else None,
                 "epoch": [r.epoch for r in records],
-                "train_loss": [_num(r.train_loss) for r in records],
-                "val_loss": [_num(r.val_loss) for r in records],
-                "train_acc": [_num(r.train_acc) for r in records],
-                "val_acc": [_num(r.val_acc) for r in records],
-                "lr": [_num(r.lr) for r in records],
+                "train_loss": [finite_or_none(r.train_loss) for r in records],
+                "val_loss": [finite_or_none(r.val_loss) for r in records],
+                "train_acc": [finite_or_none(r.train_acc) for r in records],
+                "val_acc": [finite_or_none(r.val_acc) for r in records],
+                "lr": [finite_or_none(r.lr) for r in records],
             }
         )
     return curves

@@ -8,6 +8,10 @@ trains. ``model.train()`` would switch them back, so training calls
 
 Stages come from timm's own grouping, ``model.group_matcher(coarse=True)``: the stem is
 group 0, then one group per block stage; the group holding the classifier always trains.
+
+The transfer policy lives here too: ``resolve_transfer`` picks the strategy for ``auto`` from the
+training images per class, and ``gradual_freeze`` says how deep a gradual-unfreezing run is frozen
+in a given epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from timm.models import group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .spec import check_name
+from .spec import FreezeSpec, check_name
 from .zoo import count_parameters
 
 FREEZE_MODES = ("none", "linear_probe", "first_n")
@@ -168,3 +172,72 @@ def set_train_mode(model: nn.Module, frozen: FreezeReport | Iterable[str]) -> nn
             if mname in names:
                 module.eval()
     return model
+
+
+# --------------------------------------------------------------------------- transfer policy
+
+# The lecture's rule for transfer learning, in training images per class: with very little data
+# train only a linear classifier on the pretrained features; with more, fine-tune the top of the
+# network; with a lot, fine-tune all of it; whatever is fine-tuned trains at a lower lr than the
+# new head (the pretrained weights are already good).
+AUTO_LINEAR_BELOW = 40
+AUTO_PARTIAL_BELOW = 250
+AUTO_TOP_GROUPS = 2
+AUTO_BACKBONE_LR_MULT = 0.1
+
+
+def resolve_transfer(freeze: FreezeSpec, per_class: float, n_groups: int) -> tuple[FreezeSpec, str]:
+    """The concrete transfer strategy for ``freeze.mode == 'auto'`` (others pass through).
+
+    Args:
+        freeze: the job's transfer settings.
+        per_class: mean training images per class.
+        n_groups: the model's parameter groups (``parameter_groups``), head group included.
+
+    Returns:
+        The strategy to run and a sentence saying why.
+    """
+    if freeze.mode != "auto":
+        return freeze, f"as requested: {freeze.mode}"
+    backbone_groups = n_groups - 1
+    if per_class < AUTO_LINEAR_BELOW:
+        chosen = freeze.model_copy(update={"mode": "linear_probe"})
+        why = (
+            f"{per_class:.0f} training images per class (< {AUTO_LINEAR_BELOW}): too little data to fine-tune "
+            "without overfitting, so only the new classifier trains on the pretrained features"
+        )
+    elif per_class < AUTO_PARTIAL_BELOW:
+        stages = max(backbone_groups - AUTO_TOP_GROUPS, 0)
+        chosen = freeze.model_copy(
+            update={
+                "mode": "first_n",
+                "stages": stages,
+                "backbone_lr_mult": min(freeze.backbone_lr_mult, AUTO_BACKBONE_LR_MULT),
+            }
+        )
+        why = (
+            f"{per_class:.0f} training images per class ({AUTO_LINEAR_BELOW}-{AUTO_PARTIAL_BELOW - 1}): "
+            f"fine-tune the top {AUTO_TOP_GROUPS} stages (freeze the first {stages} of {backbone_groups}) at "
+            f"{chosen.backbone_lr_mult:g} x lr, the new classifier at lr"
+        )
+    else:
+        chosen = freeze.model_copy(
+            update={"mode": "none", "backbone_lr_mult": min(freeze.backbone_lr_mult, AUTO_BACKBONE_LR_MULT)}
+        )
+        why = (
+            f"{per_class:.0f} training images per class (>= {AUTO_PARTIAL_BELOW}): enough data to fine-tune "
+            f"every layer, the backbone at {chosen.backbone_lr_mult:g} x lr"
+        )
+    return chosen, why
+
+
+def gradual_freeze(freeze: FreezeSpec, epoch: int, n_groups: int) -> tuple[str, int]:
+    """``(mode, stages)`` for ``apply_freeze`` in ``epoch`` of a gradual-unfreezing run.
+
+    Epochs ``0..k-1`` train the classifier only; then one more backbone group trains, from the top,
+    every ``k = unfreeze_every`` epochs, until only the first ``freeze.stages`` groups stay frozen.
+    """
+    unfrozen = epoch // freeze.unfreeze_every
+    if unfrozen == 0:
+        return "linear_probe", n_groups - 1
+    return "first_n", max(freeze.stages, n_groups - 1 - unfrozen)

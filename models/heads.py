@@ -412,3 +412,14 @@ def batch_mixer(augment: AugmentSpec, num_classes: int, label_smoothing: float =
         return cast(tuple[torch.Tensor, torch.Tensor], mixup(x.clone(), y))
 
     return mix
+
+
+def active_drop_paths(modules: list[nn.Module]) -> int:
+    """Residual blocks among ``modules`` whose branch stochastic depth can drop (timm ``DropPath``)."""
+    seen: set[int] = set()
+    for root in modules:
+        for block in root.modules():
+            dp = getattr(block, "drop_path", None)
+            if isinstance(dp, DropPath) and dp.drop_prob > 0 and getattr(block, "has_skip", True):
+                seen.add(id(block))
+    return len(seen)

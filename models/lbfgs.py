@@ -10,18 +10,25 @@ is deterministic on a given device.
 step: each ``step()`` runs up to ``max_iter`` L-BFGS iterations and returns the objective after
 them. There is no learning-rate schedule: the optimizer's lr is 1 (``LbfgsProbe.lr``), the scale
 of the first trial step of each line search, which then picks the actual step length
-(``last_step_size``). ``fit_linear_lbfgs`` runs steps until convergence.
+(``last_step_size``). ``fit_linear_lbfgs`` runs steps until convergence; ``train_lbfgs_member``
+is the ensemble member that the training loop runs when ``optimizer.name`` is ``lbfgs``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from .errors import TrainingError
+from .member import Best, MemberSetup, RunContext, finished_member
+from .spec import EpochRecord
 
 
 @dataclass
@@ -292,3 +299,73 @@ def fit_linear_lbfgs(
         if probe.converged or probe.iterations == before:
             break
     return probe.result()
+
+
+def train_lbfgs_member(ctx: RunContext, m: MemberSetup) -> None:
+    """Fit member ``m``'s linear classifier by L-BFGS on its cached features, one outer step an epoch.
+
+    The member (its best step's weights) is appended to ``ctx.members``.
+
+    Raises:
+        TrainingError: the feature cache is off or the head is not a linear classifier.
+    """
+    spec = ctx.spec
+    cache, steps = m.cache, m.steps
+    if cache is None or steps is None:
+        raise TrainingError(
+            f"L-BFGS needs the backbone's features computed once, but the feature cache is off: "
+            f"{m.applied['cache']['reason']}"
+        )
+    classifier = cast(Any, m.model).get_classifier()
+    if not isinstance(classifier, nn.Linear) or m.applied["cache"]["prefix_steps"] != len(steps) - 1:
+        raise TrainingError("L-BFGS fits a linear classifier on pooled features; this head is not one")
+    n_train = len(ctx.train_idx)
+    feats = torch.cat([cache.train_batch(v, np.arange(n_train)) for v in range(len(cache.train))])
+    labels = ctx.train_labels.repeat(len(cache.train))
+    probe = LbfgsProbe(
+        feats,
+        labels,
+        ctx.num_classes,
+        weight_decay=spec.optimizer.weight_decay,
+        label_smoothing=spec.label_smoothing,
+        init=(classifier.weight.detach().clone(), classifier.bias.detach().clone()),
+    )
+    best = Best(spec.monitor)
+    epochs_run = 0
+    for epoch in range(spec.epochs):
+        ctx.check_stop()
+        t0 = time.perf_counter()
+        train_loss = float(probe.step())
+        with torch.no_grad():
+            classifier.weight.copy_(probe.weight)
+            classifier.bias.copy_(probe.bias)
+            logits = torch.addmm(probe.bias, feats, probe.weight.t())
+            train_acc = float((logits.argmax(1) == labels).float().mean())
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc, probs = ctx.evaluate(m.model, m.pre, steps, cache, len(steps) - 1)
+        epochs_run = epoch + 1
+        improved = best.offer(epoch, "raw", val_acc, val_loss, probs, m.model)
+        best.since = 0 if improved else best.since + 1
+        record = EpochRecord(
+            member=m.index, epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+            val_acc=val_acc, lr=1.0, seconds=time.perf_counter() - t0,
+            extra={
+                "train_images_per_s": n_train / max(train_seconds, 1e-9),
+                "grad_norm": float(probe.grad_norm),
+                "best": float(best.epoch == epoch),
+            },
+        )
+        ctx.log(
+            f"member {m.index + 1} L-BFGS step {epoch + 1}/{spec.epochs}: train loss {train_loss:.4f} "
+            f"acc {train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | "
+            f"grad norm {record.extra['grad_norm']:.2e}"
+        )
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+        ctx.history.append(record)
+        if spec.patience is not None and best.since >= spec.patience:
+            break
+    m.applied["epochs_run"] = epochs_run
+    m.applied["lbfgs"] = {"final_grad_norm": float(probe.grad_norm), "iterations": int(probe.iterations)}
+    ctx.members.append(finished_member(ctx, m, best.state, best, epochs_run, "raw"))
+    ctx.member_probs.append(best.probs)

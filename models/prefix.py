@@ -213,19 +213,48 @@ class FeatureCache:
             self._tmp = None
 
 
+@dataclass(frozen=True)
+class CacheBounds:
+    """Where a frozen-prefix feature cache may live.
+
+    Attributes:
+        memory_bytes: the most it may hold in memory (on the model's device).
+        disk_bytes: the most it may spill to ``dir`` when memory is not enough (0: never).
+        dir: where it spills (a temporary folder is made inside it and removed by ``close``).
+    """
+
+    memory_bytes: int = 2 * 1024**3
+    disk_bytes: int = 0
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class CacheInputs:
+    """The images a cache is built from.
+
+    Attributes:
+        train: ``(view, rows) -> model input`` for training rows (positions in the split);
+            view ``v`` of a row must be the same image transform every time it is asked for.
+        val: ``rows -> model input`` for validation rows.
+        n_train: training images.
+        n_val: validation images.
+        views: augmented views per training image (1: no augmentation).
+    """
+
+    train: Callable[[int, np.ndarray], torch.Tensor]
+    val: Callable[[np.ndarray], torch.Tensor]
+    n_train: int
+    n_val: int
+    views: int = 1
+
+
 def build_cache(
     steps: list[Step],
     n: int,
     *,
-    train_inputs: Callable[[int, np.ndarray], torch.Tensor],
-    val_inputs: Callable[[np.ndarray], torch.Tensor],
-    n_train: int,
-    n_val: int,
-    views: int,
+    inputs: CacheInputs,
     device: torch.device,
-    memory_bytes: int,
-    disk_bytes: int,
-    spill_dir: Path | None,
+    bounds: CacheBounds,
     batch: int = 64,
     autocast: Callable[[], Any] | None = None,
     should_stop: Callable[[], None] | None = None,
@@ -235,16 +264,9 @@ def build_cache(
     Args:
         steps: ``model_steps`` of the model (its first ``n`` steps frozen and in eval mode).
         n: number of steps to cache.
-        train_inputs: ``(view, rows) -> model input`` for training rows (positions in the split);
-            view ``v`` of a row must be the same image transform every time it is asked for.
-        val_inputs: ``rows -> model input`` for validation rows.
-        n_train: training images.
-        n_val: validation images.
-        views: augmented views per training image (1: no augmentation).
+        inputs: the training and validation images, and the augmented views wanted.
         device: where the model runs.
-        memory_bytes: the most the cache may hold in memory (on ``device``).
-        disk_bytes: the most it may spill to ``spill_dir`` when memory is not enough (0: never).
-        spill_dir: where to spill (a temporary folder is made inside it and removed by ``close``).
+        bounds: the memory and disk the cache may use.
         batch: images per forward pass.
         autocast: context manager factory for mixed precision on a GPU.
         should_stop: raises to cancel.
@@ -252,6 +274,9 @@ def build_cache(
     Returns:
         The cache (None when it does not fit anywhere) and the ``CachePlan`` saying what happened.
     """
+    train_inputs, val_inputs = inputs.train, inputs.val
+    n_train, n_val, views = inputs.n_train, inputs.n_val, inputs.views
+    memory_bytes, disk_bytes, spill_dir = bounds.memory_bytes, bounds.disk_bytes, bounds.dir
     with torch.inference_mode():
         probe = forward_steps(steps, val_inputs(np.arange(1)), 0, n).float()
     shape = list(probe.shape[1:])

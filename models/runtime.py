@@ -33,7 +33,7 @@ def available_cpus() -> int:
 
 
 @contextlib.contextmanager
-def num_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """torch runs with ``n`` CPU threads inside the block, with its previous setting after it."""
     import torch
 

@@ -34,8 +34,10 @@ import numpy as np
 
 from .data import ImageArray
 from .errors import TrainingCancelled, TrainingError
+from .report import finite_or_none
+from .results import TrainResult
 from .spec import EpochRecord, SweepSpec, TrainSpec
-from .training import TrainResult, train
+from .training import TrainHooks, train
 
 __all__ = [
     "RoundInfo",
@@ -137,7 +139,7 @@ class TrialRecord:
             "status": self.status,
             "outcome": self.outcome,
             "val_acc": self.val_acc,
-            "val_loss": _num(self.val_loss),
+            "val_loss": finite_or_none(self.val_loss),
             "seconds": round(self.seconds, 3),
             "error": self.error,
         }
@@ -239,10 +241,6 @@ def with_sweep(result: TrainResult, sweep: SweepResult) -> TrainResult:
     return dataclasses.replace(result, sections={**result.sections, "sweep": sweep.to_dict()})
 
 
-def _num(x: float | None) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -305,23 +303,20 @@ def run_sweep(
     on_trial: Callable[[TrialRecord, SweepResult], None] | None = None,
     on_epoch: Callable[[TrialRecord, EpochRecord], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    device: str | None = None,
     log: Callable[[str], None] | None = None,
-    num_threads: int | None = None,
 ) -> SweepResult:
     """Search ``spec.sweep``'s ranges and return the recipe to train (``SweepResult.final_spec``).
 
     Args:
         data: decoded images, as for ``train``.
         spec: a recipe with ``sweep`` set.
-        train_fn: trains one trial; called like ``train`` (tests pass a fake).
+        train_fn: trains one trial; called like ``train`` with ``hooks`` (tests pass a fake). Bind the
+            device, threads and cache bounds with ``functools.partial``.
         on_trial: called with the record and the sweep so far when a trial starts
             (``status == "running"``) and when it ends.
         on_epoch: called with the running trial's record and each of its ``EpochRecord``.
         should_stop: polled before each trial and, through ``train_fn``, between batches.
-        device: passed to ``train_fn``.
         log: receives human-readable progress lines.
-        num_threads: passed to ``train_fn``.
 
     Returns:
         Every trial, the best one and the final recipe.
@@ -362,15 +357,12 @@ def run_sweep(
         trial_spec = c.apply(spec, epochs=record.epochs, patience=None, ensemble=one_member)
         t0 = time.perf_counter()
         try:
-            out = train_fn(
-                data,
-                trial_spec,
+            hooks = TrainHooks(
                 on_epoch=(lambda rec: on_epoch(record, rec)) if on_epoch is not None else None,
                 should_stop=should_stop,
-                device=device,
                 log=(lambda msg: say(f"trial {record.trial + 1}: {msg}")) if log is not None else None,
-                num_threads=num_threads,
             )
+            out = train_fn(data, trial_spec, hooks=hooks)
         except TrainingError as exc:
             # A diverging learning rate is a result, not a reason to stop searching.
             record.status, record.error = "failed", str(exc)

@@ -36,9 +36,10 @@ from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 
 if TYPE_CHECKING:
+    from models.checkpoint import TrainState
     from models.data import ImageArray
+    from models.prefix import CacheBounds
     from models.sweep import SweepResult, TrialRecord
-    from models.training import TrainState
 
 log = logging.getLogger("zoofit.worker")
 
@@ -207,7 +208,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
     from models.data import load_folder
     from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
     from models.sweep import with_sweep
-    from models.training import train
+    from models.training import TrainHooks, train
     from models.zoo import preprocess_for
 
     settings = settings or get_settings()
@@ -248,17 +249,20 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         def checkpoint(state: TrainState) -> None:
             save_state(state, ckpt)  # raises DiskFullError on a full disk
 
+        hooks = TrainHooks(
+            on_epoch=reporter.on_epoch,
+            should_stop=reporter.should_stop,
+            log=lambda msg: log.info("job %s: %s", job_id, msg),
+            checkpoint=checkpoint,
+        )
         result = train(
             data,
             spec,
-            on_epoch=reporter.on_epoch,
-            should_stop=reporter.should_stop,
+            hooks=hooks,
             device=None if settings.device == "auto" else settings.device,
             num_threads=settings.torch_threads,
-            log=lambda msg: log.info("job %s: %s", job_id, msg),
-            checkpoint=checkpoint,
             resume=resume,
-            **_cache_bounds(settings),
+            cache=_cache_bounds(settings),
         )
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
@@ -331,8 +335,9 @@ def _sweep(
     job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: Path
 ) -> SweepResult:
     """The job's sweep: the one a previous worker finished (``sweep.json``), else run now."""
+    from models.checkpoint import run_fingerprint
     from models.sweep import SweepResult, run_sweep
-    from models.training import run_fingerprint, train
+    from models.training import train
 
     stored = ckpt / SWEEP_FILE
     if stored.is_file():
@@ -350,12 +355,15 @@ def _sweep(
     sweep = run_sweep(
         data,
         spec,
-        train_fn=functools.partial(train, **_cache_bounds(settings)),
+        train_fn=functools.partial(
+            train,
+            device=None if settings.device == "auto" else settings.device,
+            num_threads=settings.torch_threads,
+            cache=_cache_bounds(settings),
+        ),
         on_trial=lambda record, sweep: reporter.sweep(record, sweep),
         on_epoch=lambda record, rec: reporter.sweep(record, epoch=rec),
         should_stop=reporter.should_stop,
-        device=None if settings.device == "auto" else settings.device,
-        num_threads=settings.torch_threads,
         log=lambda msg: log.info("job %s: %s", job_id, msg),
     )
     reporter.sticky["sweep"] = sweep.to_dict()  # with the last rung's outcomes, the best and the final recipe
@@ -364,7 +372,7 @@ def _sweep(
 
 def _save_sweep(ckpt: Path, sweep: SweepResult, data: ImageArray, spec: TrainSpec) -> None:
     """Keep the finished sweep beside the checkpoint (written whole, then renamed into place)."""
-    from models.training import run_fingerprint
+    from models.checkpoint import run_fingerprint
 
     tmp = ckpt / f".{SWEEP_FILE}.tmp"
     try:
@@ -382,8 +390,7 @@ def _resume_state(
     job_id: str, directory: Path, data: ImageArray, spec: TrainSpec, reporter: JobReporter
 ) -> TrainState | None:
     """The job's checkpoint if training can continue from it, else None; sets the history to match."""
-    from models.checkpoint import CheckpointError, has_state, load_state
-    from models.training import resume_problem
+    from models.checkpoint import CheckpointError, has_state, load_state, resume_problem
 
     if has_state(directory):
         try:
@@ -410,10 +417,12 @@ def running_jobs(settings: Settings) -> list[str]:
         return list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.RUNNING)))
 
 
-def _cache_bounds(settings: Settings) -> dict[str, Any]:
+def _cache_bounds(settings: Settings) -> CacheBounds:
     """Where the frozen-prefix feature cache may live: memory first, then spilled under data_dir/cache."""
-    return {
-        "cache_memory_bytes": settings.feature_cache_memory_bytes,
-        "cache_disk_bytes": settings.feature_cache_disk_bytes,
-        "cache_dir": settings.cache_dir / "features",
-    }
+    from models.prefix import CacheBounds
+
+    return CacheBounds(
+        memory_bytes=settings.feature_cache_memory_bytes,
+        disk_bytes=settings.feature_cache_disk_bytes,
+        dir=settings.cache_dir / "features",
+    )

@@ -16,8 +16,9 @@ from models import artifact
 from models.artifact import ArtifactError, load_predictor, save_artifact
 from models.data import ImageArray, open_image
 from models.evaluation import scale_probs
+from models.results import TrainResult
 from models.spec import TrainSpec
-from models.training import TrainResult, train
+from models.training import train
 from models.transforms import normalize_batch
 
 

@@ -12,10 +12,11 @@ import safetensors.torch
 import torch
 
 from models import checkpoint as ckpt_module
-from models.checkpoint import STATE_FILE, CheckpointError, has_state, load_state, save_state
+from models.checkpoint import STATE_FILE, CheckpointError, TrainState, has_state, load_state, resume_problem, save_state
 from models.data import ImageArray
 from models.errors import DiskFullError, is_disk_full
-from models.training import TrainResult, TrainState, resume_problem, train
+from models.results import TrainResult
+from models.training import TrainHooks, train
 
 
 class Killed(BaseException):
@@ -31,7 +32,7 @@ def _run_until(data: ImageArray, spec, directory: Path, member: int, epoch: int)
             raise Killed
 
     with pytest.raises(Killed):
-        train(data, spec, device="cpu", checkpoint=checkpoint)
+        train(data, spec, device="cpu", hooks=TrainHooks(checkpoint=checkpoint))
 
 
 def _epochs(result: TrainResult) -> list[tuple]:
@@ -88,7 +89,7 @@ def test_resumed_run_equals_uninterrupted_run(small, spec, straight, tmp_path, m
 
     lines: list[str] = []
     seen: list = []
-    resumed = train(small, spec, device="cpu", resume=state, on_epoch=seen.append, log=lines.append)
+    resumed = train(small, spec, device="cpu", resume=state, hooks=TrainHooks(on_epoch=seen.append, log=lines.append))
 
     assert any("resumed after epoch" in line for line in lines)
     assert [(r.member, r.epoch) for r in seen] == done[len(state.history):]
@@ -98,7 +99,7 @@ def test_resumed_run_equals_uninterrupted_run(small, spec, straight, tmp_path, m
 def test_state_round_trips_through_safetensors_only(small, tiny_spec, tmp_path) -> None:
     spec = tiny_spec(epochs=2, optimizer={"name": "adam", "lr": 1e-3})
     states: list[TrainState] = []
-    train(small, spec, device="cpu", checkpoint=lambda s: (save_state(s, tmp_path), states.append(s)))
+    train(small, spec, device="cpu", hooks=TrainHooks(checkpoint=lambda s: (save_state(s, tmp_path), states.append(s))))
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary file left behind
     # It is a plain safetensors file: every tensor readable without running any code.
     with safetensors.safe_open(str(tmp_path / STATE_FILE), framework="pt") as f:
@@ -120,7 +121,7 @@ def test_state_round_trips_through_safetensors_only(small, tiny_spec, tmp_path) 
 
     # Killed after the very last checkpoint: resuming trains nothing and still returns the model.
     seen: list = []
-    result = train(small, spec, device="cpu", resume=loaded, on_epoch=seen.append)
+    result = train(small, spec, device="cpu", resume=loaded, hooks=TrainHooks(on_epoch=seen.append))
     assert seen == [] and result.history == loaded.history
     assert all(torch.equal(v, loaded.best_state[k]) for k, v in result.members[0].state_dict.items())
     assert result.members[0].best_epoch == loaded.best_epoch and result.val_acc == loaded.best_acc
@@ -161,7 +162,7 @@ def test_checkpoint_of_another_run_is_ignored(small, tiny_spec, saved) -> None:
     assert "images" in (resume_problem(state, fewer, tiny_spec(epochs=2)) or "")
 
     lines: list[str] = []
-    result = train(small, other, device="cpu", resume=state, log=lines.append)
+    result = train(small, other, device="cpu", resume=state, hooks=TrainHooks(log=lines.append))
     assert any("not resuming" in line and "recipe" in line for line in lines)
     assert [(r.member, r.epoch) for r in result.history] == [(0, 0), (0, 1)]  # trained from the start
     _assert_same_run(result, train(small, other, device="cpu"))

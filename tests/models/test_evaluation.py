@@ -15,8 +15,9 @@ from models import evaluation as ev
 from models.artifact import TTA_MODES, ArtifactError, load_predictor, save_artifact
 from models.data import ImageArray
 from models.plots import FIGURES, cached_figure, render_figure
+from models.results import TrainResult
 from models.spec import EpochRecord, TrainSpec, UnknownNameError
-from models.training import TrainResult, train
+from models.training import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

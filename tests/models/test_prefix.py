@@ -15,7 +15,16 @@ from models.artifact import load_predictor, save_artifact
 from models.data import ImageArray
 from models.ensemble import Ensemble
 from models.freezing import apply_freeze, set_train_mode
-from models.prefix import build_cache, cache_problem, forward_steps, frozen_prefix, model_steps, set_prefix_eval
+from models.prefix import (
+    CacheBounds,
+    CacheInputs,
+    build_cache,
+    cache_problem,
+    forward_steps,
+    frozen_prefix,
+    model_steps,
+    set_prefix_eval,
+)
 from models.spec import TrainSpec
 from models.training import train
 from models.transforms import normalize_batch
@@ -97,8 +106,8 @@ def _cache(steps: list, n: int, *, memory: int, disk: int, spill: Path | None, v
         return images[torch.from_numpy(rows)]
 
     return build_cache(
-        steps, n, train_inputs=lambda v, rows: inputs(rows) + v, val_inputs=inputs, n_train=10, n_val=10,
-        views=views, device=torch.device("cpu"), memory_bytes=memory, disk_bytes=disk, spill_dir=spill, batch=4,
+        steps, n, inputs=CacheInputs(lambda v, rows: inputs(rows) + v, inputs, n_train=10, n_val=10, views=views),
+        device=torch.device("cpu"), bounds=CacheBounds(memory, disk, spill), batch=4,
     ), images
 
 

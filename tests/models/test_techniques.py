@@ -16,9 +16,12 @@ import torch
 from models.artifact import load_predictor, save_artifact
 from models.checkpoint import TrainState
 from models.data import ImageArray
+from models.ensemble import greedy_selection, polyak
+from models.freezing import resolve_transfer
+from models.member import Best as _Best
 from models.optim import cycle_ends, lr_at_epochs
 from models.spec import FreezeSpec, TrainSpec
-from models.training import _Best, greedy_selection, polyak, resolve_transfer, train
+from models.training import TrainHooks, train
 from models.transforms import normalize_batch
 
 Spec = Callable[..., TrainSpec]
@@ -53,7 +56,7 @@ def test_served_ema_weights_are_the_average_at_the_best_epoch(lfw_data: ImageArr
         assert state.ema is not None
         seen[state.epoch] = TrainState(**{**state.__dict__, "ema": {k: v.clone() for k, v in state.ema.items()}})
 
-    result = train(lfw_data, spec, device="cpu", checkpoint=keep)
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(checkpoint=keep))
     member = result.members[0]
     assert member.served == "ema"
     assert all("ema_val_acc" in r.extra for r in result.history)

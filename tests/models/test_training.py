@@ -12,7 +12,7 @@ from models.data import ImageArray, stratified_split
 from models.errors import TrainingCancelled, TrainingError
 from models.optim import lr_at_epochs
 from models.spec import EpochRecord
-from models.training import train
+from models.training import TrainHooks, train
 from models.transforms import normalize_batch
 
 
@@ -26,7 +26,7 @@ def test_train_runs_reports_every_epoch_and_keeps_best_weights(lfw_data: ImageAr
     spec = tiny_spec(epochs=4, schedule={"name": "cosine", "warmup_epochs": 1}, ensemble={"members": 2})
     seen: list[EpochRecord] = []
     lines: list[str] = []
-    result = train(lfw_data, spec, on_epoch=seen.append, log=lines.append, device="cpu")
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(on_epoch=seen.append, log=lines.append))
 
     assert [(r.member, r.epoch) for r in seen] == [(m, e) for m in (0, 1) for e in range(4)]
     assert result.history == seen
@@ -90,7 +90,7 @@ def test_early_stopping_with_patience(lfw_data: ImageArray, tiny_spec) -> None:
         schedule={"name": "constant", "warmup_epochs": 0},
     )
     seen: list[EpochRecord] = []
-    result = train(lfw_data, spec, on_epoch=seen.append, device="cpu")
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(on_epoch=seen.append))
     assert [r.epoch for r in seen] == [0, 1, 2]
     member = result.members[0]
     assert member.best_epoch == 0 and member.epochs_run == 3 and member.stopped_early
@@ -105,13 +105,14 @@ def test_should_stop_cancels_between_batches(lfw_data: ImageArray, tiny_spec) ->
 
     seen: list[EpochRecord] = []
     with pytest.raises(TrainingCancelled):
-        train(lfw_data, tiny_spec(epochs=3), on_epoch=seen.append, should_stop=stop_after_a_few, device="cpu")
+        hooks = TrainHooks(on_epoch=seen.append, should_stop=stop_after_a_few)
+        train(lfw_data, tiny_spec(epochs=3), device="cpu", hooks=hooks)
     assert seen == []  # stopped inside the first epoch (5 batches of 32)
 
 
 def test_should_stop_before_start(lfw_data: ImageArray, tiny_spec) -> None:
     with pytest.raises(TrainingCancelled):
-        train(lfw_data, tiny_spec(), should_stop=lambda: True, device="cpu")
+        train(lfw_data, tiny_spec(), device="cpu", hooks=TrainHooks(should_stop=lambda: True))
 
 
 def test_class_with_one_image_is_a_training_error(lfw_data: ImageArray, tiny_spec) -> None:
