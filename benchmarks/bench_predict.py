@@ -37,8 +37,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load_test import _pct  # noqa: E402
-from service.cli import stop_process  # noqa: E402
 from service.demo import _free_port, _wait_ready  # noqa: E402
+from service.processes import stop_process  # noqa: E402
 from service.sample_data import animal_split, zip_dataset  # noqa: E402
 
 MEMBERS = 3

@@ -42,9 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Fine-tune ImageNet backbones from the timm zoo on your images, and serve the ensembles.",
         lifespan=lifespan,
     )
-    app.state.predictors = PredictorCache(
-        settings.model_cache_size, device=None if settings.device == "auto" else settings.device
-    )
+    app.state.predictors = PredictorCache(settings.model_cache_size, device=settings.device)
     # Forward passes run on the batcher's one inference thread, which applies predict_threads
     # (torch is imported there, on the first prediction, not when the API starts).
     app.state.batcher = MicroBatcher(

@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 
 from models.runtime import available_cpus
-from service.config import TRAIN_QUEUE, get_settings
+from service.config import get_settings
+from service.processes import start_worker_process, stop_process
+from service.queue import TRAIN_QUEUE, get_celery
 
 
 def _configure_logging() -> None:
@@ -29,8 +30,6 @@ def run_api(host: str | None = None, port: int | None = None) -> None:
 
 
 def run_worker(extra: list[str] | None = None) -> None:
-    from workers.celery_app import get_celery
-
     settings = get_settings()
     settings.ensure_dirs()
     argv = [
@@ -43,22 +42,9 @@ def run_worker(extra: list[str] | None = None) -> None:
         "--without-mingle",
         *(extra or []),
     ]
+    # The app names its worker modules (service.queue.WORKER_MODULES) rather than this CLI importing
+    # them: the worker loads workers.tasks, and with it workers.celery_app's start-up reconciler.
     get_celery().worker_main(argv)
-
-
-def start_worker_process() -> subprocess.Popen[bytes]:
-    """A real Celery worker as a child process, configured by the same environment."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=os.environ.copy())
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Ask a child to shut down cleanly; kill it if it has not within ``timeout`` seconds."""
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def split_threads(cores: int, concurrency: int = 1) -> tuple[int, int]:

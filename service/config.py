@@ -15,8 +15,6 @@ from typing import Literal
 from pydantic import Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TRAIN_QUEUE = "train"
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZOOFIT_", env_file=".env", extra="ignore")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from service.cli import stop_process
+from service.processes import stop_process
 from service.sample_data import animal_split, png_bytes, zip_dataset
 
 DEMO_JOB: dict[str, Any] = {

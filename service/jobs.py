@@ -10,22 +10,14 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service import idempotency
-from service.config import TRAIN_QUEUE, Settings
+from service.config import Settings
 from service.datasets import get_dataset
 from service.db import IdempotencyRow, JobRow, JobStatus, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.schemas import JobCreate
 
-TASK_NAME = "zoofit.train_job"
-
+# How a job id is sent to the workers: ``service.queue.enqueue``, or a stand-in in tests.
 Enqueue = Callable[[str], None]
-
-
-def celery_enqueue(job_id: str) -> None:
-    """Send the job id to the ``train`` queue (no torch import on the API side)."""
-    from workers.celery_app import get_celery
-
-    get_celery().send_task(TASK_NAME, args=[job_id], queue=TRAIN_QUEUE)
 
 
 def submit_job(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import TrainSpec
+from service.auth import TENANT_PATTERN
 
 
 class SkippedFile(BaseModel):
@@ -45,6 +46,31 @@ class BackbonePublic(BaseModel):
 
 class BackbonesPublic(BaseModel):
     data: list[BackbonePublic]
+    count: int
+
+
+class KeyCreate(BaseModel):
+    tenant: str = Field(..., pattern=TENANT_PATTERN)
+    admin: bool = False
+
+
+class KeyPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tenant: str
+    prefix: str
+    admin: bool
+    revoked: bool
+    created_at: datetime
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the API key; shown only now, store it safely")
+
+
+class KeysPublic(BaseModel):
+    data: list[KeyPublic]
     count: int
 
 
@@ -235,7 +261,3 @@ class ReportPublic(BaseModel):
         default_factory=dict, description="raw, EMA and ensemble validation accuracy side by side"
     )
     figures: dict[str, str] = Field(description="PNG routes of this report")
-
-
-class Message(BaseModel):
-    message: str

@@ -19,7 +19,7 @@ REDIS_URL = os.environ.get("ZOOFIT_TEST_REDIS", "redis://127.0.0.1:6379/11")
 def _clear_caches() -> None:
     get_settings.cache_clear()
     try:
-        from workers.celery_app import get_celery
+        from service.queue import get_celery
 
         get_celery.cache_clear()
     except ImportError:

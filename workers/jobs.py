@@ -25,15 +25,15 @@ import shutil
 import time
 import traceback
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, update
 
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
+from workers.reconcile import heartbeat_cutoff
 
 if TYPE_CHECKING:
     from models.checkpoint import TrainState
@@ -65,10 +65,9 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
     """
     from models.checkpoint import has_state
 
-    stale_before = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
     running_ok = JobRow.status == JobStatus.RUNNING
     if not redelivered:
-        running_ok = running_ok & (JobRow.heartbeat_at < stale_before)
+        running_ok = running_ok & (JobRow.heartbeat_at < heartbeat_cutoff(settings))
     with session_scope(settings) as s:
         job = s.get(JobRow, job_id)
         if job is None:
@@ -203,7 +202,7 @@ def _finish(job_id: str, settings: Settings, status: str, **values: Any) -> None
 def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             settings: Settings | None = None) -> str | None:
     """Claim and run one training job. Returns the final status, or None if not claimed."""
-    from models.artifact import save_artifact
+    from models.artifact import read_manifest, save_artifact
     from models.checkpoint import save_state
     from models.data import load_folder
     from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
@@ -259,7 +258,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             data,
             spec,
             hooks=hooks,
-            device=None if settings.device == "auto" else settings.device,
+            device=settings.device,
             num_threads=settings.torch_threads,
             resume=resume,
             cache=_cache_bounds(settings),
@@ -277,7 +276,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             raise
         report = result.report()
         with session_scope(settings) as s:
-            manifest = _read_manifest(dest)
+            manifest = read_manifest(dest)
             s.add(
                 ModelRow(
                     id=model_id,
@@ -357,7 +356,7 @@ def _sweep(
         spec,
         train_fn=functools.partial(
             train,
-            device=None if settings.device == "auto" else settings.device,
+            device=settings.device,
             num_threads=settings.torch_threads,
             cache=_cache_bounds(settings),
         ),
@@ -406,15 +405,6 @@ def _resume_state(
         shutil.rmtree(directory, ignore_errors=True)
     reporter.start_over()
     return None
-
-
-def _read_manifest(dest: Path) -> dict[str, Any]:
-    return json.loads((dest / "manifest.json").read_text())
-
-
-def running_jobs(settings: Settings) -> list[str]:
-    with session_scope(settings) as s:
-        return list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.RUNNING)))
 
 
 def _cache_bounds(settings: Settings) -> CacheBounds:

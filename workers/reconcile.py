@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 
@@ -22,8 +22,13 @@ from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
 log = logging.getLogger("zoofit.reconcile")
 
 
+def heartbeat_cutoff(settings: Settings) -> datetime:
+    """A running job whose heartbeat is older than this (three heartbeat periods) has lost its worker."""
+    return utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+
+
 def stale_jobs(settings: Settings) -> list[str]:
-    cutoff = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+    cutoff = heartbeat_cutoff(settings)
     with session_scope(settings) as s:
         return list(
             s.scalars(
@@ -67,7 +72,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
             log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
             enqueue(job_id)
             requeued.append(job_id)
-    cutoff = utcnow() - timedelta(seconds=3 * settings.worker_heartbeat_s)
+    cutoff = heartbeat_cutoff(settings)
     for job_id in stale_jobs(settings):
         with session_scope(settings) as s:
             # Guarded: only if it is still running and still stale (no worker came back to it).

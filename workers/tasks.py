@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from celery import Task
 
+from service.queue import TRAIN_TASK
 from workers.celery_app import app
 from workers.jobs import run_job
 
 
-@app.task(name="zoofit.train_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def train_job(self: Task, job_id: str) -> str | None:
     """Train the job with this id (safe to run twice: a finished or held job is skipped)."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))

@@ -12,8 +12,9 @@ from service.auth import DEFAULT_TENANT, Forbidden, Principal, authenticate
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.db import session_scope
-from service.jobs import Enqueue, celery_enqueue
+from service.jobs import Enqueue
 from service.models_store import PredictorCache
+from service.queue import enqueue
 
 
 def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
@@ -50,7 +51,7 @@ def get_batcher(request: Request) -> MicroBatcher:
 
 
 def get_enqueue() -> Enqueue:
-    return celery_enqueue
+    return enqueue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from service.api.deps import SettingsDep
 from service.config import Settings
 from service.db import get_engine
+from service.queue import get_celery
 
 router = APIRouter(tags=["health"])
 
@@ -27,8 +28,6 @@ def _check(settings: Settings) -> dict[str, str]:
     except Exception as exc:
         checks["database"] = f"error: {exc}"
     try:
-        from workers.celery_app import get_celery
-
         with get_celery().connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
         checks["broker"] = "ok"

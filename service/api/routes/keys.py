@@ -1,39 +1,12 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
 
 from service import auth
 from service.api.deps import AdminDep, SessionDep
+from service.schemas import KeyCreate, KeyCreated, KeyPublic, KeysPublic
 
 router = APIRouter(prefix="/keys", tags=["keys"])
-
-
-class KeyCreate(BaseModel):
-    tenant: str = Field(..., pattern=auth.TENANT_PATTERN)
-    admin: bool = False
-
-
-class KeyPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    tenant: str
-    prefix: str
-    admin: bool
-    revoked: bool
-    created_at: datetime
-
-
-class KeyCreated(KeyPublic):
-    key: str = Field(description="the API key; shown only now, store it safely")
-
-
-class KeysPublic(BaseModel):
-    data: list[KeyPublic]
-    count: int
 
 
 @router.post("", status_code=201, response_model=KeyCreated)
