@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,11 +12,20 @@ import pytest
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# Set by .ci/run, which installs docker-compose first: there a missing docker-compose is a failure, not a skip.
+REQUIRE_COMPOSE = "ZOOFIT_TEST_REQUIRE_COMPOSE"
+
+
+def _compose_required() -> bool:
+    return os.environ.get(REQUIRE_COMPOSE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _config(*files: str) -> str:
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose not installed (apt-get install -y docker-compose)")
+        hint = "docker-compose not installed (apt-get install -y docker-compose)"
+        if _compose_required():
+            pytest.fail(f"{hint}, and {REQUIRE_COMPOSE} says the compose files must be checked")
+        pytest.skip(hint)
     args = ["docker-compose"]
     for f in files:
         args += ["-f", str(ROOT / f)]
@@ -43,3 +53,13 @@ def test_compose_env_names_are_real_settings():
     names = {line.split(":")[0].strip() for line in text.splitlines() if line.strip().startswith("ZOOFIT_")}
     fields = {f"ZOOFIT_{name.upper()}" for name in Settings.model_fields}
     assert names and names <= fields, names - fields
+
+
+def test_a_missing_docker_compose_fails_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setenv(REQUIRE_COMPOSE, "1")
+    with pytest.raises(pytest.fail.Exception, match="docker-compose not installed"):
+        _config("docker-compose.yml")
+    monkeypatch.delenv(REQUIRE_COMPOSE)
+    with pytest.raises(pytest.skip.Exception):
+        _config("docker-compose.yml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import stat
 import tarfile
 import tempfile
@@ -17,7 +18,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service.ingest import DatasetRejected, IngestLimits, IngestResult, ingest_archive
@@ -116,6 +117,8 @@ def _flip(data: bytes, positions: list[int], bits: list[int]) -> bytes:
 
 @st.composite
 def mutated_archives(draw: st.DrawFn) -> bytes:
+    # Some draws change nothing (a truncation at the full length, an empty duplicated range): those
+    # must be accepted like the unmutated archive.
     data = valid_archive(draw(st.sampled_from(FORMATS)))
     n = len(data)
     kind = draw(st.sampled_from(["flip", "truncate", "splice", "overwrite", "duplicate", "combo"]))
@@ -148,9 +151,15 @@ def test_unmutated_archives_are_accepted() -> None:
 
 
 @given(data=mutated_archives())
+@example(data=valid_archive("zip")).via("an unmutated archive")
+@example(data=valid_archive("tar")).via("an unmutated archive")
+@example(data=valid_archive("tar.gz")).via("an unmutated archive")
 @fuzz_settings(150)
 def test_damaged_archives_are_stored_or_refused_cleanly(data: bytes) -> None:
-    check_ingest(data)
+    outcome = check_ingest(data)
+    if data in {valid_archive(fmt) for fmt in FORMATS}:  # the mutation changed nothing
+        assert isinstance(outcome, IngestResult), outcome
+        assert outcome.counts == {"cat": 2, "dog": 2}
 
 
 # --------------------------------------------------------------------------- hostile members
@@ -235,11 +244,33 @@ def _is_regular(fmt: str, kind: int) -> bool:
     return TAR_KINDS[kind % len(TAR_KINDS)] in (tarfile.REGTYPE, tarfile.CONTTYPE)
 
 
+# Every payload the strategies draw that is a whole, small PNG (the core's and PAYLOADS' noise images).
+SMALL_PNGS = frozenset(noise_image(seed=seed, size=(8, 8)) for seed in range(51))
+
+
+def _honest_counts(entries: list[tuple[str, int, bytes]]) -> dict[str, int] | None:
+    """Per-class counts when ``entries`` are only the valid core (no hostile entry drawn), else None."""
+    names = [name for name, _, _ in entries]
+    honest = len(set(names)) == len(names) and all(
+        kind == 0 and re.fullmatch(r"(cat|dog)/[0-9]+\.png", name) and payload in SMALL_PNGS
+        for name, kind, payload in entries
+    )
+    counts = {c: sum(name.startswith(c + "/") for name in names) for c in ("cat", "dog")}
+    return counts if honest and min(counts.values()) >= LIMITS.min_images_per_class else None
+
+
+CORE = [("cat/0.png", 0, noise_image(seed=0, size=(8, 8))), ("dog/0.png", 0, noise_image(seed=10, size=(8, 8))),
+        ("dog/1.png", 0, noise_image(seed=11, size=(8, 8)))]
+
+
 @given(
     fmt=st.sampled_from(FORMATS),
     entries=hostile_members(),
     link_target=st.sampled_from(["/etc/passwd", "../../outside", "cat/0.png", "", "x" * 200]),
 )
+@example(fmt="zip", entries=CORE, link_target="").via("no hostile entry")
+@example(fmt="tar", entries=CORE, link_target="").via("no hostile entry")
+@example(fmt="tar.gz", entries=CORE, link_target="").via("no hostile entry")
 @fuzz_settings(150)
 def test_hostile_members_are_stored_safely_or_refused(fmt: str, entries: list, link_target: str) -> None:
     data = _zip_bytes(entries, link_target) if fmt == "zip" else _tar_bytes(entries, fmt == "tar.gz", link_target)
@@ -247,3 +278,7 @@ def test_hostile_members_are_stored_safely_or_refused(fmt: str, entries: list, l
     if isinstance(outcome, IngestResult):
         # Only regular files can have become images: no link, device or folder entry did.
         assert outcome.num_images <= sum(_is_regular(fmt, kind) for _, kind, _ in entries)
+    honest = _honest_counts(entries)
+    if honest is not None:  # nothing hostile was drawn: a plain, valid dataset
+        assert isinstance(outcome, IngestResult), outcome
+        assert outcome.counts == honest

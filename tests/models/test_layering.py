@@ -65,5 +65,8 @@ sys.exit(f"imported {{loaded}}" if loaded else 0)
 
 def test_report_types_do_not_import_torch() -> None:
     # The API builds its schemas (and /openapi.json) from models.report without loading torch.
-    code = "import sys, models.report, models.runtime, models.units; sys.exit(any(m in sys.modules for m in ('torch', 'timm')))"
+    code = (
+        "import sys, models.report, models.runtime, models.units; "
+        "sys.exit(any(m in sys.modules for m in ('torch', 'timm')))"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from models import member
 from models.artifact import load_predictor, save_artifact
 from models.checkpoint import TrainState
-from models.data import ImageArray
+from models.data import ImageArray, stratified_split
 from models.ensemble import greedy_selection, polyak
 from models.freezing import resolve_transfer
 from models.member import Best as _Best
-from models.optim import cycle_ends, lr_at_epochs
+from models.optim import create_optimizer, cycle_ends, lr_at_epochs
+from models.results import TrainedMember
 from models.spec import FreezeSpec, TrainSpec
 from models.training import TrainHooks, train
 from models.transforms import normalize_batch
@@ -66,6 +68,55 @@ def test_served_ema_weights_are_the_average_at_the_best_epoch(lfw_data: ImageArr
         torch.testing.assert_close(v, ema[k])
     runs = result.comparison["runs"][0]
     assert runs["ema_best_val_acc"] is not None and runs["raw_best_val_acc"] is not None
+
+
+def test_the_training_loop_updates_the_ema_after_every_optimizer_step(
+    lfw_data: ImageArray, tiny_spec: Spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The EMA at the end of each epoch must be the Polyak recursion ema = d * ema + (1 - d) * w over the
+    # raw weights w after every optimizer step, starting from the weights the EMA was created from.
+    decay = 0.9
+    start: dict[str, torch.Tensor] = {}
+    raw: list[dict[str, torch.Tensor]] = []  # the raw weights after each optimizer step
+
+    def floats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def spy_polyak(model: torch.nn.Module, decay: float) -> object:
+        assert not start, "one member, one EMA"
+        start.update(floats(model))
+        return polyak(model, decay)
+
+    def spy_optimizer(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.optim.Optimizer:
+        opt = create_optimizer(model, *args, **kwargs)
+        opt.register_step_post_hook(lambda *_: raw.append(floats(model)))
+        return opt
+
+    monkeypatch.setattr(member, "polyak", spy_polyak)
+    monkeypatch.setattr(member, "create_optimizer", spy_optimizer)
+    at_epoch: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+
+    def keep(state: TrainState) -> None:
+        assert state.ema is not None
+        at_epoch[state.epoch] = (len(raw), {k: v.detach().clone() for k, v in state.ema.items()})
+
+    spec = tiny_spec(epochs=2, ensemble={"ema": True, "ema_decay": decay, "serve": "raw"})
+    train(lfw_data, spec, device="cpu", hooks=TrainHooks(checkpoint=keep))
+    assert start and sorted(at_epoch) == [0, 1]
+    assert at_epoch[0][0] == 5 and at_epoch[1][0] == 10  # 160 training images in batches of 32
+    expected = dict(start)
+    done = 0
+    for steps, ema in at_epoch.values():
+        for w in raw[done:steps]:
+            expected = {k: decay * v + (1 - decay) * w[k] for k, v in expected.items()}
+        done = steps
+        assert expected.keys() <= ema.keys()
+        for k, v in expected.items():
+            torch.testing.assert_close(ema[k], v, msg=lambda m, k=k: f"{k}: {m}")
+    # Not trivially equal to the start or to the raw weights: the average lags behind them.
+    last = at_epoch[1][1]
+    assert not torch.allclose(last["classifier.weight"], start["classifier.weight"])
+    assert not torch.allclose(last["classifier.weight"], raw[-1]["classifier.weight"])
 
 
 def test_snapshot_ensemble_of_three_cycles_stores_three_distinct_members(
@@ -119,6 +170,12 @@ def test_greedy_selection_drops_a_member_that_hurts() -> None:
     assert chosen == [1, 2] and path[1] < path[0]
 
 
+def _val_probs(member: TrainedMember, data: ImageArray, val_idx: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        logits = member.build()(normalize_batch(data.images[val_idx], member.preprocess))
+    return logits.float().softmax(dim=1).numpy()
+
+
 def test_greedy_ensemble_keeps_a_subset_and_reports_all(lfw_data: ImageArray, tiny_spec: Spec) -> None:
     spec = tiny_spec(epochs=1, ensemble={"members": 3, "greedy": True})
     result = train(lfw_data, spec, device="cpu")
@@ -126,6 +183,19 @@ def test_greedy_ensemble_keeps_a_subset_and_reports_all(lfw_data: ImageArray, ti
     assert len(result.members) == len(chosen) >= 1
     assert len(result.comparison["members"]) == 3
     assert result.comparison["ensemble_all_val_acc"] == result.applied["greedy"]["all_val_acc"]
+    # The same three members (same seeds) without selection, run through greedy selection here:
+    # at one epoch two of them are far worse than the third, so selection must drop at least one.
+    every = train(lfw_data, tiny_spec(epochs=1, ensemble={"members": 3}), device="cpu")
+    assert [m.seed for m in every.members] == [spec.seed + i for i in range(3)]
+    _, val_idx = stratified_split(lfw_data.labels, spec.val_fraction, spec.seed)
+    y = lfw_data.labels[val_idx]
+    probs = [_val_probs(m, lfw_data, val_idx) for m in every.members]
+    want, _ = greedy_selection(probs, y)
+    assert 1 <= len(want) < 3, want
+    assert chosen == want
+    assert [m.seed for m in result.members] == [spec.seed + c for c in want]
+    served = np.mean([probs[c] for c in want], axis=0)
+    assert result.val_acc == pytest.approx(float((served.argmax(axis=1) == y).mean()))
 
 
 def test_the_monitored_metric_picks_the_best_weights() -> None:
@@ -178,11 +248,19 @@ def test_lbfgs_probe_converges_inside_train(lfw_data: ImageArray, tiny_spec: Spe
     assert losses[-1] <= losses[0]
 
 
-def test_frozen_batchnorm_statistics_stay_put_unless_asked(lfw_data: ImageArray, tiny_spec: Spec) -> None:
-    frozen = train(lfw_data, tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2}), device="cpu")
-    moving = train(
-        lfw_data, tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2, "train_bn": True}), device="cpu"
+# With the cache on, the frozen layers never see a batch; "off" runs them on every training batch.
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_frozen_batchnorm_statistics_stay_put_unless_asked(
+    lfw_data: ImageArray, tiny_spec: Spec, cache: str
+) -> None:
+    frozen = train(
+        lfw_data, tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2}, cache={"mode": cache}), device="cpu"
     )
+    moving = train(
+        lfw_data, tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2, "train_bn": True}, cache={"mode": cache}),
+        device="cpu",
+    )
+    assert frozen.applied["members"][0]["cache"]["path"] == {"auto": "memory", "off": "off"}[cache]
     # Random init: running means start at zero.
     assert torch.count_nonzero(frozen.members[0].state_dict["bn1.running_mean"]) == 0
     assert torch.count_nonzero(moving.members[0].state_dict["bn1.running_mean"]) > 0

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from models import member as member_setup
 from models.data import ImageArray, stratified_split
 from models.errors import TrainingCancelled, TrainingError
+from models.heads import create_classifier
 from models.optim import lr_at_epochs
 from models.spec import EpochRecord
 from models.training import TrainHooks, train
@@ -68,14 +70,44 @@ def test_ensemble_metrics_average_member_probabilities(lfw_data: ImageArray, tin
     assert result.val_loss == pytest.approx(float(-probs[torch.arange(len(y)), y].log().mean()), rel=1e-4)
 
 
-def test_frozen_part_keeps_its_batchnorm_statistics(lfw_data: ImageArray, tiny_spec) -> None:
-    spec = tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2})
+# With the cache on, the frozen layers never see a batch; "off" runs them on every training batch.
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_frozen_part_keeps_its_batchnorm_statistics(lfw_data: ImageArray, tiny_spec, cache: str) -> None:
+    spec = tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2}, cache={"mode": cache})
     result = train(lfw_data, spec, device="cpu")
+    assert result.applied["members"][0]["cache"]["path"] == {"auto": "memory", "off": "off"}[cache]
     sd = result.members[0].state_dict
     # Random init starts BatchNorm at mean 0 / var 1; only the unfrozen layers may move.
     assert torch.all(sd["bn1.running_mean"] == 0) and torch.all(sd["bn1.running_var"] == 1)
     assert not torch.all(sd["bn2.running_mean"] == 0)
     assert result.members[0].freeze["frozen_groups"] == ["conv_stem+bn1", "blocks.0"]
+
+
+def test_frozen_layers_run_in_eval_mode_when_the_cache_is_off(
+    lfw_data: ImageArray, tiny_spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the cache the frozen prefix runs on every training batch; it must run in eval mode
+    # (BatchNorm statistics fixed, no dropout or drop-path), while the layers that train run in train mode.
+    ran_training: set[str] = set()
+
+    def spy(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = create_classifier(*args, **kwargs)
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_pre_hook(
+                    lambda m, _, name=name: ran_training.add(name) if m.training else None
+                )
+        return model
+
+    monkeypatch.setattr(member_setup, "create_classifier", spy)
+    spec = tiny_spec(epochs=1, freeze={"mode": "first_n", "stages": 2}, cache={"mode": "off"})
+    result = train(lfw_data, spec, device="cpu")
+    assert result.applied["members"][0]["cache"]["path"] == "off"
+    assert result.members[0].freeze["frozen_groups"] == ["conv_stem+bn1", "blocks.0"]
+    in_frozen = ("conv_stem", "bn1", "blocks.0")
+    frozen = sorted(n for n in ran_training if any(n == g or n.startswith(g + ".") for g in in_frozen))
+    assert frozen == [], f"frozen layers ran in train mode: {frozen}"
+    assert {"blocks.1", "bn2", "classifier"} <= ran_training, sorted(ran_training)
 
 
 def test_early_stopping_with_patience(lfw_data: ImageArray, tiny_spec) -> None:
