@@ -3,8 +3,8 @@
 ``save_artifact`` writes into a temporary sibling folder and renames it into place, so a
 crash never leaves a half-written model. ``load_predictor`` rebuilds every member from the
 manifest (``create_backbone(..., weights='none')``) and loads the tensors with safetensors.
-The manifest also holds the evaluation ``report`` and the fitted ``temperature``, which the
-``Predictor`` applies to the ensemble's averaged probabilities.
+The manifest (``models.manifest``) also holds the evaluation ``report`` and the fitted
+``temperature``, which the ``Predictor`` applies to the ensemble's averaged probabilities.
 """
 
 from __future__ import annotations
@@ -14,32 +14,27 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.torch
-import timm
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvf
 
 from .data import to_array
 from .ensemble import Ensemble
-from .errors import ZooError
 from .evaluation import scale_probs_torch
 from .heads import HeadConfig, create_classifier
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, ArtifactError, manifest_for, read_manifest
 from .results import TrainResult
 from .runtime import resolve_device
 from .spec import TrainSpec, check_name
 from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess
 
-FORMAT = "zoofit-model"
-FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 PREDICT_BATCH = 64
 # Test-time augmentation: the views whose ensemble probabilities are averaged.
 #   none: the image as in training (shorter side resized to S, center crop S x S);
@@ -49,43 +44,6 @@ PREDICT_BATCH = 64
 #     RandomResizedCrop shows the model (scale >= crop_scale_min, 0.6 by default).
 TTA_MODES = ("none", "hflip", "five_crop")
 FIVE_CROP_PCT = 0.875
-
-
-class ArtifactError(ZooError):
-    """A saved model folder that cannot be loaded (missing files, unknown format)."""
-
-
-def manifest_for(result: TrainResult, spec: TrainSpec) -> dict[str, Any]:
-    """The JSON manifest describing ``result`` (see ``save_artifact``)."""
-    report = result.report()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": list(result.classes),
-        "preprocess": result.preprocess.to_dict(),
-        "members": [
-            {
-                "backbone": m.backbone,
-                "num_classes": m.num_classes,
-                "drop_rate": m.drop_rate,
-                "mean": list(m.preprocess.mean),
-                "std": list(m.preprocess.std),
-                "val_acc": m.val_acc,
-                "val_loss": m.val_loss if math.isfinite(m.val_loss) else None,
-                "best_epoch": m.best_epoch,
-                "seed": m.seed,
-                "head": dict(m.head),
-                "served": m.served,
-            }
-            for m in result.members
-        ],
-        "metrics": report,
-        "report": report,
-        "temperature": result.temperature,
-        "spec": spec.model_dump(mode="json"),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-    }
 
 
 def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite: bool = True) -> Path:
@@ -136,25 +94,6 @@ def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the model folder ``path``.
-
-    Raises:
-        ArtifactError: no manifest, or not a zoofit model of a format this code reads.
-    """
-    file = Path(path) / MANIFEST_FILE
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {file}: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{file} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
-        )
-    return manifest
 
 
 class Predictor:

@@ -225,8 +225,10 @@ class Applied(_Section):
     snapshot: SnapshotApplied | None = None
 
 
-class ReportSummary(_Section):
-    """The compact part of a report that lists carry."""
+class ReportSummary(BaseModel):
+    """The compact part of a report that lists carry (validated from a whole report, it drops the rest)."""
+
+    model_config = ConfigDict(extra="ignore")
 
     val_acc: float
     val_loss: Metric
@@ -242,6 +244,8 @@ class ReportSummary(_Section):
 
 class Report(ReportSummary):
     """A model's evaluation report on its held-out validation split (the averaged ensemble)."""
+
+    model_config = ConfigDict(extra="allow")
 
     members: list[MemberReport]
     classes: list[str]
@@ -263,4 +267,4 @@ class Report(ReportSummary):
 
     def summary(self) -> ReportSummary:
         """The compact part (what list endpoints carry)."""
-        return ReportSummary.model_validate(self.model_dump(include=set(ReportSummary.model_fields)))
+        return ReportSummary.model_validate(self.model_dump())

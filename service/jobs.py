@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from service import idempotency
+from service import idempotency, models_store
 from service.config import Settings
 from service.datasets import get_dataset
-from service.db import IdempotencyRow, JobRow, JobStatus, new_id, page, utcnow
+from service.db import IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.schemas import JobCreate
 
@@ -92,3 +93,13 @@ def cancel_job(session: Session, job_id: str, tenant: str) -> JobRow:
     session.commit()
     session.refresh(job)
     return job
+
+
+def job_public(session: Session, job: JobRow) -> dict[str, Any]:
+    """One job as the API shows it: ``metrics`` is its model's whole report while the model exists."""
+    public = {c.key: getattr(job, c.key) for c in JobRow.__table__.columns}
+    if job.model_id is not None:
+        model = session.get(ModelRow, job.model_id)
+        if model is not None and model.tenant == job.tenant:
+            public["metrics"] = models_store.stored_report(model) or job.metrics
+    return public

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.manifest import ArtifactError, read_manifest
 from service.db import ModelRow, page
 from service.errors import NotFound
 
@@ -39,7 +40,8 @@ def list_models(session: Session, tenant: str, offset: int, limit: int) -> tuple
     return page(session, select(ModelRow).where(ModelRow.tenant == tenant), offset, limit)
 
 
-def model_public(row: ModelRow) -> dict[str, Any]:
+def model_public(row: ModelRow, *, with_report: bool = False) -> dict[str, Any]:
+    """The model as the API shows it: ``metrics`` is the report's summary, or the whole report."""
     manifest = row.manifest or {}
     return {
         "id": row.id,
@@ -47,16 +49,32 @@ def model_public(row: ModelRow) -> dict[str, Any]:
         "dataset_id": row.dataset_id,
         "classes": row.classes,
         "members": manifest.get("members", []),
-        "metrics": row.metrics,
+        "metrics": stored_report(row) or row.metrics if with_report else row.metrics,
         "spec": manifest.get("spec", {}),
         "preprocess": manifest.get("preprocess", {}),
         "created_at": row.created_at,
     }
 
 
+def stored_report(row: ModelRow) -> dict[str, Any] | None:
+    """The evaluation report in the model folder's manifest (its one stored copy), if it has one.
+
+    Rows written by releases before the report was stored once also carry it in the database.
+    """
+    try:
+        report = read_manifest(Path(row.path)).get("report")
+    except ArtifactError:
+        report = None
+    return report or (row.manifest or {}).get("report")
+
+
 def model_report(row: ModelRow) -> dict[str, Any]:
-    """The evaluation report stored in the model's manifest."""
-    report = (row.manifest or {}).get("report")
+    """The model's evaluation report.
+
+    Raises:
+        NotFound: the model was saved before reports existed, or its folder is unreadable.
+    """
+    report = stored_report(row)
     if not report:
         raise NotFound(f"model {row.id!r} has no evaluation report (it was saved before reports existed)")
     return dict(report)

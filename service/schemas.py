@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.report import Report, ReportSummary
 from models.spec import TrainSpec
 from service.auth import TENANT_PATTERN
 
@@ -81,7 +82,9 @@ class JobCreate(TrainSpec):
     dataset_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[^\x00]+$")
 
 
-class JobPublic(BaseModel):
+class JobSummaryPublic(BaseModel):
+    """A job as lists show it: no per-epoch history, the report's summary only."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -89,8 +92,7 @@ class JobPublic(BaseModel):
     status: str
     spec: dict[str, Any]
     progress: dict[str, Any]
-    history: list[dict[str, Any]]
-    metrics: dict[str, Any] | None
+    metrics: ReportSummary | None = Field(description="the trained model's headline figures")
     error: str | None
     cancel_requested: bool
     model_id: str | None
@@ -100,12 +102,23 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
 
 
+class JobPublic(JobSummaryPublic):
+    """One job: its per-epoch history and, once it succeeded, its model's whole evaluation report."""
+
+    history: list[dict[str, Any]]
+    metrics: Report | ReportSummary | None = Field(  # type: ignore[assignment]
+        description="the model's evaluation report (its summary once the model is deleted)"
+    )
+
+
 class JobsPublic(BaseModel):
-    data: list[JobPublic]
+    data: list[JobSummaryPublic]
     count: int
 
 
-class ModelPublic(BaseModel):
+class ModelSummaryPublic(BaseModel):
+    """A model as lists show it: the report's summary only."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -113,14 +126,20 @@ class ModelPublic(BaseModel):
     dataset_id: str
     classes: list[str]
     members: list[dict[str, Any]]
-    metrics: dict[str, Any]
+    metrics: ReportSummary
     spec: dict[str, Any]
     preprocess: dict[str, Any]
     created_at: datetime
 
 
+class ModelPublic(ModelSummaryPublic):
+    """One model, with its whole evaluation report as ``metrics``."""
+
+    metrics: Report | ReportSummary  # type: ignore[assignment]
+
+
 class ModelsPublic(BaseModel):
-    data: list[ModelPublic]
+    data: list[ModelSummaryPublic]
     count: int
 
 
@@ -144,120 +163,8 @@ class PredictionPublic(BaseModel):
 TTAMode = Literal["none", "hflip", "five_crop"]
 
 
-class ClassMetricsPublic(BaseModel):
-    label: str
-    precision: float
-    recall: float
-    f1: float
-    support: int = Field(description="validation images of this class")
-
-
-class AveragedMetricsPublic(BaseModel):
-    precision: float
-    recall: float
-    f1: float
-
-
-class EvaluationPublic(BaseModel):
-    size: int = Field(description="validation images")
-    accuracy: float | None
-    top_k_acc: dict[str, float | None] = Field(description="k -> top-k accuracy, for k up to the class count")
-    per_class: list[ClassMetricsPublic]
-    macro_avg: AveragedMetricsPublic
-    weighted_avg: AveragedMetricsPublic
-    confusion: list[list[int]] = Field(description="counts; row = true class, column = predicted, in class order")
-
-
-class ReliabilityBinPublic(BaseModel):
-    lower: float
-    upper: float
-    count: int
-    confidence: float | None = Field(description="mean largest probability in the bin; null when empty")
-    accuracy: float | None
-
-
-class CalibrationStatePublic(BaseModel):
-    ece: float | None = Field(description="expected calibration error")
-    nll: float | None = Field(description="mean negative log-likelihood")
-    reliability: list[ReliabilityBinPublic]
-
-
-class CalibrationPublic(BaseModel):
-    bins: int
-    temperature: float
-    temperature_bounds: tuple[float, float]
-    before: CalibrationStatePublic
-    after: CalibrationStatePublic = Field(description="after temperature scaling (fitted on the same split)")
-
-
-class MemberCurvesPublic(BaseModel):
-    member: int
-    best_epoch: int | None
-    epoch: list[int] = Field(description="0-based, as in the job history")
-    train_loss: list[float | None]
-    val_loss: list[float | None]
-    train_acc: list[float | None]
-    val_acc: list[float | None]
-    lr: list[float | None]
-
-
-class SweepTrialPublic(BaseModel):
-    trial: int = Field(description="configuration id, 0-based, unique across rounds")
-    round: int = Field(description="coarse-to-fine round, 0-based")
-    rung: int = Field(description="successive-halving rung, 0-based; each rung trains from scratch")
-    epochs: int
-    lr: float
-    weight_decay: float
-    optimizer: str
-    freeze_stages: int
-    head_dropout: float
-    status: str = Field(description="running, done or failed (diverged: ranked last)")
-    outcome: str | None = Field(description="promoted, stopped, or best (the round's winner); null while running")
-    val_acc: float | None
-    val_loss: float | None
-    seconds: float
-    error: str | None
-
-
-class SweepRoundPublic(BaseModel):
-    round: int
-    lr: tuple[float, float] = Field(description="log-uniform range sampled in this round")
-    weight_decay: tuple[float, float]
-    trials: int
-
-
-class SweepPublic(BaseModel):
-    """The hyperparameter sweep that chose the model's recipe (``models.sweep.SweepResult.to_dict``)."""
-
-    trials: list[SweepTrialPublic] = Field(description="one record per trial and rung, in the order run")
-    rounds: list[SweepRoundPublic]
-    best: SweepTrialPublic | None
-    final_spec: dict[str, Any] | None = Field(description="the recipe the final model was trained with")
-    epochs_trained: int = Field(description="epochs spent on trials")
-    seconds: float
-
-
-class ReportPublic(BaseModel):
+class ReportPublic(Report):
     """A model's evaluation report on its held-out validation split (the averaged ensemble)."""
 
     model_id: str
-    classes: list[str]
-    val_acc: float
-    val_loss: float | None
-    val_size: int
-    train_size: int
-    temperature: float = Field(description="applied at predict: p = softmax(log p_ensemble / T)")
-    evaluation: EvaluationPublic
-    calibration: CalibrationPublic
-    curves: list[MemberCurvesPublic]
-    members: list[dict[str, Any]]
-    sweep: SweepPublic | None = Field(None, description="the sweep before the final training, if the job had one")
-    applied: dict[str, Any] = Field(
-        default_factory=dict,
-        description="what each member's run actually did: transfer strategy (and why, for auto), frozen-prefix "
-        "cache path, optimizer groups and their lr, schedule, head, augmentation, EMA, snapshots, greedy selection",
-    )
-    comparison: dict[str, Any] = Field(
-        default_factory=dict, description="raw, EMA and ensemble validation accuracy side by side"
-    )
     figures: dict[str, str] = Field(description="PNG routes of this report")

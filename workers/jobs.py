@@ -202,10 +202,11 @@ def _finish(job_id: str, settings: Settings, status: str, **values: Any) -> None
 def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             settings: Settings | None = None) -> str | None:
     """Claim and run one training job. Returns the final status, or None if not claimed."""
-    from models.artifact import read_manifest, save_artifact
+    from models.artifact import save_artifact
     from models.checkpoint import save_state
     from models.data import load_folder
     from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
+    from models.manifest import read_manifest, without_report
     from models.sweep import with_sweep
     from models.training import TrainHooks, train
     from models.zoo import preprocess_for
@@ -266,7 +267,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
         if sweep is not None:
-            result = with_sweep(result, sweep)  # report()["sweep"]: in the manifest and the metrics
+            result = with_sweep(result, sweep)  # the report's "sweep" section
         reporter.stage("saving model")
         try:
             save_artifact(result, spec, dest)  # all or nothing: a temporary folder renamed into place
@@ -274,9 +275,10 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             if is_disk_full(exc):
                 raise DiskFullError(f"disk full while writing the model to {dest}") from exc
             raise
-        report = result.report()
+        # The report is stored once, in the model folder's manifest; the rows keep its summary.
+        manifest = read_manifest(dest)
+        summary = manifest["metrics"]
         with session_scope(settings) as s:
-            manifest = read_manifest(dest)
             s.add(
                 ModelRow(
                     id=model_id,
@@ -284,8 +286,8 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
                     job_id=job_id,
                     dataset_id=dataset.id,
                     classes=list(result.classes),
-                    manifest=manifest,
-                    metrics=report,
+                    manifest=without_report(manifest),
+                    metrics=summary,
                     path=str(dest),
                 )
             )
@@ -294,7 +296,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
                 .where(JobRow.id == job_id)
                 .values(
                     status=JobStatus.SUCCEEDED,
-                    metrics=report,
+                    metrics=summary,
                     model_id=model_id,
                     progress={"stage": "done", **reporter.sticky},
                     finished_at=utcnow(),

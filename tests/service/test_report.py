@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import get_args
 
-from service.db import JobStatus, ModelRow, session_scope
+from service.db import JobRow, JobStatus, ModelRow, session_scope
 from service.schemas import TTAMode
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
@@ -68,6 +70,9 @@ def test_predict_tta_and_a_model_saved_without_a_report(client, settings) -> Non
         row = s.get(ModelRow, model_id)
         assert row is not None
         row.manifest = {k: v for k, v in row.manifest.items() if k != "report"}
+        manifest_file = Path(row.path) / "manifest.json"  # the report's one stored copy
+        manifest = json.loads(manifest_file.read_text())
+        manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "report"}))
     r = client.get(f"/v1/models/{model_id}/report")
     assert r.status_code == 404 and "no evaluation report" in r.json()["detail"]
     assert client.get(f"/v1/models/{model_id}/report/confusion.png").status_code == 404
@@ -90,3 +95,43 @@ def test_tta_modes_match_the_engine() -> None:
     from models.artifact import TTA_MODES
 
     assert get_args(TTAMode) == TTA_MODES
+
+
+def test_the_report_is_stored_once_and_lists_carry_its_summary(client, settings) -> None:
+    model_id = _trained_model(client, settings)
+    with session_scope(settings) as s:
+        row = s.get(ModelRow, model_id)
+        assert row is not None
+        job_metrics = s.get(JobRow, row.job_id).metrics
+        stored = {"model metrics": row.metrics, "model manifest": row.manifest, "job metrics": job_metrics}
+        folder = Path(row.path)
+    # One copy: the model folder's manifest. The database keeps only the summary.
+    for where, value in stored.items():
+        assert "evaluation" not in value and "report" not in value and "curves" not in value, where
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert "confusion" in on_disk["report"]["evaluation"] and "evaluation" not in on_disk["metrics"]
+    summary_keys = set(on_disk["metrics"])
+    assert {"val_acc", "member_val_acc", "num_classes", "val_size"} <= summary_keys
+
+    listed_model = client.get("/v1/models").json()["data"][0]
+    assert listed_model["id"] == model_id and set(listed_model["metrics"]) == summary_keys
+    listed_job = client.get("/v1/jobs").json()["data"][0]
+    assert set(listed_job["metrics"]) == summary_keys and "history" not in listed_job
+    # One model or one job: the whole report, read from its one copy.
+    full = client.get(f"/v1/models/{model_id}/report").json()
+    assert client.get(f"/v1/models/{model_id}").json()["metrics"]["evaluation"] == full["evaluation"]
+    job = client.get(f"/v1/jobs/{listed_job['id']}").json()
+    assert job["metrics"]["calibration"] == full["calibration"] and len(job["history"]) == TINY_JOB["epochs"] * 2
+
+
+def test_openapi_documents_the_report_from_the_engine_types(client) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    report = schemas["ReportPublic"]["properties"]
+    assert report["evaluation"] == {"$ref": "#/components/schemas/Evaluation"}
+    assert report["calibration"] == {"$ref": "#/components/schemas/Calibration"}
+    assert "confusion" in schemas["Evaluation"]["properties"]
+    assert "reliability" in schemas["CalibrationState"]["properties"]
+    summary = schemas["ReportSummary"]["properties"]
+    assert "evaluation" not in summary and "val_acc" in summary
+    listed = schemas["ModelSummaryPublic"]["properties"]["metrics"]
+    assert listed == {"$ref": "#/components/schemas/ReportSummary"}

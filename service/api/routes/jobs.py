@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from service import jobs
 from service.api.deps import EnqueueDep, IdempotencyKeyDep, LimitQuery, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.db import JobStatus
-from service.schemas import JobCreate, JobPublic, JobsPublic
+from service.schemas import JobCreate, JobPublic, JobsPublic, JobSummaryPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -35,13 +35,13 @@ def list_jobs(
 ) -> JobsPublic:
     """List jobs, newest first."""
     rows, count = jobs.list_jobs(session, tenant, offset, limit, status)
-    return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+    return JobsPublic(data=[JobSummaryPublic.model_validate(r) for r in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Status, progress, per-epoch history, final metrics and error of one job."""
-    return JobPublic.model_validate(jobs.get_job(session, job_id, tenant))
+    return JobPublic.model_validate(jobs.job_public(session, jobs.get_job(session, job_id, tenant)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

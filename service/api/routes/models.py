@@ -23,6 +23,7 @@ from service.schemas import (
     LabelProbability,
     ModelPublic,
     ModelsPublic,
+    ModelSummaryPublic,
     PredictionPublic,
     ReportPublic,
     TTAMode,
@@ -44,13 +45,16 @@ def list_models(
 ) -> ModelsPublic:
     """List trained models, newest first."""
     rows, count = models_store.list_models(session, tenant, offset, limit)
-    return ModelsPublic(data=[ModelPublic.model_validate(models_store.model_public(r)) for r in rows], count=count)
+    return ModelsPublic(
+        data=[ModelSummaryPublic.model_validate(models_store.model_public(r)) for r in rows], count=count
+    )
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
     """Classes, members, metrics and the job's spec of one model."""
-    return ModelPublic.model_validate(models_store.model_public(models_store.get_model(session, model_id, tenant)))
+    row = models_store.get_model(session, model_id, tenant)
+    return ModelPublic.model_validate(models_store.model_public(row, with_report=True))
 
 
 _FIGURES = ("curves", "confusion", "reliability")
