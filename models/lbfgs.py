@@ -7,7 +7,7 @@ the objective whose stationary point SGD and Adam with coupled ``weight_decay`` 
 is deterministic on a given device.
 
 ``LbfgsProbe`` is the fit one outer step at a time, for a training loop that reports an epoch per
-step: each ``step()`` runs up to ``max_iter`` L-BFGS iterations and returns the objective after
+step: each ``step()`` runs up to ``iters_per_step`` L-BFGS iterations and returns the objective after
 them. There is no learning-rate schedule: the optimizer's lr is 1 (``LbfgsProbe.lr``), the scale
 of the first trial step of each line search, which then picks the actual step length
 (``last_step_size``). ``fit_linear_lbfgs`` runs steps until convergence; ``train_lbfgs_member``
@@ -16,6 +16,7 @@ is the ensemble member that the training loop runs when ``optimizer.name`` is ``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,30 @@ class LbfgsFit:
     converged: bool = False
 
 
+@dataclass(frozen=True)
+class LbfgsOptions:
+    """How the solver runs (the objective itself is the weight decay and label smoothing).
+
+    Attributes:
+        iters_per_step: L-BFGS iterations per outer ``step()`` (``losses`` has one entry per step).
+        max_iter: iterations in all, for ``fit_linear_lbfgs`` (a probe steps as often as it is asked).
+        tolerance_grad: converged when the gradient's largest absolute entry is at most this.
+        tolerance_change: converged when the loss or the step changes by less than this.
+        history_size: L-BFGS memory (pairs of past steps and gradient changes).
+        dtype: precision of the fit; default: the features' own when float32 or float64 (no copy),
+            else float32. Other than the features' dtype, they are copied once. float32 reaches the
+            optimum to float32 precision (a gradient norm around 1e-4 of the initial one, where the
+            loss stops resolving changes); float64 gets orders of magnitude closer, at twice the memory.
+    """
+
+    iters_per_step: int = 20
+    max_iter: int = 1000
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-12
+    history_size: int = 20
+    dtype: torch.dtype | None = None
+
+
 class LbfgsProbe:
     """L-BFGS on a linear softmax classifier over fixed features, one outer step at a time.
 
@@ -65,15 +90,8 @@ class LbfgsProbe:
         num_classes: classifier outputs ``C``.
         weight_decay: L2 penalty ``weight_decay / 2 x ||W||^2`` on the weight (not the bias).
         label_smoothing: cross-entropy label smoothing.
-        max_iter: L-BFGS iterations per ``step()``.
-        tolerance_grad: converged when the gradient's largest absolute entry is at most this.
-        tolerance_change: converged when the loss or the step changes by less than this.
-        history_size: L-BFGS memory (pairs of past steps and gradient changes).
         init: starting ``(weight, bias)``; zeros by default.
-        dtype: precision of the fit; default: the features' own when float32 or float64 (no copy),
-            else float32. Other than the features' dtype, they are copied once. float32 reaches the
-            optimum to float32 precision (a gradient norm around 1e-4 of the initial one, where the
-            loss stops resolving changes); float64 gets orders of magnitude closer, at twice the memory.
+        options: the solver's iterations per step, tolerances, memory and precision.
 
     Raises:
         ValueError: shapes, label range, or non-floating features.
@@ -90,13 +108,11 @@ class LbfgsProbe:
         *,
         weight_decay: float,
         label_smoothing: float = 0.0,
-        max_iter: int = 20,
-        tolerance_grad: float = 1e-7,
-        tolerance_change: float = 1e-12,
-        history_size: int = 20,
         init: tuple[Tensor, Tensor] | None = None,
-        dtype: torch.dtype | None = None,
+        options: LbfgsOptions | None = None,
     ) -> None:
+        opts = options or LbfgsOptions()
+        max_iter, dtype = opts.iters_per_step, opts.dtype
         if features.ndim != 2 or labels.ndim != 1 or len(labels) != len(features) or not len(labels):
             raise ValueError(
                 f"need features [N, D] and labels [N] with N > 0, got {tuple(features.shape)} and {tuple(labels.shape)}"
@@ -106,7 +122,7 @@ class LbfgsProbe:
         if num_classes < 2:
             raise ValueError(f"need at least 2 classes, got {num_classes}")
         if weight_decay < 0 or not 0 <= label_smoothing < 1 or max_iter < 1:
-            raise ValueError("need weight_decay >= 0, 0 <= label_smoothing < 1 and max_iter >= 1")
+            raise ValueError("need weight_decay >= 0, 0 <= label_smoothing < 1 and iters_per_step >= 1")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must be in [0, {num_classes}), got [{lo}, {hi}]")
@@ -118,8 +134,8 @@ class LbfgsProbe:
         self.weight_decay = float(weight_decay)
         self.label_smoothing = float(label_smoothing)
         self.max_iter = max_iter
-        self.tolerance_grad = tolerance_grad
-        self.tolerance_change = tolerance_change
+        self.tolerance_grad = opts.tolerance_grad
+        self.tolerance_change = opts.tolerance_change
         c, d = num_classes, features.shape[1]
         self.weight = features.new_zeros(c, d)
         self.bias = features.new_zeros(c)
@@ -135,9 +151,9 @@ class LbfgsProbe:
             [self.weight, self.bias],
             lr=self.lr,
             max_iter=max_iter,
-            tolerance_grad=tolerance_grad,
-            tolerance_change=tolerance_change,
-            history_size=history_size,
+            tolerance_grad=opts.tolerance_grad,
+            tolerance_change=opts.tolerance_change,
+            history_size=opts.history_size,
             line_search_fn="strong_wolfe",
         )
         self.losses: list[float] = []
@@ -237,6 +253,9 @@ class LbfgsProbe:
         _, self.grad_norm, _ = self._evaluate()
 
 
+FIT_OPTIONS = LbfgsOptions(iters_per_step=50, max_iter=1000)
+
+
 def fit_linear_lbfgs(
     features: Tensor,
     labels: Tensor,
@@ -244,19 +263,14 @@ def fit_linear_lbfgs(
     *,
     weight_decay: float,
     label_smoothing: float = 0.0,
-    max_iter: int = 1000,
-    iters_per_step: int = 50,
-    tolerance_grad: float = 1e-7,
-    tolerance_change: float = 1e-12,
-    history_size: int = 20,
     init: tuple[Tensor, Tensor] | None = None,
-    dtype: torch.dtype | None = None,
+    options: LbfgsOptions = FIT_OPTIONS,
     on_step: Callable[[LbfgsProbe], None] | None = None,
 ) -> LbfgsFit:
     """Fit a linear softmax classifier to ``features`` by L-BFGS until convergence.
 
-    Runs ``LbfgsProbe.step()`` (``iters_per_step`` iterations each) until the probe converges or
-    about ``max_iter`` iterations have run (the last step may go past it by less than
+    Runs ``LbfgsProbe.step()`` (``options.iters_per_step`` iterations each) until the probe converges
+    or about ``options.max_iter`` iterations have run (the last step may go past it by less than
     ``iters_per_step``). With ``weight_decay=0`` and separable classes there is no minimum (the
     weights grow forever) and the fit ends on ``max_iter``.
 
@@ -266,13 +280,9 @@ def fit_linear_lbfgs(
         num_classes: classifier outputs.
         weight_decay: L2 penalty ``weight_decay / 2 x ||W||^2`` on the weight.
         label_smoothing: cross-entropy label smoothing.
-        max_iter: L-BFGS iterations in all.
-        iters_per_step: iterations per outer step (``losses`` has one entry per step).
-        tolerance_grad: converged when the gradient's largest absolute entry is at most this.
-        tolerance_change: converged when the loss or the step changes by less than this.
-        history_size: L-BFGS memory.
         init: starting ``(weight, bias)``; zeros by default.
-        dtype: precision of the fit (``LbfgsProbe``); default: the features' (float32 or float64).
+        options: iterations in all (``max_iter``) and per outer step, tolerances, memory, precision;
+            default ``FIT_OPTIONS`` (50 iterations per step, at most 1000).
         on_step: called with the probe after each outer step (progress; raise to cancel).
 
     Returns:
@@ -284,14 +294,10 @@ def fit_linear_lbfgs(
         num_classes,
         weight_decay=weight_decay,
         label_smoothing=label_smoothing,
-        max_iter=max(1, min(iters_per_step, max_iter)),
-        tolerance_grad=tolerance_grad,
-        tolerance_change=tolerance_change,
-        history_size=history_size,
         init=init,
-        dtype=dtype,
+        options=dataclasses.replace(options, iters_per_step=max(1, min(options.iters_per_step, options.max_iter))),
     )
-    while probe.iterations < max_iter:
+    while probe.iterations < options.max_iter:
         before = probe.iterations
         probe.step()
         if on_step is not None:

@@ -163,6 +163,13 @@ class PredictionPublic(BaseModel):
 TTAMode = Literal["none", "hflip", "five_crop"]
 
 
+class PredictQuery(BaseModel):
+    """Query parameters of ``POST /v1/models/{id}/predict``."""
+
+    top_k: int = Field(5, ge=1, description="labels per image (at most the class count)")
+    tta: TTAMode = Field("none", description="test-time augmentation, averaged with the ensemble")
+
+
 class ReportPublic(Report):
     """A model's evaluation report on its held-out validation split (the averaged ensemble)."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.lbfgs import LbfgsProbe, fit_linear_lbfgs
+from models.lbfgs import FIT_OPTIONS, LbfgsOptions, LbfgsProbe, fit_linear_lbfgs
 
 C = 5
 
@@ -75,14 +76,14 @@ def test_float32_features_reach_the_optimum_to_float32_precision() -> None:
 
 def test_half_features_are_fitted_in_float32() -> None:
     x, y = _features(dtype=torch.float16)
-    fit = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, max_iter=30)
+    fit = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, options=replace(FIT_OPTIONS, max_iter=30))
     assert fit.weight.dtype == torch.float32 and torch.isfinite(fit.weight).all()
 
 
 def test_a_fit_is_deterministic() -> None:
     x, y = _features(dtype=torch.float32)
-    a = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, max_iter=40)
-    b = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, max_iter=40)
+    a = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, options=replace(FIT_OPTIONS, max_iter=40))
+    b = fit_linear_lbfgs(x, y, C, weight_decay=1e-3, options=replace(FIT_OPTIONS, max_iter=40))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and a.losses == b.losses
 
 
@@ -97,7 +98,7 @@ def test_weight_decay_and_label_smoothing_change_the_optimum() -> None:
 
 def test_probe_runs_one_outer_step_at_a_time() -> None:
     x, y = _features()
-    probe = LbfgsProbe(x, y, C, weight_decay=1e-3, max_iter=5)
+    probe = LbfgsProbe(x, y, C, weight_decay=1e-3, options=LbfgsOptions(iters_per_step=5))
     assert probe.lr == 1.0
     losses, iterations = [], []
     while not probe.converged:
@@ -115,7 +116,7 @@ def test_a_restored_probe_continues_exactly() -> None:
     x, y = _features()
 
     def probe() -> LbfgsProbe:
-        return LbfgsProbe(x, y, C, weight_decay=1e-3, label_smoothing=0.1, max_iter=4)
+        return LbfgsProbe(x, y, C, weight_decay=1e-3, label_smoothing=0.1, options=LbfgsOptions(iters_per_step=4))
 
     straight = probe()
     for _ in range(4):
@@ -145,7 +146,7 @@ def test_init_starts_from_given_weights_and_on_step_sees_each_step() -> None:
 
 def test_iterations_stop_at_max_iter() -> None:
     x, y = _features()
-    fit = fit_linear_lbfgs(x, y, C, weight_decay=0.0, max_iter=12, iters_per_step=5)
+    fit = fit_linear_lbfgs(x, y, C, weight_decay=0.0, options=LbfgsOptions(iters_per_step=5, max_iter=12))
     assert fit.iterations <= 12 + 4 and not fit.converged and len(fit.losses) == 3
 
 

@@ -25,8 +25,8 @@ from service.schemas import (
     ModelsPublic,
     ModelSummaryPublic,
     PredictionPublic,
+    PredictQuery,
     ReportPublic,
-    TTAMode,
 )
 
 if TYPE_CHECKING:
@@ -110,8 +110,7 @@ async def predict(
     batcher: BatcherDep,
     tenant: TenantDep,
     files: Annotated[list[UploadFile], File(description="one or more images")],
-    top_k: Annotated[int, Query(ge=1)] = 5,
-    tta: Annotated[TTAMode, Query(description="test-time augmentation, averaged with the ensemble")] = "none",
+    options: Annotated[PredictQuery, Query()],
 ) -> PredictionPublic:
     """Top-k labels with probabilities for each image, from the averaged, temperature-scaled ensemble."""
     path, num_classes = models_store.model_location(session, model_id, tenant)
@@ -120,7 +119,7 @@ async def predict(
     session.close()
     if len(files) > settings.predict_max_images:
         raise TooLarge(f"{len(files)} images in one request; the limit is {settings.predict_max_images}")
-    top_k = min(top_k, num_classes, settings.predict_max_top_k)
+    top_k, tta = min(options.top_k, num_classes, settings.predict_max_top_k), options.tta
     blobs: list[tuple[str, bytes]] = []
     total = 0
     for i, f in enumerate(files):
