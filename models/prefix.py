@@ -4,7 +4,7 @@ The obvious training loop runs the whole network on every step, although the out
 the layers that stay frozen never changes for an image. ``model_steps`` cuts a timm model
 into the same steps its ``forward`` runs (stem, each block stage, the rest of the features,
 pooling, dropout + classifier); ``forward_steps`` runs any range of them, so that
-``forward_steps(model, steps, forward_steps(model, steps, x, 0, k), k)`` equals ``model(x)``.
+``forward_steps(steps, forward_steps(steps, x, 0, k), k)`` equals ``model(x)``.
 
 ``FeatureCache`` keeps the output of the first ``k`` steps for every training image (one or
 more augmented views) and every validation image; training then runs only steps ``k..``.

@@ -277,7 +277,7 @@ class EnsembleSpec(_Strict):
     member (the schedule is then cyclic cosine and early stopping is off). ``ema`` keeps a Polyak /
     exponential moving average of each member's weights (timm ``ModelEmaV3``); ``serve`` picks
     which weights each member serves: ``raw``, ``ema`` or ``best`` (whichever validates better).
-    ``greedy`` keeps a subset chosen by greedy forward selection (with replacement) on validation.
+    ``greedy`` keeps a subset chosen by greedy forward selection (each member at most once) on validation.
     """
 
     members: int = Field(1, ge=1, le=16)
