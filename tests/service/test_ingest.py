@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service import ingest as ingest_module
 from service.ingest import DatasetRejected, IngestLimits, IngestResult, detect_format, ingest_archive
+from service.ingest import dataset as ingest_dataset
 from tests.utils.archives import (
     Members,
     dataset_members,
@@ -587,7 +587,7 @@ def test_unexpected_error_leaves_nothing_behind(tmp_path: Path, monkeypatch: pyt
             raise RuntimeError("disk on fire")
         return None
 
-    monkeypatch.setattr(ingest_module, "_image_problem", explode)
+    monkeypatch.setattr(ingest_dataset, "_image_problem", explode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         ingest_archive(src, src.name, dest_for(tmp_path))
 
