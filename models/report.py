@@ -239,7 +239,7 @@ class ReportSummary(BaseModel):
     image_size: int
     device: str
     seconds: float
-    temperature: float
+    temperature: float = Field(1.0, description="applied at predict: p = softmax(log p_ensemble / T)")
 
 
 class Report(ReportSummary):

@@ -101,5 +101,5 @@ def job_public(session: Session, job: JobRow) -> dict[str, Any]:
     if job.model_id is not None:
         model = session.get(ModelRow, job.model_id)
         if model is not None and model.tenant == job.tenant:
-            public["metrics"] = models_store.stored_report(model) or job.metrics
+            public["metrics"] = models_store.full_report(model) or job.metrics
     return public

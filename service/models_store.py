@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.manifest import ArtifactError, read_manifest
+from models.report import Report
 from service.db import ModelRow, page
 from service.errors import NotFound
 
@@ -49,7 +50,7 @@ def model_public(row: ModelRow, *, with_report: bool = False) -> dict[str, Any]:
         "dataset_id": row.dataset_id,
         "classes": row.classes,
         "members": manifest.get("members", []),
-        "metrics": stored_report(row) or row.metrics if with_report else row.metrics,
+        "metrics": (full_report(row) or row.metrics) if with_report else row.metrics,
         "spec": manifest.get("spec", {}),
         "preprocess": manifest.get("preprocess", {}),
         "created_at": row.created_at,
@@ -66,6 +67,12 @@ def stored_report(row: ModelRow) -> dict[str, Any] | None:
     except ArtifactError:
         report = None
     return report or (row.manifest or {}).get("report")
+
+
+def full_report(row: ModelRow) -> Report | None:
+    """The model's whole report, validated (a damaged one is an error, never cut down to a summary)."""
+    report = stored_report(row)
+    return Report.model_validate(report) if report else None
 
 
 def model_report(row: ModelRow) -> dict[str, Any]:

@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import get_args
 
+import pytest
+from pydantic import ValidationError
+
+from service import models_store
 from service.db import JobRow, JobStatus, ModelRow, session_scope
 from service.schemas import TTAMode
 from tests.conftest import api_client
@@ -135,3 +139,42 @@ def test_openapi_documents_the_report_from_the_engine_types(client) -> None:
     assert "evaluation" not in summary and "val_acc" in summary
     listed = schemas["ModelSummaryPublic"]["properties"]["metrics"]
     assert listed == {"$ref": "#/components/schemas/ReportSummary"}
+
+
+def test_rows_written_by_the_previous_release_read_back(client, settings) -> None:
+    # The previous release kept the whole report in the job's and the model's metrics and in the
+    # manifest column too; an earlier one had no temperature. Lists summarise, details show it all.
+    model_id = _trained_model(client, settings)
+    full = client.get(f"/v1/models/{model_id}/report").json()
+    old_report = {k: v for k, v in full.items() if k not in ("model_id", "figures", "sweep")}
+    with session_scope(settings) as s:
+        row = s.get(ModelRow, model_id)
+        assert row is not None
+        job = s.get(JobRow, row.job_id)
+        row.metrics = job.metrics = old_report
+        row.manifest = {**row.manifest, "metrics": old_report, "report": old_report}
+        manifest_file = Path(row.path) / "manifest.json"
+        on_disk = json.loads(manifest_file.read_text())
+        manifest_file.write_text(json.dumps({**on_disk, "metrics": old_report, "report": old_report}))
+    listed = client.get("/v1/models").json()["data"][0]
+    assert "evaluation" not in listed["metrics"] and listed["metrics"]["val_acc"] == full["val_acc"]
+    assert "evaluation" not in client.get("/v1/jobs").json()["data"][0]["metrics"]
+    assert client.get(f"/v1/models/{model_id}").json()["metrics"]["evaluation"] == full["evaluation"]
+    with session_scope(settings) as s:
+        row = s.get(ModelRow, model_id)
+        assert row is not None
+        row.metrics = {k: v for k, v in old_report.items() if k != "temperature"}
+    assert client.get("/v1/models").json()["data"][0]["metrics"]["temperature"] == 1.0
+
+
+def test_a_damaged_stored_report_is_an_error_not_a_summary(client, settings) -> None:
+    model_id = _trained_model(client, settings)
+    with session_scope(settings) as s:
+        row = s.get(ModelRow, model_id)
+        assert row is not None
+        manifest_file = Path(row.path) / "manifest.json"
+    on_disk = json.loads(manifest_file.read_text())
+    del on_disk["report"]["curves"]
+    manifest_file.write_text(json.dumps(on_disk))
+    with session_scope(settings) as s, pytest.raises(ValidationError, match="curves"):
+        models_store.model_public(s.get(ModelRow, model_id), with_report=True)
