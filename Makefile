@@ -45,7 +45,7 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 compose-check:
-	docker-compose -f docker-compose.yml config -q
+	POSTGRES_PASSWORD=check REDIS_PASSWORD=check docker-compose -f docker-compose.yml config -q
 
 clean:
 	rm -rf zoofit-data .pytest_cache .mypy_cache .ruff_cache

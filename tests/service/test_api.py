@@ -189,3 +189,22 @@ def test_techniques_that_do_not_fit_are_422_saying_why(client, enqueued):
     assert r.status_code == 202, r.text
     spec = r.json()["spec"]
     assert spec["optimizer"]["name"] == "lbfgs" and spec["augment"]["crop_scale_min"] == 0.8
+
+
+def test_readyz_names_the_dependency_that_is_down_not_its_address(make_settings, monkeypatch):
+    from service.config import Settings, get_settings
+    from service.queue import get_celery
+
+    good = make_settings()
+    bad_db = "postgresql+psycopg://secretuser:hunter2@127.0.0.1:1/nodb"
+    with api_client(good, tenant=None) as c:
+        bad = Settings(database_url=bad_db, data_dir=good.data_dir)
+        c.app.dependency_overrides[get_settings] = lambda: bad  # type: ignore[attr-defined]
+        monkeypatch.setenv("ZOOFIT_BROKER_URL", "redis://:brokerpw@127.0.0.1:2/0")
+        get_settings.cache_clear()
+        get_celery.cache_clear()
+        r = c.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["database"].startswith("error") and r.json()["broker"].startswith("error")
+    for secret in ("secretuser", "hunter2", "brokerpw", "127.0.0.1", "nodb", ":1", ":2"):
+        assert secret not in r.text, (secret, r.text)
