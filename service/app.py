@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.api import api_router
 from service.api.routes import health
@@ -52,6 +53,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, **exc.details}, status_code=exc.status)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_down(_request: Request, exc: DBAPIError) -> JSONResponse:
+        # Lost connections are a 503 to retry (the pool reconnects by itself once the server is
+        # back); the driver's message (host, user) goes to the log, not to the client.
+        if not (isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated):
+            raise exc
+        log.warning("database unavailable: %s", exc.orig)
+        return JSONResponse(
+            {"detail": "the database is unavailable; retry in a few seconds"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     slack = 1024 * 1024  # multipart framing and form fields
 
