@@ -107,7 +107,11 @@ def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant:
 
 
 class PredictorCache:
-    """A bounded LRU of loaded models; each model is loaded once, even under concurrent requests."""
+    """A bounded LRU of loaded models; each model is loaded once, even under concurrent requests.
+
+    ``evict`` (a deleted model) wins over a load in flight: that load's result is thrown away and
+    its requests answer 404, so a deleted model never comes back into the cache.
+    """
 
     def __init__(self, capacity: int, device: str | None = None) -> None:
         self.capacity = capacity
@@ -115,8 +119,15 @@ class PredictorCache:
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._evictions: dict[str, int] = {}  # per model id, how often it was evicted (while loads ran)
 
     def get(self, model_id: str, path: Path) -> Predictor:
+        """The loaded model.
+
+        Raises:
+            NotFound: the model was deleted before or while it loaded (its folder is gone).
+            ArtifactError: the folder exists but is not a model this code reads.
+        """
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
@@ -126,20 +137,39 @@ class PredictorCache:
             with self._lock:
                 if model_id in self._items:
                     return self._items[model_id]
-            from models.artifact import load_predictor
-
-            predictor = load_predictor(path, device=self.device)
+                evictions = self._evictions.get(model_id, 0)
+            try:
+                predictor = self._load(model_id, path)
+            finally:
+                with self._lock:
+                    if self._loading.get(model_id) is load_lock:
+                        del self._loading[model_id]
             with self._lock:
+                if self._evictions.get(model_id, 0) != evictions:
+                    raise NotFound(f"model {model_id!r} not found (it was deleted)")
                 self._items[model_id] = predictor
                 self._items.move_to_end(model_id)
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
-                self._loading.pop(model_id, None)
             return predictor
+
+    def _load(self, model_id: str, path: Path) -> Predictor:
+        from models.artifact import load_predictor
+
+        try:
+            return load_predictor(path, device=self.device)
+        except ArtifactError as exc:
+            if not Path(path).exists():
+                raise NotFound(f"model {model_id!r} not found (it was deleted)") from exc
+            raise
 
     def evict(self, model_id: str) -> None:
         with self._lock:
             self._items.pop(model_id, None)
+            if model_id in self._loading:
+                self._evictions[model_id] = self._evictions.get(model_id, 0) + 1
+            else:
+                self._evictions.pop(model_id, None)
 
     def __len__(self) -> int:
         return len(self._items)
