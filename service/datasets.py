@@ -68,6 +68,7 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         max_total_bytes=settings.extract_max_bytes,
         max_ratio=settings.extract_max_ratio,
         max_image_pixels=settings.max_image_pixels,
+        max_total_pixels=settings.max_dataset_pixels,
     )
 
 
