@@ -134,3 +134,10 @@ def test_a_request_looks_its_key_up_once(settings, client):
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert len(lookups) == 1, lookups
+
+
+def test_an_unreachable_key_store_is_503_with_the_body_unread(make_settings):
+    s = make_settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    seen = _post(s, "/v1/datasets", "Bearer zf_whatever")
+    assert (seen.status, seen.chunks_read) == (503, 0), seen.body
+    assert "database is unavailable" in seen.detail

@@ -165,3 +165,25 @@ def test_upload_on_postgresql_whose_commit_fails_is_503_and_leaves_nothing(make_
     with session_scope(s) as session:
         assert session.query(DatasetRow).count() == 0
     assert list(s.datasets_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the CLI says it only once it is true
+
+
+@pytest.mark.parametrize("command", ["create", "revoke"])
+def test_cli_reports_a_key_change_only_after_its_commit(settings, monkeypatch, capsys, command):
+    from service import cli
+
+    issue_key(settings, "carol")
+    with session_scope(settings) as s:
+        carol_id = s.query(ApiKeyRow).filter_by(tenant="carol").one().id
+    argv = ["keys", "create", "--tenant", "dave"] if command == "create" else ["keys", "revoke", carol_id]
+    with failing_commits(monkeypatch), pytest.raises(BaseException) as info:
+        cli.main(argv)
+    out = capsys.readouterr()
+    assert "zf_" not in out.out + out.err and "revoked" not in out.out, out
+    # an error on stderr and a non-zero exit, as for any other CLI error
+    assert isinstance(info.value, SystemExit) and "not saved" in str(info.value.code), info.value
+    with session_scope(settings) as s:
+        assert s.get(ApiKeyRow, carol_id).revoked is False
+        assert s.query(ApiKeyRow).count() == 1
