@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.api import api_router
+from service.api.gate import ApiKeyGate
 from service.api.routes import health
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
@@ -76,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.predict_max_bytes + slack
         return slack
 
+    # The last added runs first: NUL check, then the API key, then the body cap; none reads the body.
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
+    app.add_middleware(ApiKeyGate, settings=settings)
     app.add_middleware(RefuseNulInUrl)
     app.include_router(health.router)
     app.include_router(api_router)

@@ -79,24 +79,30 @@ def keys_command(args: argparse.Namespace) -> None:
     import re
 
     from service import auth
-    from service.db import session_scope
+    from service.db import commit, session_scope
+    from service.errors import ServiceError
 
     settings = get_settings()
-    with session_scope(settings) as session:
-        if args.keys_command == "create":
-            if not re.match(auth.TENANT_PATTERN, args.tenant):
-                sys.exit(f"invalid tenant name {args.tenant!r}: letters, digits, '_', '.', '-' (max 64)")
-            row, key = auth.create_key(session, args.tenant, admin=args.admin)
-            print(f"key id {row.id} for tenant {row.tenant!r}{' (admin)' if row.admin else ''}", file=sys.stderr)
-            print("store it now; it is not shown again:", file=sys.stderr)
-            print(key)
-        elif args.keys_command == "list":
-            for r in auth.list_keys(session):
-                state = "revoked" if r.revoked else "active"
-                print(f"{r.id}  zf_{r.prefix}_...  tenant={r.tenant}  admin={r.admin}  {state}")
-        elif args.keys_command == "revoke":
-            auth.revoke_key(session, args.key_id)
-            print(f"revoked {args.key_id}")
+    try:
+        with session_scope(settings) as session:
+            if args.keys_command == "create":
+                if not re.match(auth.TENANT_PATTERN, args.tenant):
+                    sys.exit(f"invalid tenant name {args.tenant!r}: letters, digits, '_', '.', '-' (max 64)")
+                row, key = auth.create_key(session, args.tenant, admin=args.admin)
+                commit(session)  # a key is shown only once it exists
+                print(f"key id {row.id} for tenant {row.tenant!r}{' (admin)' if row.admin else ''}", file=sys.stderr)
+                print("store it now; it is not shown again:", file=sys.stderr)
+                print(key)
+            elif args.keys_command == "list":
+                for r in auth.list_keys(session):
+                    state = "revoked" if r.revoked else "active"
+                    print(f"{r.id}  zf_{r.prefix}_...  tenant={r.tenant}  admin={r.admin}  {state}")
+            elif args.keys_command == "revoke":
+                auth.revoke_key(session, args.key_id)
+                commit(session)
+                print(f"revoked {args.key_id}")
+    except ServiceError as exc:
+        sys.exit(f"zoofit keys {args.keys_command}: {exc.message}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(
         600.0, gt=0, description="a job queued this long without starting is sent again (lost broker message)"
     )
+    max_dataset_pixels: int = Field(
+        10_000_000_000, ge=1,
+        description="uploads: most pixels (width x height, from headers) of all a dataset's images together",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from service import idempotency
 from service.config import Settings
-from service.db import DatasetRow, JobRow, JobStatus, new_id, page
+from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
 from service.errors import Conflict, NotFound, ServiceError, TooLarge
 from service.ingest import DatasetRejected, IngestLimits, ingest_archive
 
@@ -68,6 +68,7 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         max_total_bytes=settings.extract_max_bytes,
         max_ratio=settings.extract_max_ratio,
         max_image_pixels=settings.max_image_pixels,
+        max_total_pixels=settings.max_dataset_pixels,
     )
 
 
@@ -108,7 +109,8 @@ def create_dataset(
         )
         session.add(row)
         idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id)
-        session.flush()
+        # Committed here, inside the try: if the commit fails, the stored files go with it.
+        commit(session)
         return row
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
@@ -145,7 +147,7 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant
         raise Conflict(f"dataset {dataset_id!r} is used by unfinished jobs: {', '.join(busy)}")
     path = Path(row.path)
     session.delete(row)
-    session.flush()
+    commit(session)  # files go only once the record is gone for good
     shutil.rmtree(path, ignore_errors=True)
     for cached in settings.cache_dir.glob(f"*{dataset_id}*"):
         cached.unlink(missing_ok=True)

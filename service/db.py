@@ -5,6 +5,8 @@ The database is the source of truth for a job's state; the broker only carries t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +29,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, Result
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings, get_settings
+from service.errors import Unavailable
+
+log = logging.getLogger("zoofit.db")
 
 
 def utcnow() -> datetime:
@@ -183,12 +189,34 @@ def _sessionmaker_for(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=_engine_for(url), expire_on_commit=False)
 
 
+def new_session(settings: Settings | None = None) -> Session:
+    """A session on the configured database; the caller commits (:func:`commit`) and closes it."""
+    settings = settings or get_settings()
+    get_engine(settings)
+    return _sessionmaker_for(settings.resolved_database_url)()
+
+
+def commit(session: Session) -> None:
+    """Commit, or raise :class:`Unavailable` (503) so that no caller answers as if the change were stored.
+
+    Called before a response is sent and before files are removed: a failed commit rolls the
+    change back, and the client must hear that rather than a 2xx for something that never happened.
+    """
+    try:
+        session.commit()
+    except SQLAlchemyError as exc:
+        log.error("commit failed, the change was rolled back: %s", exc)
+        with contextlib.suppress(SQLAlchemyError):  # a dead connection may refuse the rollback too
+            session.rollback()
+        raise Unavailable(
+            "the change was not saved: the database failed to commit it, so nothing was changed; retry the request"
+        ) from exc
+
+
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    settings = settings or get_settings()
-    get_engine(settings)
-    session = _sessionmaker_for(settings.resolved_database_url)()
+    session = new_session(settings)
     try:
         yield session
         session.commit()

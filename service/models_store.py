@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from models.manifest import ArtifactError, read_manifest
 from models.report import Report
-from service.db import ModelRow, page
+from service.db import ModelRow, commit, page
 from service.errors import NotFound
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant:
     row = get_model(session, model_id, tenant)
     path = Path(row.path)
     session.delete(row)
-    session.flush()
+    commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
     shutil.rmtree(path, ignore_errors=True)
 

@@ -8,27 +8,47 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
+from service.api.gate import PRINCIPAL_STATE
 from service.auth import DEFAULT_TENANT, Forbidden, Principal, authenticate
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
-from service.db import session_scope
+from service.db import commit, new_session
 from service.jobs import Enqueue
 from service.models_store import PredictorCache
 from service.queue import enqueue
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    with session_scope(settings) as session:
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """The request's session: committed when the route returns, before its response is sent.
+
+    ``SessionDep`` declares it with ``scope="function"``, which is what runs the commit before
+    the response goes out; with FastAPI's default scope for a ``yield`` dependency ("request")
+    the response is sent first, and a commit that then fails follows a 2xx. A failed commit
+    answers 503 (:func:`service.db.commit`); an error in the route rolls everything back.
+    """
+    with new_session(settings) as session:
         yield session
+        commit(session)
+
+
+# Every use must go through this alias: the scope is part of FastAPI's dependency cache key, so a
+# plain Depends(get_session) elsewhere would open a second session in the same request.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
 ) -> Principal:
     if not settings.auth_enabled:
         return Principal(tenant=DEFAULT_TENANT, admin=True)
+    checked = getattr(request.state, PRINCIPAL_STATE, None)
+    if isinstance(checked, Principal):
+        return checked  # resolved by ApiKeyGate before the body was read: no second lookup
     return authenticate(session, authorization)
 
 
@@ -54,8 +74,6 @@ def get_enqueue() -> Enqueue:
     return enqueue
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]

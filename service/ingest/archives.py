@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, cast
 
+from models.units import format_bytes
 from service.ingest.errors import DatasetRejected, _refuse_member
-from service.ingest.limits import _Budget
+from service.ingest.limits import IngestLimits, _Budget
 
 ArchiveFormat = Literal["zip", "tar", "tar.gz"]
 
@@ -185,13 +186,11 @@ class _Entry:
 
 
 def _zip_entries(src: Path, budget: _Budget) -> Generator[_Entry, None, None]:
+    _check_zip_directory(src, budget.limits)
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
         if len(infos) > budget.limits.max_members:
-            raise DatasetRejected(
-                f"the archive has {len(infos)} entries (files and folders); the limit is {budget.limits.max_members}",
-                status=413,
-            )
+            raise _too_many_entries(len(infos), budget.limits)
         for info in infos:
             name = _zip_name(info)
             mode = info.external_attr >> 16
@@ -204,6 +203,109 @@ def _zip_entries(src: Path, budget: _Budget) -> Generator[_Entry, None, None]:
                 yield _Entry(name, True, 0)
             else:
                 yield _Entry(name, False, info.file_size, functools.partial(zf.open, info))
+
+
+# --------------------------------------------------------------------------- the zip's directory, before ZipFile
+
+# zipfile.ZipFile parses the whole central directory into ZipInfo objects (about 470 bytes of
+# memory each, plus names) before anything can be checked, and it parses every entry found in
+# the directory's declared size whatever count the end record gives. So the end records are
+# read first, and the directory's fixed-size entry headers are counted without keeping them.
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # ZIP64 end of central directory record
+_LOCATOR64 = struct.Struct("<4sLQL")  # ZIP64 end of central directory locator
+_CENTRAL_HEADER_SIZE = 46  # fixed part of a central directory entry; name, extra and comment follow
+_MAX_COMMENT = 0xFFFF
+# Directory bytes an entry of an acceptable dataset may need on average: the longest name the
+# layout allows (three 255-byte components), the fixed header and the usual extra fields.
+_DIRECTORY_BYTES_PER_MEMBER = 1024
+
+
+def _too_many_entries(count: int, limits: IngestLimits) -> DatasetRejected:
+    return DatasetRejected(
+        f"the archive has {count} entries (files and folders); the limit is {limits.max_members}", status=413
+    )
+
+
+def _check_zip_directory(src: Path, limits: IngestLimits) -> None:
+    """Refuse a zip whose central directory breaks the caps, before ``zipfile.ZipFile`` parses it.
+
+    Checks the entry count the end record declares (ZIP64 included), the directory's declared
+    size, and the number of entries actually in it (an end record may understate it). An archive
+    without a readable end record is left to ``ZipFile``, which calls it corrupt.
+
+    Raises:
+        DatasetRejected: status 413, naming the count or size and the cap.
+    """
+    with src.open("rb") as fh:
+        found = _zip_directory(fh)
+        if found is None:
+            return
+        declared, size, start = found
+        if declared > limits.max_members:
+            raise _too_many_entries(declared, limits)
+        cap = limits.max_members * _DIRECTORY_BYTES_PER_MEMBER
+        if size > cap:
+            raise DatasetRejected(
+                f"the archive's central directory is {format_bytes(size)}; the limit is {format_bytes(cap)} "
+                f"({limits.max_members} entries at most, {_DIRECTORY_BYTES_PER_MEMBER} bytes each)",
+                status=413,
+            )
+        if _count_directory_entries(fh, start, size, stop_after=limits.max_members) > limits.max_members:
+            raise DatasetRejected(
+                f"the archive has more than {limits.max_members} entries (files and folders) in its central "
+                f"directory, though its end record declares {declared}; the limit is {limits.max_members}",
+                status=413,
+            )
+
+
+def _zip_directory(fh: IO[bytes]) -> tuple[int, int, int] | None:
+    """(declared entries, directory size, directory start) as ``zipfile.ZipFile`` will take them.
+
+    Mirrors zipfile's search: the end record right at the end of the file, else the last one in
+    the final 64 KiB (a comment may follow it); a ZIP64 locator just before it means the ZIP64
+    record just before that holds the real figures. The directory ends where those records begin.
+    """
+    file_size = fh.seek(0, io.SEEK_END)
+    tail_start = max(file_size - _EOCD.size - _MAX_COMMENT, 0)
+    fh.seek(tail_start)
+    tail = fh.read()
+    at = len(tail) - _EOCD.size
+    if not (at >= 0 and tail.startswith(b"PK\x05\x06", at) and tail.endswith(b"\x00\x00")):
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _EOCD.size:
+        return None
+    _sig, _disk, _cd_disk, on_disk, total, size, _offset, _comment = _EOCD.unpack_from(tail, at)
+    location = tail_start + at
+    declared, end = max(on_disk, total), location
+    record_at = location - _LOCATOR64.size - _EOCD64.size
+    if record_at >= 0:
+        fh.seek(record_at)
+        zip64 = fh.read(_EOCD64.size + _LOCATOR64.size)
+        if zip64.startswith(b"PK\x06\x06") and zip64.startswith(b"PK\x06\x07", _EOCD64.size):
+            fields = _EOCD64.unpack_from(zip64)
+            declared, size, end = max(fields[6], fields[7]), fields[8], record_at
+    return declared, size, end - size
+
+
+def _count_directory_entries(fh: IO[bytes], start: int, size: int, stop_after: int) -> int:
+    """Entries in the ``size`` directory bytes at ``start`` (counting stops past ``stop_after``).
+
+    Reads one fixed-size header at a time and keeps nothing; a malformed entry ends the count,
+    and ``ZipFile`` will call the archive corrupt there.
+    """
+    if start < 0:
+        return 0
+    count = pos = 0
+    while pos < size and count <= stop_after:
+        fh.seek(start + pos)
+        header = fh.read(_CENTRAL_HEADER_SIZE)
+        if len(header) < _CENTRAL_HEADER_SIZE or not header.startswith(b"PK\x01\x02"):
+            break
+        name_len, extra_len, comment_len = struct.unpack_from("<3H", header, 28)
+        count += 1
+        pos += _CENTRAL_HEADER_SIZE + name_len + extra_len + comment_len
+    return count
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:

@@ -91,6 +91,7 @@ def _build_dataset(
             problems=[{"file": c + "/", "reason": "class name too long"} for c in long_names],
         )
 
+    _check_total_pixels(classes, limits)
     bad: list[dict[str, str]] = []
     good: dict[str, list[tuple[str, _File]]] = {name: [] for name in classes}
     for name, members in classes.items():
@@ -146,6 +147,39 @@ def _build_dataset(
 def _listing(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(i) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_total_pixels(classes: dict[str, list[tuple[str, _File]]], limits: IngestLimits) -> None:
+    """Refuse the dataset when its images hold more than ``limits.max_total_pixels``, before decoding any.
+
+    Pixels come from the headers alone; an image whose header does not read, or that breaks the
+    per-image cap, is not counted (it will never be decoded; the per-image check reports it).
+    """
+    total = 0
+    for members in classes.values():
+        for _name, f in members:
+            assert f.staged is not None
+            pixels = _header_pixels(f.staged)
+            if pixels <= limits.max_image_pixels:
+                total += pixels
+    if total > limits.max_total_pixels:
+        raise DatasetRejected(
+            f"the dataset's images hold {total:,} pixels in all (width x height, from their headers); "
+            f"the limit is {limits.max_total_pixels:,} pixels per dataset. Upload smaller images or fewer of them",
+            status=413,
+        )
+
+
+def _header_pixels(path: Path) -> int:
+    """Width x height from an image's header (nothing is decoded); 0 when it does not read as one."""
+    try:
+        with path.open("rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fh, formats=_PIL_FORMATS) as im:
+                width, height = im.size
+    except Exception:  # PIL reports malformed data with many exception types
+        return 0
+    return int(width) * int(height)
 
 
 def _image_problem(path: Path, max_pixels: int) -> str | None:

@@ -28,6 +28,9 @@ class IngestLimits:
             decoding) of any image (pixel bomb guard). PIL's own guard
             (``Image.MAX_IMAGE_PIXELS``, about 89 Mpx) is also enforced, so values above
             it have no further effect.
+        max_total_pixels: most pixels of all the dataset's images together, summed from their
+            headers before any is decoded (bounds the decoding work of one upload: a
+            black 1-bit PNG of 40 Mpx is a few KiB on disk).
         min_classes: fewest class folders a dataset needs.
         min_images_per_class: fewest usable images each class needs.
     """
@@ -37,11 +40,13 @@ class IngestLimits:
     max_file_bytes: int = 50 * 1024**2
     max_ratio: float = 200.0
     max_image_pixels: int = 40_000_000
+    max_total_pixels: int = 10_000_000_000
     min_classes: int = 2
     min_images_per_class: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_members", "max_total_bytes", "max_file_bytes", "max_image_pixels"):
+        for name in ("max_members", "max_total_bytes", "max_file_bytes", "max_image_pixels",
+                     "max_total_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IngestLimits.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_ratio <= 0:
