@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvf
 
-from .data import to_array
 from .ensemble import Ensemble
 from .evaluation import scale_probs_torch
 from .heads import HeadConfig, create_classifier
+from .images import to_array
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, ArtifactError, manifest_for, read_manifest
 from .results import TrainResult
 from .runtime import resolve_device
@@ -131,16 +131,44 @@ class Predictor:
         pre = self.preprocess
         return np.stack([to_array(img, pre.image_size, pre.interpolation) for img in images])
 
+    def input_side(self, tta: str = "none") -> int:
+        """The side each image is resized (shorter side) and center-cropped to before the views of ``tta``
+        are cut from it: ``image_size``, or ``image_size / FIVE_CROP_PCT`` for ``five_crop``."""
+        check_name("tta", tta, TTA_MODES)
+        size = self.preprocess.image_size
+        return round(size / FIVE_CROP_PCT) if tta == "five_crop" else size
+
     def views(self, images: list[Image.Image], tta: str = "none") -> list[torch.Tensor]:
         """The test-time-augmentation views of ``images``, each ``uint8 [N, S, S, 3]`` (see ``TTA_MODES``)."""
-        check_name("tta", tta, TTA_MODES)
-        pre = self.preprocess
+        side = self.input_side(tta)
+        return self.views_of_arrays(np.stack([to_array(img, side, self.preprocess.interpolation) for img in images]),
+                                    tta)
+
+    def views_of_arrays(self, arrays: np.ndarray, tta: str = "none") -> list[torch.Tensor]:
+        """The test-time-augmentation views of images already resized and cropped for ``tta``.
+
+        The API decodes each upload straight to such an array (``models.images.decode_array`` at
+        ``input_side(tta)``), so no full-size image outlives its own decoding.
+
+        Args:
+            arrays: ``uint8 [N, s, s, 3]`` with ``s = input_side(tta)``.
+            tta: test-time augmentation, one of ``TTA_MODES``.
+
+        Returns:
+            One ``uint8 [N, S, S, 3]`` tensor per view, ``S`` being ``preprocess.image_size``.
+
+        Raises:
+            ValueError: arrays of another shape or dtype.
+        """
+        side = self.input_side(tta)
+        if arrays.dtype != np.uint8 or arrays.ndim != 4 or arrays.shape[1:] != (side, side, 3):
+            raise ValueError(f"tta={tta!r} needs uint8 [N, {side}, {side}, 3] arrays, got {arrays.dtype} "
+                             f"{list(arrays.shape)}")
+        x = torch.from_numpy(np.ascontiguousarray(arrays))
         if tta == "five_crop":
-            big = round(pre.image_size / FIVE_CROP_PCT)
-            arrays = np.stack([to_array(img, big, pre.interpolation) for img in images])
-            crops = tvf.five_crop(to_nchw_uint8(arrays), [pre.image_size, pre.image_size])
+            size = self.preprocess.image_size
+            crops = tvf.five_crop(to_nchw_uint8(x), [size, size])
             return [c.permute(0, 2, 3, 1) for c in crops]
-        x = torch.from_numpy(self.prepare(images))
         return [x, x.flip(2)] if tta == "hflip" else [x]
 
     def predict_proba(self, images: list[Image.Image], tta: str = "none") -> np.ndarray:

@@ -1,15 +1,15 @@
-"""Images in, uint8 arrays out.
+"""Image folders in, uint8 arrays out.
 
-Every image is decoded once, converted to RGB, resized (shorter side) and center-cropped to
-the model's input size, and stored in one ``uint8 [N, S, S, 3]`` array. Prediction goes
-through the same ``to_array`` so the model sees what it was trained on. A dataset's array
-can be cached as ``.npz`` (never pickled) so a second job on it does not decode again.
+Every image is decoded once (``models.images``: the decoder ingest and prediction use too),
+converted to RGB, resized (shorter side) and center-cropped to the model's input size, and
+stored in one ``uint8 [N, S, S, 3]`` array. Prediction goes through the same ``open_image``
+and ``to_array`` so the model sees what it was trained on. A dataset's array can be cached as
+``.npz`` (never pickled) so a second job on it does not decode again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -17,20 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadImageError, TrainingError
+from .errors import TrainingError
+from .images import RESAMPLE, open_image, resample_filter, to_array, to_rgb
 
-CACHE_VERSION = 1
+# The single-image functions live in models.images; importing them from here still works.
+__all__ = [
+    "CACHE_VERSION", "RESAMPLE", "ImageArray", "check_trainable", "load_folder", "open_image", "resample_filter",
+    "stratified_split", "to_array", "to_rgb",
+]
 
-RESAMPLE: dict[str, Image.Resampling] = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+# 2: large JPEGs are decoded drafted (models.images.open_image with min_side), as prediction does.
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -65,96 +63,6 @@ class ImageArray:
         """Images per class."""
         n = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(k) for c, k in zip(self.classes, n, strict=True)}
-
-
-def _wide_to_l(img: Image.Image) -> Image.Image:
-    # 16/32-bit integer and float grayscale: scale into 0..255 instead of letting PIL clip.
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16"):
-        arr = arr / 257.0
-    elif img.mode == "F" and arr.size and arr.max() <= 1.0:
-        arr = arr * 255.0
-    elif img.mode == "I" and arr.size and arr.max() > 255:
-        arr = arr / 257.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL image to RGB; transparency is composited on white, EXIF rotation applied.
-
-    Args:
-        img: a decoded image of any mode (L, P, RGBA, LA, CMYK, I;16, ...).
-
-    Returns:
-        An RGB image.
-    """
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        img = _wide_to_l(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def open_image(src: Path | bytes, name: str) -> Image.Image:
-    """Decode an image file or bytes into an RGB PIL image.
-
-    Args:
-        src: file path or the file's bytes.
-        name: what to call the image in errors (e.g. the upload's file name).
-
-    Returns:
-        The fully decoded RGB image.
-
-    Raises:
-        BadImageError: the data is not an image PIL can decode (or is truncated).
-    """
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes | bytearray) else src) as img:
-            img.load()
-            rgb = to_rgb(img)
-            # Leaving the ``with`` closes ``img``; never hand back that same object.
-            return rgb.copy() if rgb is img else rgb
-    except UnidentifiedImageError as e:
-        raise BadImageError(name, "not a recognised image format") from e
-    except Exception as e:  # the decoders raise many types (OSError, SyntaxError, ValueError, bombs)
-        raise BadImageError(name, f"{type(e).__name__}: {e}") from e
-
-
-def resample_filter(interpolation: str) -> Image.Resampling:
-    """PIL filter for an interpolation name (``bicubic``, ``bilinear``, ...)."""
-    try:
-        return RESAMPLE[interpolation]
-    except KeyError:
-        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(RESAMPLE)}") from None
-
-
-def to_array(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
-    """Resize the shorter side to ``size``, center-crop ``size x size``, return ``uint8 [S, S, 3]``.
-
-    Args:
-        img: an image (converted to RGB if it is not).
-        size: output side in pixels.
-        interpolation: resize filter name.
-
-    Returns:
-        The HWC uint8 array.
-    """
-    resample = resample_filter(interpolation)
-    img = to_rgb(img)
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).copy()
 
 
 def _class_files(root: Path, classes: list[str]) -> list[tuple[int, Path]]:
@@ -249,7 +157,7 @@ def load_folder(
     names = []
     for i, (label, path) in enumerate(files):
         name = f"{classes[label]}/{path.name}"
-        images[i] = to_array(open_image(path, name), size, interpolation)
+        images[i] = to_array(open_image(path, name, min_side=size), size, interpolation)
         labels[i] = label
         names.append(name)
     data = ImageArray(images=images, labels=labels, classes=list(classes), names=names)

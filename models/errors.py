@@ -63,3 +63,23 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__
     return False
+
+
+class UnsupportedImageError(BadImageError):
+    """Data that is not an image of an allowed format (``models.images.IMAGE_FORMATS``)."""
+
+
+class ImageTooLargeError(BadImageError):
+    """An image with more pixels than allowed, refused from its header before any decoding.
+
+    Attributes:
+        size: ``(width, height)`` from the header, or None where Pillow refused before telling it.
+        limit: the most pixels allowed, where known.
+    """
+
+    def __init__(
+        self, name: str, reason: str, size: tuple[int, int] | None = None, limit: int | None = None
+    ) -> None:
+        super().__init__(name, reason)
+        self.size = size
+        self.limit = limit

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
         description="uploads: most pixels (width x height, from headers) of all a dataset's images together",
     )
 
+    # prediction: decoding (each decoded image takes up to 4 bytes a pixel until it is resized)
+    predict_max_request_pixels: int = Field(
+        400_000_000, ge=1,
+        description="most pixels (width x height, read from the headers) of a predict request's images together",
+    )
+    predict_decode_slots: int = Field(
+        2, ge=1, description="most images decoding at once in the API process, across all predict requests"
+    )
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:

@@ -1,28 +1,25 @@
 """Building the ``<class>/<file>`` dataset from staged files, checking every image on the way.
 
 Decides the layout (stripping one wrapping folder), enforces the class and image counts,
-decodes each image in full under a pixel cap, and moves the good ones into place.
+decodes each image in full under a pixel cap (``models.images``), and moves the good ones into place.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
-
+from models.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
+from models.images import check_image
 from service.ingest.errors import DatasetRejected, _refuse_member
 from service.ingest.limits import IngestLimits
 from service.ingest.staging import _File, _Found
 
 _MAX_CLASS_NAME_CHARS = 100
 
-# Formats PIL may even try: keeps plugins such as EPS (Ghostscript) away from uploads.
-# (Multi-picture camera JPEGs open through the JPEG entry and report format "MPO".)
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+# The extensions of models.images.IMAGE_FORMATS, the only formats Pillow may even try.
 _SUPPORTED_IMAGES = "jpg, jpeg, png, bmp, gif, webp, tif, tiff"
 
 
@@ -185,29 +182,22 @@ def _header_pixels(path: Path) -> int:
 def _image_problem(path: Path, max_pixels: int) -> str | None:
     """Why a staged file is not a usable image, or None when it is.
 
-    The pixel count is checked from the header before any decoding. ``verify`` catches
-    bad checksums but not truncation, so the image is then reopened and fully loaded.
+    ``models.images.check_image``, the decoder prediction and training use too: allow-listed formats
+    only, the pixel count checked from the header before any decoding, then ``verify`` (bad
+    checksums) and a full decode (truncation).
     """
     try:
-        with path.open("rb") as fh, warnings.catch_warnings():
-            # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fh, formats=_PIL_FORMATS) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    return (
-                        f"image too large: {width}x{height} = {width * height} pixels "
-                        f"(limit {max_pixels}; possible decompression bomb)"
-                    )
-                im.verify()
-            fh.seek(0)
-            with Image.open(fh, formats=_PIL_FORMATS) as im:
-                im.load()
-    except UnidentifiedImageError:
+        check_image(path, path.name, max_pixels)
+    except ImageTooLargeError as exc:
+        if exc.size is None:
+            return f"image too large: {exc.reason}"
+        width, height = exc.size
+        return (
+            f"image too large: {width}x{height} = {width * height} pixels "
+            f"(limit {exc.limit}; possible decompression bomb)"
+        )
+    except UnsupportedImageError:
         return "not an image (cannot identify image file)"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"image too large ({exc})"
-    except Exception as exc:  # PIL reports malformed data with many exception types
-        detail = str(exc).replace(str(path), "<file>") or type(exc).__name__
-        return f"corrupt image ({detail})"
+    except BadImageError as exc:
+        return f"corrupt image ({exc.reason})"
     return None

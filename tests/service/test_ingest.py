@@ -6,8 +6,11 @@ import gzip
 import io
 import random
 import tarfile
+import threading
 import unicodedata
+import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -435,6 +438,34 @@ def test_pixel_bomb_is_refused_from_its_header(tmp_path: Path, size: tuple[int, 
     assert err.problems == [{"file": "dog/huge.png", "reason": err.problems[0]["reason"]}]
     assert "image too large" in err.problems[0]["reason"] and reason in err.problems[0]["reason"]
     assert "dog/huge.png" in err.message
+
+
+def test_image_check_leaves_other_threads_warning_filters_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # warnings.catch_warnings swaps the process-wide filter list: a predict request decoding in
+    # another thread at the same moment would run under (or restore) the wrong filters.
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    path.write_bytes(noise_image("PNG"))
+    inside, release = threading.Event(), threading.Event()
+    real_open = Image.open
+
+    def paused_open(*args, **kwargs):
+        inside.set()
+        release.wait(10)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", paused_open)
+    filters, snapshot = warnings.filters, list(warnings.filters)
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(ingest_dataset._image_problem, path, 1000)
+        assert inside.wait(10)
+        seen, seen_items = warnings.filters, list(warnings.filters)
+        release.set()
+        assert checked.result() is None
+    assert seen is filters and seen_items == snapshot
 
 
 def test_pixel_limit_applies_to_every_image(tmp_path: Path) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,7 +16,7 @@ from service.api.deps import (
     SettingsDep,
     TenantDep,
 )
-from service.errors import BadRequest, TooLarge
+from service.errors import TooLarge
 from service.schemas import (
     ImagePrediction,
     LabelProbability,
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from models.artifact import Predictor
+    from service.config import Settings
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -130,8 +130,7 @@ async def predict(
         blobs.append((f.filename or f"image-{i}", data))
     # Decoding, resizing and loading the model run in the threadpool; the forward pass is shared
     # with concurrent requests on the batcher's inference thread.
-    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, path, blobs,
-                                               settings.max_image_pixels, tta)
+    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, path, blobs, settings, tta)
     probs = await batcher.predict_proba(predictor, views, tta)
     ranked = predictor.rank(probs, top_k)
     return PredictionPublic(model_id=model_id, predictions=[
@@ -145,36 +144,26 @@ def _prepare(
     model_id: str,
     path: Path,
     blobs: list[tuple[str, bytes]],
-    max_pixels: int,
+    settings: Settings,
     tta: str = "none",
 ) -> tuple[Predictor, list[torch.Tensor]]:
-    """The loaded model and the TTA views of the decoded images (``Predictor.views``).
+    """The loaded model and the TTA views of the images (``Predictor.views_of_arrays``).
+
+    The headers are checked before the model is loaded; then each image is decoded straight to
+    the model's input size and released before the next (``service.decoding``).
 
     Raises:
-        BadRequest: an image does not decode or has more than ``max_pixels`` pixels (all are named).
+        BadRequest: an image is not an allowed format, does not decode or has too many pixels (all named).
+        TooLarge: the images have more pixels in all than the request may.
     """
-    from PIL import Image as PILImage
+    from service.decoding import DecodeLimits, check_headers, decode_arrays
 
-    from models.data import open_image
-    from models.errors import BadImageError
-
-    images = []
-    bad = []
-    for name, data in blobs:
-        try:
-            # Read the header first: refuse a pixel bomb before decoding it.
-            with PILImage.open(io.BytesIO(data)) as probe:
-                w, h = probe.size
-            if w * h > max_pixels:
-                bad.append(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}")
-                continue
-            images.append(open_image(data, name))
-        except BadImageError as exc:
-            bad.append(f"{name}: {exc}")
-        except (OSError, PILImage.DecompressionBombError) as exc:
-            reason = "too many pixels" if isinstance(exc, PILImage.DecompressionBombError) else "not an image"
-            bad.append(f"{name}: {reason}")
-    if bad:
-        raise BadRequest("cannot decode image(s): " + "; ".join(bad), files=bad)
+    limits = DecodeLimits(
+        max_image_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.predict_max_request_pixels,
+        slots=settings.predict_decode_slots,
+    )
+    check_headers(blobs, limits)
     predictor = predictors.get(model_id, path)
-    return predictor, predictor.views(images, tta)
+    arrays = decode_arrays(blobs, predictor.input_side(tta), predictor.preprocess.interpolation, limits)
+    return predictor, predictor.views_of_arrays(arrays, tta)
