@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from models.errors import BadImageError, ImageTooLargeError, UnsupportedImageError
-from models.images import check_image
+from models.images import check_image, read_header
 from service.ingest.errors import DatasetRejected, _refuse_member
 from service.ingest.limits import IngestLimits
 from service.ingest.staging import _File, _Found
@@ -168,15 +168,13 @@ def _check_total_pixels(classes: dict[str, list[tuple[str, _File]]], limits: Ing
 
 
 def _header_pixels(path: Path) -> int:
-    """Width x height from an image's header (nothing is decoded); 0 when it does not read as one."""
+    """Width x height from an image's header (nothing is decoded); 0 when it does not read as one
+    (the per-image check that follows names it)."""
     try:
-        with path.open("rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fh, formats=_PIL_FORMATS) as im:
-                width, height = im.size
-    except Exception:  # PIL reports malformed data with many exception types
+        header = read_header(path, path.name)
+    except (BadImageError, ImageTooLargeError, UnsupportedImageError):
         return 0
-    return int(width) * int(height)
+    return header.width * header.height
 
 
 def _image_problem(path: Path, max_pixels: int) -> str | None:
