@@ -9,6 +9,7 @@ and ``to_array`` so the model sees what it was trained on. A dataset's array can
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ from .images import RESAMPLE, open_image, resample_filter, to_array, to_rgb
 
 # The single-image functions live in models.images; importing them from here still works.
 __all__ = [
-    "CACHE_VERSION", "RESAMPLE", "ImageArray", "check_trainable", "load_folder", "open_image", "resample_filter",
+    "CACHE_VERSION", "RESAMPLE", "ImageArray", "check_trainable", "load_folder", "open_image", "prune_cache",
+    "resample_filter",
     "stratified_split", "to_array", "to_rgb",
 ]
 
@@ -117,15 +119,22 @@ def _write_cache(path: Path, data: ImageArray) -> None:
 
 
 def load_folder(
-    root: Path, classes: list[str], size: int, interpolation: str, cache_dir: Path | None = None
+    root: Path,
+    classes: list[str],
+    size: int,
+    interpolation: str,
+    cache_dir: Path | None = None,
+    *,
+    cache_tag: str | None = None,
+    cache_max_bytes: int | None = None,
 ) -> ImageArray:
     """Decode ``root/<class>/<file>`` for the listed classes into one array.
 
     Files are read in sorted order per class (hidden files skipped), each decoded once. With
-    ``cache_dir`` the array is stored as ``<cache_dir>/<key>.npz``, keyed by the folder's path,
-    its files (names, sizes, mtimes), the classes, ``size`` and ``interpolation``; a later call on
-    the same data loads it instead of decoding. The cache is written to a temporary name and
-    renamed, and read with ``allow_pickle=False``.
+    ``cache_dir`` the array is stored as ``<cache_dir>/<cache_tag>-<key>.npz``, keyed by the
+    folder's path, its files (names, sizes, mtimes), the classes, ``size`` and ``interpolation``;
+    a later call on the same data loads it instead of decoding (and marks it used). The cache is
+    written to a temporary name and renamed, and read with ``allow_pickle=False``.
 
     Args:
         root: dataset folder with one sub-folder per class.
@@ -133,6 +142,9 @@ def load_folder(
         size: output side in pixels.
         interpolation: resize filter name.
         cache_dir: where to keep decoded arrays, or None for no cache.
+        cache_tag: what the cache file's name starts with (the dataset id), so that everything
+            derived from one dataset can be found and removed with it.
+        cache_max_bytes: after writing, ``prune_cache`` keeps ``cache_dir`` within this many bytes.
 
     Returns:
         The decoded ``ImageArray``.
@@ -146,10 +158,13 @@ def load_folder(
     files = _class_files(root, classes)
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{_cache_key(root, files, classes, size, interpolation)}.npz"
+        key = _cache_key(root, files, classes, size, interpolation)
+        cache_path = Path(cache_dir) / (f"{cache_tag}-{key}.npz" if cache_tag else f"{key}.npz")
         if cache_path.is_file():
             cached = _read_cache(cache_path, len(files), size, classes)
             if cached is not None:
+                with contextlib.suppress(OSError):
+                    os.utime(cache_path)  # a use: least recently used goes first
                 return cached
 
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
@@ -163,7 +178,30 @@ def load_folder(
     data = ImageArray(images=images, labels=labels, classes=list(classes), names=names)
     if cache_path is not None:
         _write_cache(cache_path, data)
+        if cache_max_bytes is not None:
+            prune_cache(cache_path.parent, cache_max_bytes, keep=cache_path)
     return data
+
+
+def prune_cache(directory: Path, max_bytes: int, keep: Path | None = None) -> list[Path]:
+    """Remove decoded arrays (``*.npz``) from ``directory``, least recently used first, until the rest
+    fit in ``max_bytes``; ``keep`` (the one just written) stays whatever its size. Returns what went."""
+    entries = []
+    for path in Path(directory).glob("*.npz"):
+        with contextlib.suppress(FileNotFoundError):  # another worker may prune at the same time
+            st = path.stat()
+            entries.append((st.st_mtime, path, st.st_size))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, path, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def check_trainable(data: ImageArray) -> None:

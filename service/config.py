@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     predict_decode_slots: int = Field(
         2, ge=1, description="most images decoding at once in the API process, across all predict requests"
     )
+    decoded_cache_max_bytes: int = Field(
+        8 * 1024**3, ge=0,
+        description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

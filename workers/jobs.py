@@ -232,7 +232,8 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         pre = preprocess_for(spec.backbone, spec.image_size)
         reporter.stage("decoding images", images=dataset.num_images, image_size=pre.image_size)
         data = load_folder(
-            Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir
+            Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir,
+            cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
         )
         sweep = None
         job_spec = spec
