@@ -174,3 +174,32 @@ def test_job_survives_redis_losing_its_message(make_settings, pg_url, redis_url,
                 worker.wait(30)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg_url, redis_url):
+    """Celery's soft time limit reaches the task: the job fails with a one-line cause, once.
+
+    The limit leaves room for the worker's first task to import torch (seconds on a busy machine):
+    a limit that runs out before the claim leaves the job queued for the reconciler instead.
+    """
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, job_time_limit_s="20")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"limit-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with api_client(settings) as client:
+            job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)  # far longer than 20 s
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            assert (j["status"], j["error"]) == ("failed", "exceeded the time limit of 20 s")
+            assert j["attempts"] == 1 and j["model_id"] is None and len(j["history"]) < 1000
+            assert not checkpoint_dir(settings, job["id"]).exists()
+            time.sleep(1)
+            assert client.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1  # not run again
+            assert worker.poll() is None
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
