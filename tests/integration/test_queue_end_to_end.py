@@ -203,3 +203,44 @@ def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def _pool_processes(worker: subprocess.Popen) -> list[int]:
+    """The worker's prefork children, which run the tasks (Linux: from /proc)."""
+    children = f"/proc/{worker.pid}/task/{worker.pid}/children"
+    with open(children, encoding="ascii") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def test_job_whose_process_is_killed_every_time_gives_up(make_settings, pg_url, redis_url):
+    """The process training the job is SIGKILLed (as the OOM killer does) at every attempt: the
+    redelivered message is refused while the heartbeat is fresh, the reconciler re-queues the job
+    once it is stale, and after ZOOFIT_JOB_MAX_ATTEMPTS attempts the job fails, saying why."""
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1", job_max_attempts="2")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"oom-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        with api_client(settings) as client:
+            job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)
+            for attempt in (1, 2):
+                deadline = time.monotonic() + 180
+                j = client.get(f"/v1/jobs/{job['id']}").json()
+                while not (j["status"] == "running" and j["attempts"] == attempt
+                           and j["progress"].get("stage") == "training"):
+                    assert time.monotonic() < deadline and j["status"] in ("queued", "running"), (
+                        j["status"], j["attempts"], j["progress"])
+                    time.sleep(0.1)
+                    j = client.get(f"/v1/jobs/{job['id']}").json()
+                for pid in _pool_processes(worker):
+                    os.kill(pid, signal.SIGKILL)
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            gave_up = "gave up after 2 attempts: its worker stopped (stale heartbeat)"
+            assert (j["status"], j["error"]) == ("failed", gave_up)
+            assert j["attempts"] == 2 and j["model_id"] is None
+            assert not checkpoint_dir(settings, job["id"]).exists()
+            assert worker.poll() is None  # the worker itself lives on
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
@@ -134,6 +135,7 @@ def test_an_unexpected_error_is_one_line_for_the_user_and_a_traceback_in_the_log
     logged = [r for r in caplog.records if job_id in r.getMessage()]
     assert logged and logged[0].exc_info is not None  # the traceback, with the job id, is in the log
     assert logged[0].exc_info[0] is RuntimeError
+    assert not [t for t in threading.enumerate() if t.name.startswith("zoofit-heartbeat")]  # stopped with the job
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -261,3 +262,33 @@ def test_the_database_holds_one_model_per_job(make_settings, request, store) -> 
     with session_scope(settings) as s:
         s.add(model("job-2"))
     assert _models_of(settings, "job-1") == 1 and _models_of(settings, "job-2") == 1
+
+
+def test_a_lost_lease_stops_beating_and_never_refreshes_the_new_owners_heartbeat(make_settings) -> None:
+    """The heartbeat of a worker that lost its job must not keep the new owner's record alive."""
+    from workers.jobs import claim_job
+    from workers.lease import JobLost, Lease
+
+    settings = make_settings(worker_heartbeat_s="0.05")
+    with api_client(settings, enqueue=lambda _job_id: None) as client:
+        job_id = _submit(client, JOB)
+    attempt = claim_job(job_id, "wA", redelivered=False, settings=settings)
+    assert attempt == 1
+    with Lease(job_id, attempt, settings) as lease:
+        time.sleep(0.3)
+        assert not lease.lost and _heartbeat_threads() == [f"zoofit-heartbeat-{job_id}"]
+        assert _row(settings, job_id).heartbeat_at > _row(settings, job_id).started_at  # it beats
+        frozen = utcnow() - timedelta(hours=1)
+        with session_scope(settings) as s:  # taken over; the new owner's heartbeat happens to be old
+            s.execute(update(JobRow).where(JobRow.id == job_id)
+                      .values(attempts=2, worker="wB", heartbeat_at=frozen))
+        deadline = time.monotonic() + 10
+        while _heartbeat_threads():  # the thread ends by itself at its first unmatched beat
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert lease.lost
+        with pytest.raises(JobLost):
+            lease.write(progress={"stage": "from the loser"})
+    row = _row(settings, job_id)
+    assert row.worker == "wB" and row.progress != {"stage": "from the loser"}
+    assert row.heartbeat_at.replace(tzinfo=None) == frozen.replace(tzinfo=None)  # untouched by wA
