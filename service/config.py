@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=0,
         description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",
     )
+    job_max_attempts: int = Field(
+        3, ge=1, description="a job whose worker stopped this many times fails instead of starting again"
+    )
+    job_time_limit_s: float = Field(
+        24 * 3600.0, gt=0, description="a job still running after this long fails (Celery's soft time limit)"
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -102,7 +102,9 @@ class ModelRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")
-    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    # One model per job, held by the database too (a worker that lost its job must not add a
+    # second). ``create_all`` adds the constraint to new databases only.
+    job_id: Mapped[str] = mapped_column(String(32), index=True, unique=True)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     classes: Mapped[list[Any]] = mapped_column(JSON)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -23,6 +23,9 @@ TRAIN_QUEUE = "train"
 TRAIN_TASK = "zoofit.train_job"
 # Imported by a worker process at start-up (named, not imported: the API never loads them).
 WORKER_MODULES = ("workers.tasks",)
+# The hard time limit kills the process running a job this long after the soft limit, which the
+# job should have turned into a clean failure by then.
+HARD_TIME_LIMIT_GRACE_S = 60.0
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -30,6 +33,7 @@ def make_celery(settings: Settings) -> Celery:
     from kombu import Queue
 
     app = Celery("zoofit", broker=settings.resolved_broker_url, include=list(WORKER_MODULES))
+    hard_limit = settings.job_time_limit_s + HARD_TIME_LIMIT_GRACE_S
     app.conf.update(
         task_queues=(Queue(TRAIN_QUEUE),),
         task_default_queue=TRAIN_QUEUE,
@@ -43,9 +47,14 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],
-        # A long training run must not be redelivered to a second worker while the first
-        # still holds it (Redis visibility timeout defaults to 1 h).
-        broker_transport_options={"visibility_timeout": 12 * 3600},
+        # A job running past the soft limit fails ("exceeded the time limit"); the hard limit
+        # kills the process if it did not stop (prefork pool only).
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=hard_limit,
+        # Redis redelivers a message not acked within the visibility timeout (default 1 h). The
+        # redelivered copy cannot take a live job (its heartbeat is fresh), but it should not come
+        # back while the job may still run at all.
+        broker_transport_options={"visibility_timeout": max(12 * 3600, hard_limit + 3600)},
     )
     if settings.embedded_broker:
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,12 @@ trial shows in ``progress["sweep"]``), then trains the best recipe as above. The
 is kept in the checkpoint folder (``sweep.json``), so a worker that takes the job over goes
 straight to the final training; one that dies during the sweep leaves nothing, and the sweep
 starts again.
+
+One job has one worker at a time: ``claim_job`` takes a running job over only once its
+heartbeat is stale, and returns the attempt number that fences every later write
+(``workers.lease``). A worker that finds its job taken over stops and writes nothing more. A job
+whose workers keep dying fails after ``job_max_attempts``; one that runs past
+``job_time_limit_s`` fails too. A failed job's ``error`` is one line; tracebacks go to the log.
 """
 
 from __future__ import annotations
@@ -23,17 +29,18 @@ import logging
 import os
 import shutil
 import time
-import traceback
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import and_, or_, update
 
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
-from workers.reconcile import heartbeat_cutoff
+from workers.lease import JobLost, Lease
+from workers.reconcile import WORKER_STOPPED, heartbeat_cutoff
 
 if TYPE_CHECKING:
     from models.checkpoint import TrainState
@@ -56,23 +63,28 @@ class JobNotClaimable(Exception):
     """The job is finished, missing, or held by a live worker."""
 
 
-def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings) -> bool:
-    """Move a job to ``running`` if no one else holds it. Returns False when there is nothing to do.
+def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings) -> int | None:
+    """Move a job to ``running`` if no one else holds it: the attempt number, or None (nothing to do).
 
-    A ``running`` job is taken over only when its message was redelivered (its worker died)
-    or its heartbeat is stale, so one job never trains twice at the same time. The history is
-    cleared unless the job has a checkpoint to resume from (``run_job`` then cuts it back to it).
+    A queued job is taken; a ``running`` one only when its heartbeat is stale (its worker
+    stopped), whether or not the message was redelivered: a redelivery also follows a brief
+    broker disconnect or the visibility timeout while the worker lives on. The attempt number
+    returned fences every later write of this worker (``workers.lease``). A job that has had
+    ``job_max_attempts`` attempts already fails here instead, naming the last cause. The history
+    is cleared unless the job has a checkpoint to resume from (``run_job`` cuts it back to it).
     """
     from models.checkpoint import has_state
 
-    running_ok = JobRow.status == JobStatus.RUNNING
-    if not redelivered:
-        running_ok = running_ok & (JobRow.heartbeat_at < heartbeat_cutoff(settings))
+    claimable = or_(
+        JobRow.status == JobStatus.QUEUED,
+        and_(JobRow.status == JobStatus.RUNNING, JobRow.heartbeat_at < heartbeat_cutoff(settings)),
+    )
+    gave_up, cause = False, ""
     with session_scope(settings) as s:
         job = s.get(JobRow, job_id)
         if job is None:
             log.warning("job %s does not exist; dropping its message", job_id)
-            return False
+            return None
         if job.cancel_requested and job.status == JobStatus.QUEUED:
             job.status = JobStatus.CANCELLED
             job.finished_at = utcnow()
@@ -80,34 +92,90 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             # E.g. cancelled through the API while re-queued after its worker died: the
             # checkpoint that worker left is of no use any more.
             shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
-            return False
+            return None
+        # Compare-and-set on the attempt count: of two claims racing, one matches.
+        guard = (JobRow.id == job_id, JobRow.attempts == job.attempts, claimable)
         now = utcnow()
-        values: dict[str, Any] = {
-            "status": JobStatus.RUNNING,
-            "attempts": JobRow.attempts + 1,
-            "worker": worker,
-            "started_at": now,
-            "heartbeat_at": now,
-            "progress": {"stage": "loading data"},
-            "error": None,
-        }
-        if not has_state(checkpoint_dir(settings, job_id)):
-            values["history"] = []
+        if job.attempts >= settings.job_max_attempts:
+            cause = _last_cause(job)
+            res = s.execute(
+                update(JobRow).where(*guard).values(
+                    status=JobStatus.FAILED,
+                    finished_at=now,
+                    error=f"gave up after {job.attempts} attempts: {cause}",
+                    progress={"stage": "failed"},
+                ).execution_options(synchronize_session=False)
+            )
+            gave_up = bool(rowcount(res))
+            attempt = None
+        else:
+            values: dict[str, Any] = {
+                "status": JobStatus.RUNNING,
+                "attempts": job.attempts + 1,
+                "worker": worker,
+                "started_at": now,
+                "heartbeat_at": now,
+                "progress": {"stage": "loading data"},
+                "error": None,
+            }
+            if not has_state(checkpoint_dir(settings, job_id)):
+                values["history"] = []
+            res = s.execute(update(JobRow).where(*guard).values(**values).execution_options(synchronize_session=False))
+            attempt = job.attempts + 1 if rowcount(res) else None
+    if gave_up:
+        log.error("job %s failed: gave up after %d attempts (%s)", job_id, job.attempts, cause)
+        shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+    elif attempt is None:
+        log.info("job %s is held by a live worker (%s); dropping this %s message", job_id, job.worker,
+                 "redelivered" if redelivered else "duplicate")
+    return attempt
+
+
+def _last_cause(job: JobRow) -> str:
+    """Why the job's last attempt ended without an outcome."""
+    if job.status == JobStatus.RUNNING:
+        return WORKER_STOPPED  # taken over here: its heartbeat is stale
+    return str((job.progress or {}).get("cause") or job.error or WORKER_STOPPED)
+
+
+def fail_timed_out(job_id: str, settings: Settings) -> bool:
+    """Fail a job whose worker process the hard time limit killed. Returns whether it did.
+
+    Called in the worker's main process. Only the attempt that started at least
+    ``job_time_limit_s`` ago is failed: a later attempt (another worker's) is left alone.
+    """
+    started_before = utcnow() - timedelta(seconds=settings.job_time_limit_s)
+    with session_scope(settings) as s:
         res = s.execute(
             update(JobRow)
-            .where(JobRow.id == job_id, or_(JobRow.status == JobStatus.QUEUED, running_ok))
-            .values(**values)
+            .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.started_at <= started_before)
+            .values(status=JobStatus.FAILED, finished_at=utcnow(), error=_time_limit_error(settings),
+                    progress={"stage": "failed"})
             .execution_options(synchronize_session=False)
         )
-        return bool(rowcount(res))
+    if not rowcount(res):
+        return False
+    log.error("job %s failed: the hard time limit killed its worker process", job_id)
+    shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+    return True
+
+
+def _time_limit_error(settings: Settings) -> str:
+    limit = settings.job_time_limit_s
+    return f"exceeded the time limit of {int(limit) if limit.is_integer() else limit} s"
 
 
 class JobReporter:
-    """Writes progress to the job record and answers 'was I cancelled?' cheaply."""
+    """Writes progress to the job record (fenced by ``lease``) and answers 'was I cancelled?' cheaply.
 
-    def __init__(self, job_id: str, settings: Settings, total_epochs: int, members: int) -> None:
-        self.job_id = job_id
-        self.settings = settings
+    Every write raises ``JobLost`` once another worker holds the job, and so does
+    ``should_stop``: training unwinds at once.
+    """
+
+    def __init__(self, lease: Lease, total_epochs: int, members: int) -> None:
+        self.lease = lease
+        self.job_id = lease.job_id
+        self.settings = lease.settings
         self.total_epochs = total_epochs
         self.members = members
         self._last_check = 0.0
@@ -116,13 +184,7 @@ class JobReporter:
         self.sticky: dict[str, Any] = {}
 
     def _write(self, **values: Any) -> None:
-        with session_scope(self.settings) as s:
-            s.execute(
-                update(JobRow)
-                .where(JobRow.id == self.job_id)
-                .values(heartbeat_at=utcnow(), **values)
-                .execution_options(synchronize_session=False)
-            )
+        self.lease.write(heartbeat_at=utcnow(), **values)
 
     def stage(self, stage: str, **info: Any) -> None:
         self._write(progress={"stage": stage, **info, **self.sticky})
@@ -157,51 +219,61 @@ class JobReporter:
     def on_epoch(self, rec: EpochRecord) -> None:
         with session_scope(self.settings) as s:
             job = s.get(JobRow, self.job_id)
-            if job is None:
-                return
-            job.history = [*job.history, asdict(rec)]
-            job.progress = {
-                "stage": "training",
-                "member": rec.member + 1,
-                "members": self.members,
-                "epoch": rec.epoch + 1,
-                "epochs": self.total_epochs,
-                "train_loss": rec.train_loss,
-                "train_acc": rec.train_acc,
-                "val_loss": rec.val_loss,
-                "val_acc": rec.val_acc,
-                "lr": rec.lr,
-                **self.sticky,
-            }
-            job.heartbeat_at = utcnow()
+            if not self.lease.holds(job):
+                self.lease.lose()
+            assert job is not None
             self._cancelled = job.cancel_requested
+            self.lease.update(
+                s,
+                history=[*job.history, asdict(rec)],
+                progress={
+                    "stage": "training",
+                    "member": rec.member + 1,
+                    "members": self.members,
+                    "epoch": rec.epoch + 1,
+                    "epochs": self.total_epochs,
+                    "train_loss": rec.train_loss,
+                    "train_acc": rec.train_acc,
+                    "val_loss": rec.val_loss,
+                    "val_acc": rec.val_acc,
+                    "lr": rec.lr,
+                    **self.sticky,
+                },
+                heartbeat_at=utcnow(),
+            )
 
     def should_stop(self) -> bool:
-        # Called between batches: look at the database at most every second.
+        # Called between batches: look at the database at most every second (the heartbeat
+        # thread keeps the record fresh). Raises JobLost once the job is another worker's.
+        self.lease.check()
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= 1.0:
             self._last_check = now
             with session_scope(self.settings) as s:
                 job = s.get(JobRow, self.job_id)
-                self._cancelled = job is None or job.cancel_requested
-                if job is not None:
-                    job.heartbeat_at = utcnow()
+                if not self.lease.holds(job):
+                    self.lease.lose()
+                assert job is not None
+                self._cancelled = job.cancel_requested
         return self._cancelled
-
-
-def _finish(job_id: str, settings: Settings, status: str, **values: Any) -> None:
-    with session_scope(settings) as s:
-        s.execute(
-            update(JobRow)
-            .where(JobRow.id == job_id)
-            .values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
-            .execution_options(synchronize_session=False)
-        )
 
 
 def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             settings: Settings | None = None) -> str | None:
-    """Claim and run one training job. Returns the final status, or None if not claimed."""
+    """Claim and run one training job. Returns the final status, or None if not claimed (or lost)."""
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    attempt = claim_job(job_id, worker, redelivered=redelivered, settings=settings)
+    if attempt is None:
+        return None
+    with Lease(job_id, attempt, settings) as lease:  # the heartbeat beats until the job ends here
+        return _run_claimed(lease)
+
+
+def _run_claimed(lease: Lease) -> str | None:
+    """Train the job ``lease`` holds and record the outcome; every write is fenced by the lease."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
     from models.artifact import save_artifact
     from models.checkpoint import save_state
     from models.data import load_folder
@@ -211,18 +283,14 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
     from models.training import TrainHooks, train
     from models.zoo import preprocess_for
 
-    settings = settings or get_settings()
-    settings.ensure_dirs()
-    if not claim_job(job_id, worker, redelivered=redelivered, settings=settings):
-        return None
-
+    job_id, settings = lease.job_id, lease.settings
     with session_scope(settings) as s:
         job = s.get(JobRow, job_id)
         assert job is not None
         dataset = s.get(DatasetRow, job.dataset_id)
         spec_dict = dict(job.spec)
     spec = TrainSpec.model_validate(spec_dict)
-    reporter = JobReporter(job_id, settings, spec.epochs, spec.ensemble.members)
+    reporter = JobReporter(lease, spec.epochs, spec.ensemble.members)
     model_id = new_id()
     dest = settings.models_dir / model_id
     ckpt = checkpoint_dir(settings, job_id)
@@ -243,11 +311,13 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             spec = sweep.final_spec  # the recipe trained, checkpointed and saved from here on
         resume = _resume_state(job_id, ckpt, data, spec, reporter)
         if sweep is not None:
+            lease.check()
             _save_sweep(ckpt, sweep, data, job_spec)
         member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
         reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
 
         def checkpoint(state: TrainState) -> None:
+            lease.check()  # the checkpoint folder is the new owner's once the job is lost
             save_state(state, ckpt)  # raises DiskFullError on a full disk
 
         hooks = TrainHooks(
@@ -280,6 +350,17 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
         manifest = read_manifest(dest)
         summary = manifest["metrics"]
         with session_scope(settings) as s:
+            # Fenced first: a lost job rolls back without its model row (one model per job is
+            # also a unique constraint on models.job_id).
+            lease.update(
+                s,
+                status=JobStatus.SUCCEEDED,
+                metrics=summary,
+                model_id=model_id,
+                progress={"stage": "done", **reporter.sticky},
+                finished_at=utcnow(),
+                heartbeat_at=utcnow(),
+            )
             s.add(
                 ModelRow(
                     id=model_id,
@@ -292,45 +373,58 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
                     path=str(dest),
                 )
             )
-            s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id)
-                .values(
-                    status=JobStatus.SUCCEEDED,
-                    metrics=summary,
-                    model_id=model_id,
-                    progress={"stage": "done", **reporter.sticky},
-                    finished_at=utcnow(),
-                )
-                .execution_options(synchronize_session=False)
-            )
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("job %s succeeded: val_acc=%.4f model=%s", job_id, result.val_acc, model_id)
         return JobStatus.SUCCEEDED
-    # The checkpoint goes with every outcome below; anything else that escapes (a worker shutting
-    # down mid-epoch) leaves it for the worker that takes the job over.
+    # The checkpoint goes with every outcome below, once it is recorded; anything else that
+    # escapes (a worker shutting down mid-epoch) leaves it for the worker that takes the job over.
+    except JobLost:
+        log.warning("job %s: another worker holds it now; attempt %d stopped without writing its outcome",
+                    job_id, lease.attempt)
+        shutil.rmtree(dest, ignore_errors=True)  # this attempt's own model folder, never registered
+        return None
     except TrainingCancelled:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        _finish(job_id, settings, JobStatus.CANCELLED, progress={"stage": "cancelled", **reporter.sticky})
         log.info("job %s cancelled", job_id)
-        return JobStatus.CANCELLED
+        return _conclude(lease, JobStatus.CANCELLED, dest, ckpt, progress={"stage": "cancelled", **reporter.sticky})
+    except SoftTimeLimitExceeded:
+        log.warning("job %s: %s", job_id, _time_limit_error(settings))
+        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=_time_limit_error(settings),
+                         progress={"stage": "failed", **reporter.sticky})
     except (ZooError, ValueError) as exc:
         # A bad configuration, bad data or a full disk: record it; retrying would fail the same way.
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        _finish(job_id, settings, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
-                progress={"stage": "failed", **reporter.sticky})
         log.warning("job %s failed: %s", job_id, exc)
-        return JobStatus.FAILED
+        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=f"{type(exc).__name__}: {exc}",
+                         progress={"stage": "failed", **reporter.sticky})
     except Exception as exc:
+        # The user sees one line; the traceback, with server paths, stays in the worker's log.
+        log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)
+        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=_internal_error(exc, settings),
+                         progress={"stage": "failed", **reporter.sticky})
+
+
+def _conclude(lease: Lease, status: str, dest: Path, ckpt: Path, **values: Any) -> str | None:
+    """Record the job's outcome, then remove this attempt's model folder and the job's checkpoint.
+
+    None if the job was lost meanwhile: its checkpoint is the new owner's then, and stays.
+    """
+    try:
+        lease.write(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
+    except JobLost:
+        log.warning("job %s: another worker holds it now; not recording %s", lease.job_id, status)
+        return None
+    finally:
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tb = traceback.format_exc(limit=8)
-        _finish(job_id, settings, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}\n{tb}",
-                progress={"stage": "failed", **reporter.sticky})
-        log.exception("job %s crashed", job_id)
-        return JobStatus.FAILED
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return status
+
+
+def _internal_error(exc: BaseException, settings: Settings) -> str:
+    """One line for the user: the exception's type and first line, the data directory left out."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    data_dir = str(settings.data_dir.resolve())
+    first = first.replace(data_dir + os.sep, "").replace(data_dir, "<data_dir>")
+    return f"internal error: {type(exc).__name__}: {first}"[:500]
 
 
 def _sweep(
@@ -405,7 +499,9 @@ def _resume_state(
             reporter.resumed(state)
             return state
         log.warning("job %s: not resuming from its checkpoint (%s); training from the start", job_id, problem)
+        reporter.start_over()  # fenced: a lost job's checkpoint is left to its new owner
         shutil.rmtree(directory, ignore_errors=True)
+        return None
     reporter.start_over()
     return None
 

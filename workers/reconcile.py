@@ -4,7 +4,8 @@ A worker killed outright (SIGKILL, OOM, power loss) leaves its job ``running`` w
 that stops moving. Its broker message would only come back after the broker's visibility
 timeout, so every worker also runs this check at start-up and then periodically: a running job
 whose heartbeat is older than three heartbeat periods goes back to ``queued`` and onto the queue.
-A late duplicate message is harmless: ``claim_job`` only takes a queued job (or a stale one).
+A late duplicate message is harmless: ``claim_job`` only takes a queued job (or a stale one),
+and a job re-queued ``job_max_attempts`` times fails there instead of starting again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
 
 log = logging.getLogger("zoofit.reconcile")
+
+# Why a job was re-queued: kept in its progress, named if the job gives up (``claim_job``).
+WORKER_STOPPED = "its worker stopped (stale heartbeat)"
 
 
 def heartbeat_cutoff(settings: Settings) -> datetime:
@@ -82,7 +86,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
                 .values(
                     status=JobStatus.QUEUED,
                     enqueued_at=utcnow(),
-                    progress={"stage": "re-queued after its worker stopped"},
+                    progress={"stage": "re-queued after its worker stopped", "cause": WORKER_STOPPED},
                 )
                 .execution_options(synchronize_session=False)
             )

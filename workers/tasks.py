@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from celery import Task
+from typing import Any
 
+from billiard.einfo import ExceptionInfo
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
+
+from service.config import get_settings
 from service.queue import TRAIN_TASK
 from workers.celery_app import app
-from workers.jobs import run_job
+from workers.jobs import fail_timed_out, run_job
 
 
-@app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+class TrainTask(Task):
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: ExceptionInfo | None
+    ) -> None:
+        # The hard time limit killed the process running the job (the soft limit did not stop
+        # it). Runs in the worker's main process: fail the job here, or it would only look like
+        # a dead worker's and be re-queued.
+        if isinstance(exc, TimeLimitExceeded) and args:
+            fail_timed_out(str(args[0]), get_settings())
+
+
+@app.task(name=TRAIN_TASK, base=TrainTask, bind=True, acks_late=True, reject_on_worker_lost=True,
+          ignore_result=True)
 def train_job(self: Task, job_id: str) -> str | None:
     """Train the job with this id (safe to run twice: a finished or held job is skipped)."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))

@@ -174,3 +174,73 @@ def test_job_survives_redis_losing_its_message(make_settings, pg_url, redis_url,
                 worker.wait(30)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg_url, redis_url):
+    """Celery's soft time limit reaches the task: the job fails with a one-line cause, once.
+
+    The limit leaves room for the worker's first task to import torch (seconds on a busy machine):
+    a limit that runs out before the claim leaves the job queued for the reconciler instead.
+    """
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, job_time_limit_s="20")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"limit-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with api_client(settings) as client:
+            job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)  # far longer than 20 s
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            assert (j["status"], j["error"]) == ("failed", "exceeded the time limit of 20 s")
+            assert j["attempts"] == 1 and j["model_id"] is None and len(j["history"]) < 1000
+            assert not checkpoint_dir(settings, job["id"]).exists()
+            time.sleep(1)
+            assert client.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1  # not run again
+            assert worker.poll() is None
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def _pool_processes(worker: subprocess.Popen) -> list[int]:
+    """The worker's prefork children, which run the tasks (Linux: from /proc)."""
+    children = f"/proc/{worker.pid}/task/{worker.pid}/children"
+    with open(children, encoding="ascii") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def test_job_whose_process_is_killed_every_time_gives_up(make_settings, pg_url, redis_url):
+    """The process training the job is SIGKILLed (as the OOM killer does) at every attempt: the
+    redelivered message is refused while the heartbeat is fresh, the reconciler re-queues the job
+    once it is stale, and after ZOOFIT_JOB_MAX_ATTEMPTS attempts the job fails, saying why."""
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1", job_max_attempts="2")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"oom-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        with api_client(settings) as client:
+            job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)
+            for attempt in (1, 2):
+                deadline = time.monotonic() + 180
+                j = client.get(f"/v1/jobs/{job['id']}").json()
+                while not (j["status"] == "running" and j["attempts"] == attempt
+                           and j["progress"].get("stage") == "training"):
+                    assert time.monotonic() < deadline and j["status"] in ("queued", "running"), (
+                        j["status"], j["attempts"], j["progress"])
+                    time.sleep(0.1)
+                    j = client.get(f"/v1/jobs/{job['id']}").json()
+                for pid in _pool_processes(worker):
+                    os.kill(pid, signal.SIGKILL)
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+            gave_up = "gave up after 2 attempts: its worker stopped (stale heartbeat)"
+            assert (j["status"], j["error"]) == ("failed", gave_up)
+            assert j["attempts"] == 2 and j["model_id"] is None
+            assert not checkpoint_dir(settings, job["id"]).exists()
+            assert worker.poll() is None  # the worker itself lives on
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.utils.data import TINY_JOB, animals_zip
+from tests.utils.workers import heartbeat_stops
 from workers.jobs import claim_job, run_job
 
 
@@ -17,5 +18,6 @@ def test_dataset_of_a_running_job_is_409_until_the_job_ends(client, settings):
     assert (settings.datasets_dir / ds["id"]).is_dir()  # nothing was removed
 
     # the worker dies; its redelivered message finishes the job, then the dataset may go
+    heartbeat_stops(settings, job["id"])
     assert run_job(job["id"], settings=settings, redelivered=True) == "succeeded"
     assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 204

@@ -13,6 +13,7 @@ import models.checkpoint
 from models.checkpoint import STATE_FILE, has_state
 from service.db import JobRow, JobStatus, session_scope
 from tests.utils.data import TINY_JOB, animals_zip
+from tests.utils.workers import heartbeat_stops
 from workers.jobs import checkpoint_dir, claim_job, run_job
 
 JOB = {**TINY_JOB, "epochs": 4}
@@ -63,7 +64,10 @@ def test_job_resumes_from_its_checkpoint_as_one_run(client, settings, monkeypatc
     assert len(before["history"]) == done_before  # epoch 2 reached the record, not the checkpoint
     assert has_state(checkpoint_dir(settings, job_id))
 
-    # The message comes back (the broker saw the worker die): another worker takes the job over.
+    # The message comes back (the broker saw the worker die): another worker takes the job over
+    # once the dead worker's heartbeat is stale.
+    assert run_job(job_id, worker="w2", redelivered=True, settings=settings) is None  # not yet
+    heartbeat_stops(settings, job_id)
     assert run_job(job_id, worker="w2", redelivered=True, settings=settings) == JobStatus.SUCCEEDED
     j = client.get(f"/v1/jobs/{job_id}").json()
     assert j["status"] == "succeeded" and j["attempts"] == 2
@@ -106,6 +110,7 @@ def test_claim_keeps_history_only_with_a_checkpoint(client, settings) -> None:
     assert client.get(f"/v1/jobs/{job_id}").json()["history"] == [record]
 
     (directory / STATE_FILE).unlink()
+    heartbeat_stops(settings, job_id)
     assert claim_job(job_id, "w2", redelivered=True, settings=settings)
     assert client.get(f"/v1/jobs/{job_id}").json()["history"] == []
 

@@ -8,6 +8,7 @@ import models.checkpoint
 import models.training
 from service.db import JobRow, JobStatus, session_scope
 from tests.utils.data import TINY_JOB
+from tests.utils.workers import heartbeat_stops
 from tests.workers.test_resume import Killed, _submit
 from workers.jobs import SWEEP_FILE, checkpoint_dir, run_job
 
@@ -95,6 +96,7 @@ def test_a_job_taken_over_after_its_sweep_skips_it(client, settings, monkeypatch
     before = client.get(f"/v1/jobs/{job_id}").json()["progress"]["sweep"]
 
     calls = _spy_train(monkeypatch, settings, job_id)
+    heartbeat_stops(settings, job_id)
     assert run_job(job_id, worker="w2", redelivered=True, settings=settings) == JobStatus.SUCCEEDED
     assert len(calls) == 1 and calls[0][1]["stage"] == "training"  # no trial trained again
     j = client.get(f"/v1/jobs/{job_id}").json()

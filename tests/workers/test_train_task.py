@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.db import JobRow, JobStatus, session_scope
 from tests.utils.data import TINY_JOB, animals, animals_zip
+from tests.utils.workers import heartbeat_stops
 from workers.jobs import claim_job, run_job
 
 
@@ -93,11 +94,14 @@ def test_running_job_can_be_cancelled(client, settings):
 
 def test_claim_is_guarded(client, settings):
     _, job = _submit(client)
-    assert claim_job(job["id"], "w1", redelivered=False, settings=settings)
-    # a second worker receiving the same message while w1 is alive does not take it
+    assert claim_job(job["id"], "w1", redelivered=False, settings=settings) == 1
+    # a second worker receiving the same message while w1 is alive does not take it,
     assert not claim_job(job["id"], "w2", redelivered=False, settings=settings)
-    # ...but a redelivered message (w1 died) does
-    assert claim_job(job["id"], "w3", redelivered=True, settings=settings)
+    # nor does a redelivered one (a broker reconnect, the visibility timeout: w1 lives on)
+    assert not claim_job(job["id"], "w2", redelivered=True, settings=settings)
+    # ...but once w1's heartbeat is stale (w1 died), a redelivered message takes it over
+    heartbeat_stops(settings, job["id"])
+    assert claim_job(job["id"], "w3", redelivered=True, settings=settings) == 2
     with session_scope(settings) as s:
         row = s.get(JobRow, job["id"])
         assert row.worker == "w3" and row.attempts == 2
