@@ -36,20 +36,25 @@ class BackboneInfo:
         bundled: whether ImageNet weights ship inside an installed package (offline).
         hub: whether timm knows a pretrained download for it.
         description: one line for humans.
+        input_size: native input side in pixels (timm's pretrained config; a test keeps them equal),
+            known here so the API can size a job without importing timm.
     """
 
     name: str
     bundled: bool = False
     hub: bool = True
     description: str = ""
+    input_size: int = 224
 
 
 BACKBONES: dict[str, BackboneInfo] = {
     b.name: b
     for b in (
         BackboneInfo("tf_efficientnet_lite0", bundled=True, description="EfficientNet-Lite0, 4.7M params"),
-        BackboneInfo("tf_efficientnet_lite1", bundled=True, description="EfficientNet-Lite1, 5.4M params"),
-        BackboneInfo("tf_efficientnet_lite2", bundled=True, description="EfficientNet-Lite2, 6.1M params"),
+        BackboneInfo("tf_efficientnet_lite1", bundled=True, description="EfficientNet-Lite1, 5.4M params",
+                     input_size=240),
+        BackboneInfo("tf_efficientnet_lite2", bundled=True, description="EfficientNet-Lite2, 6.1M params",
+                     input_size=260),
         BackboneInfo("mobilenetv3_large_100", description="MobileNetV3-Large 1.0"),
         BackboneInfo("efficientnet_b0", description="EfficientNet-B0"),
         BackboneInfo("resnet18", description="ResNet-18"),
@@ -57,7 +62,9 @@ BACKBONES: dict[str, BackboneInfo] = {
         BackboneInfo("convnext_tiny", description="ConvNeXt-Tiny"),
         BackboneInfo("vit_small_patch16_224", description="ViT-S/16 (fixed 224 input)"),
         # timm's tiny test network: no pretrained weights, for fast plumbing runs.
-        BackboneInfo("test_efficientnet", hub=False, description="tiny random EfficientNet for smoke tests"),
+        BackboneInfo(
+            "test_efficientnet", hub=False, description="tiny random EfficientNet for smoke tests", input_size=160
+        ),
     )
 }
 

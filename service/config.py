@@ -90,6 +90,21 @@ class Settings(BaseSettings):
         24 * 3600.0, gt=0, description="a job still running after this long fails (Celery's soft time limit)"
     )
 
+    # quotas and job size caps (service.quotas, service.admission, models.budget)
+    tenant_max_running_jobs: int = Field(
+        2, ge=1, description="jobs of one tenant in the broker or running at once; its others wait their turn"
+    )
+    tenant_max_queued_jobs: int = Field(
+        20, ge=1, description="queued jobs of one tenant (sent or waiting); another submission is 429"
+    )
+    job_max_pixel_epochs: int = Field(
+        10**12, ge=1, description="one job's cost: images x side^2 x epochs (members, sweep trials); more is 422"
+    )
+    decoded_max_bytes: int = Field(
+        8 * 1024**3, ge=1, description="a job's decoded dataset: images x side^2 x 3 bytes; more is 422"
+    )
+    max_classes: int = Field(1000, ge=2, description="classes of a dataset, at upload and at job submission")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:

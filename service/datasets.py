@@ -17,6 +17,7 @@ from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
 from service.errors import Conflict, NotFound, ServiceError, TooLarge
 from service.ingest import DatasetRejected, IngestLimits, ingest_archive
+from service.quotas import check_class_count
 
 CHUNK = 1024 * 1024
 
@@ -97,6 +98,7 @@ def create_dataset(
             result = ingest_archive(upload, filename, dest, ingest_limits(settings), on_bad_file=on_bad_file)
         except DatasetRejected as exc:
             raise ServiceError(str(exc), problems=exc.problems).with_status(exc.status) from None
+        check_class_count(settings, len(result.classes), "the dataset")
         row = DatasetRow(
             id=dataset_id,
             tenant=tenant,

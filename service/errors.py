@@ -34,5 +34,17 @@ class TooLarge(ServiceError):
     status = 413
 
 
+class Unprocessable(ServiceError):
+    """Well-formed, but over a limit no retry will pass (a job too big for this service)."""
+
+    status = 422
+
+
+class TooManyRequests(ServiceError):
+    """A count limit that frees up: retry once some of the caller's work has finished."""
+
+    status = 429
+
+
 class Unavailable(ServiceError):
     status = 503

@@ -1,24 +1,32 @@
-"""Job records: submit (record, then enqueue), list, read, cancel."""
+"""Job records: submit (check its limits, record, then enqueue or leave it waiting), list, read, cancel.
+
+Limits are checked in ``service.quotas``; whether a new job is sent to the broker now or waits for
+one of its tenant's slots is ``service.admission``'s rule.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from service import idempotency, models_store
+from service import auth, idempotency, models_store
+from service.admission import QUEUED_STAGE, Enqueue, admit, in_flight, lock_tenant, waiting_progress
+from service.auth import Principal
 from service.config import Settings
 from service.datasets import get_dataset
-from service.db import IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
+from service.db import ApiKeyRow, IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
+from service.quotas import check_job_fits, check_queue_room
 from service.schemas import JobCreate
 
-# How a job id is sent to the workers: ``service.queue.enqueue``, or a stand-in in tests.
-Enqueue = Callable[[str], None]
+__all__ = [
+    "Enqueue", "cancel_job", "cancel_tenant_jobs", "get_job", "job_public", "list_jobs", "revoke_key_and_jobs",
+    "submit_job",
+]
 
 
 def submit_job(
@@ -35,20 +43,28 @@ def submit_job(
     earlier = idempotency.lookup(session, tenant, "jobs", idempotency_key, fingerprint)
     if earlier is not None:
         return get_job(session, earlier, tenant)
+    check_job_fits(settings, dataset, body)
+    # Held until the commit: concurrent submissions of one tenant count each other.
+    lock_tenant(session, tenant)
+    check_queue_room(session, settings, tenant)
+    # Sent now if the tenant has a free slot; otherwise it waits (``service.admission``).
+    send = in_flight(session, tenant) < settings.tenant_max_running_jobs
     job = JobRow(
         id=new_id(),
         tenant=tenant,
         dataset_id=dataset.id,
         spec=spec,
         status=JobStatus.QUEUED,
-        progress={"stage": "queued"},
-        enqueued_at=utcnow(),
+        progress={"stage": QUEUED_STAGE} if send else waiting_progress(settings),
+        enqueued_at=utcnow() if send else None,
         history=[],
     )
     session.add(job)
     idempotency.record(session, tenant, "jobs", idempotency_key, fingerprint, job.id)
     # Commit before enqueueing so a fast worker always finds the record.
     session.commit()
+    if not send:
+        return job
     try:
         enqueue(job.id)
     except Exception as exc:
@@ -66,6 +82,16 @@ def get_job(session: Session, job_id: str, tenant: str) -> JobRow:
     return job
 
 
+def _job_for(session: Session, job_id: str, principal: Principal) -> JobRow:
+    """The job, if ``principal`` may act on it: its own tenant's, or any job for an admin."""
+    if principal.admin:
+        job = session.get(JobRow, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+    return get_job(session, job_id, principal.tenant)
+
+
 def list_jobs(
     session: Session, tenant: str, offset: int, limit: int, status: str | None = None
 ) -> tuple[list[JobRow], int]:
@@ -75,24 +101,66 @@ def list_jobs(
     return page(session, query, offset, limit)
 
 
-def cancel_job(session: Session, job_id: str, tenant: str) -> JobRow:
-    job = get_job(session, job_id, tenant)
+def cancel_job(session: Session, settings: Settings, job_id: str, principal: Principal, enqueue: Enqueue) -> JobRow:
+    """Cancel a job of the principal's tenant (an admin: of any tenant); its slot goes to the next one."""
+    job = _job_for(session, job_id, principal)
     if job.status in JobStatus.TERMINAL:
         raise Conflict(f"job {job_id!r} is already {job.status}")
-    # Guarded transitions: a worker may claim the job between our read and our write.
+    _request_cancel(session, [job_id])
+    session.commit()
+    session.refresh(job)
+    if job.status == JobStatus.CANCELLED:
+        admit(settings, enqueue, job.tenant)
+    return job
+
+
+def cancel_tenant_jobs(session: Session, tenant: str) -> list[str]:
+    """Cancel every unfinished job of ``tenant`` (queued: now; running: between training steps)."""
+    ids = list(session.scalars(
+        select(JobRow.id).where(JobRow.tenant == tenant, JobRow.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    ))
+    _request_cancel(session, ids)
+    return ids
+
+
+def _request_cancel(session: Session, job_ids: list[str]) -> None:
+    # Guarded transitions: a worker may claim a job between our read and our write.
     session.execute(
-        update(JobRow).where(JobRow.id == job_id).values(cancel_requested=True)
+        update(JobRow).where(JobRow.id.in_(job_ids)).values(cancel_requested=True)
         .execution_options(synchronize_session=False)
     )
     session.execute(
         update(JobRow)
-        .where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED)
+        .where(JobRow.id.in_(job_ids), JobRow.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=utcnow(), progress={"stage": "cancelled"})
         .execution_options(synchronize_session=False)
     )
-    session.commit()
-    session.refresh(job)
-    return job
+
+
+def revoke_key_and_jobs(session: Session, key_id: str, cancel_jobs: bool = False) -> tuple[ApiKeyRow, list[str]]:
+    """Revoke a key; with ``cancel_jobs``, also cancel its tenant's unfinished jobs.
+
+    ``cancel_jobs`` is for a tenant's last live key: while the tenant keeps another live key it is
+    refused (409) and nothing changes, so that rotating a key never cancels work. Returns the
+    key and the ids of the jobs cancelled.
+    """
+    row = session.get(ApiKeyRow, key_id)
+    if row is None:
+        raise NotFound(f"key {key_id!r} not found")
+    if cancel_jobs:
+        others = list(session.scalars(
+            select(ApiKeyRow.id).where(ApiKeyRow.tenant == row.tenant, ApiKeyRow.id != key_id,
+                                       ApiKeyRow.revoked.is_(False))
+        ))
+        if others:
+            raise Conflict(
+                f"tenant {row.tenant!r} still has {len(others)} other live key{'s' if len(others) > 1 else ''} "
+                f"({', '.join(others)}); "
+                "cancel_jobs=true is for its last key: revoke the others first, or revoke without cancel_jobs",
+                live_keys=others,
+            )
+    row = auth.revoke_key(session, key_id)
+    return row, cancel_tenant_jobs(session, row.tenant) if cancel_jobs else []
 
 
 def job_public(session: Session, job: JobRow) -> dict[str, Any]:

@@ -70,6 +70,10 @@ class KeyCreated(KeyPublic):
     key: str = Field(description="the API key; shown only now, store it safely")
 
 
+class KeyRevoked(KeyPublic):
+    cancelled_jobs: list[str] = Field(description="jobs of the tenant cancelled with it (cancel_jobs=true)")
+
+
 class KeysPublic(BaseModel):
     data: list[KeyPublic]
     count: int

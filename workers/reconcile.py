@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
+from service.admission import admit
 from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
 
@@ -45,12 +46,14 @@ def stale_jobs(settings: Settings) -> list[str]:
 
 
 def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
-    """Re-enqueue lost work. Returns the ids sent again.
+    """Re-enqueue lost work and admit waiting jobs to free slots. Returns the ids sent.
 
     - a running job with a stale heartbeat goes back to ``queued`` and onto the queue;
     - a queued job whose message went out more than ``requeue_after_s`` ago is sent again
       (the broker may have lost it, e.g. a Redis restart without persistence). A duplicate
-      message is harmless: ``claim_job`` lets only one worker run the job.
+      message is harmless: ``claim_job`` lets only one worker run the job;
+    - a queued job never sent (``enqueued_at`` NULL) waits for a slot of its tenant and is not
+      lost: ``admit`` sends it once one is free (a job's end that nobody followed up).
     """
     requeued = []
     waiting_cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
@@ -60,7 +63,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
                 select(JobRow.id).where(
                     JobRow.status == JobStatus.QUEUED,
                     JobRow.cancel_requested.is_(False),
-                    or_(JobRow.enqueued_at.is_(None), JobRow.enqueued_at < waiting_cutoff),
+                    JobRow.enqueued_at < waiting_cutoff,
                 )
             )
         )
@@ -94,7 +97,7 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
             log.warning("job %s had a stale heartbeat (its worker died?); re-queued", job_id)
             enqueue(job_id)
             requeued.append(job_id)
-    return requeued
+    return requeued + admit(settings, enqueue)
 
 
 def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> threading.Event:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task
 from celery.exceptions import TimeLimitExceeded
 
+from service.admission import admit
 from service.config import get_settings
-from service.queue import TRAIN_TASK
+from service.queue import TRAIN_TASK, enqueue
 from workers.celery_app import app
 from workers.jobs import fail_timed_out, run_job
+
+log = logging.getLogger("zoofit.worker")
 
 
 class TrainTask(Task):
@@ -30,4 +34,12 @@ class TrainTask(Task):
 def train_job(self: Task, job_id: str) -> str | None:
     """Train the job with this id (safe to run twice: a finished or held job is skipped)."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    return run_job(job_id, worker=self.request.hostname or "worker", redelivered=redelivered)
+    try:
+        return run_job(job_id, worker=self.request.hostname or "worker", redelivered=redelivered)
+    finally:
+        # The job's slot may be free now: send its tenant's next waiting job (``service.admission``).
+        # The reconciler does the same on every pass, should this fail.
+        try:
+            admit(get_settings(), enqueue)
+        except Exception:
+            log.exception("admitting waiting jobs after job %s failed; the reconciler will", job_id)

@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from service.admission import WAITING_STAGE, in_flight
 from service.api.deps import get_enqueue
 from service.app import create_app
 from service.config import Settings, get_settings
+from service.db import JobRow, session_scope
 from tests.fuzz.conftest import Trained, fuzz_settings, pg_database, trained_store
 from tests.utils.data import TINY_JOB, animals_zip
 
@@ -44,6 +46,7 @@ class Target:
     key: str
     ids: dict[str, str]
     enqueued: list[str]  # job ids the API handed to the (stubbed) broker
+    settings: Settings
 
 
 @pytest.fixture(scope="module", params=[
@@ -72,7 +75,7 @@ def _target(trained: Trained) -> Target:
         other = c.post("/v1/keys", json={"tenant": "other"}).json()
     ids = {"dataset_id": trained.dataset_id, "job_id": queued["id"], "model_id": trained.model_id,
            "key_id": other["id"]}
-    return Target(schemathesis.openapi.from_asgi("/openapi.json", app), trained.key, ids, enqueued)
+    return Target(schemathesis.openapi.from_asgi("/openapi.json", app), trained.key, ids, enqueued, s)
 
 
 def _cases(target: Target, method: str, path: str) -> st.SearchStrategy[schemathesis.Case]:
@@ -115,6 +118,16 @@ def _known_good(target: Target, method: str, path: str) -> list[tuple[schemathes
     return []
 
 
+def _assert_sent_or_waiting_its_turn(target: Target, job: dict) -> None:
+    """Accepted means handed to the broker, or waiting while its tenant's slots are all taken."""
+    if job["id"] in target.enqueued:
+        return
+    with session_scope(target.settings) as session:
+        row = session.get(JobRow, job["id"])
+        assert row is not None and row.enqueued_at is None and job["progress"]["stage"] == WAITING_STAGE, job
+        assert in_flight(session, row.tenant) >= target.settings.tenant_max_running_jobs
+
+
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_no_operation_answers_5xx(target: Target, method: str, path: str) -> None:
     for case, status in _known_good(target, method, path):
@@ -128,6 +141,6 @@ def test_no_operation_answers_5xx(target: Target, method: str, path: str) -> Non
     def fuzz(case: schemathesis.Case) -> None:
         response = case.call_and_validate(checks=[not_a_server_error])
         if (method, path) == ("POST", "/v1/jobs") and response.status_code == 202:
-            assert response.json()["id"] in target.enqueued  # accepted means handed to the broker
+            _assert_sent_or_waiting_its_turn(target, response.json())
 
     fuzz()

@@ -20,9 +20,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stack(make_settings, pg_url, redis_url, monkeypatch):
-    """API in-process with the real enqueue, a real worker process, Redis and PostgreSQL."""
-    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5")
+def stack(make_settings, pg_url, redis_url, monkeypatch, request):
+    """API in-process with the real enqueue, a real worker process, Redis and PostgreSQL.
+
+    Parametrize it indirectly with a dict of further settings.
+    """
+    extra = getattr(request, "param", {})
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5", **extra)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail hub downloads fast, as an air-gapped deployment would
     worker = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
@@ -93,6 +97,24 @@ def test_running_job_cancelled_through_api(stack):
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     j = wait_status(client, job["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
     assert j["status"] == "cancelled" and len(j["history"]) < 300
+
+
+@pytest.mark.parametrize("stack", [{"tenant_max_running_jobs": "1"}], indirect=True)
+def test_one_tenants_backlog_does_not_starve_another_on_a_real_worker(stack):
+    """A: 3 jobs, then B: 1, one slot each: the worker runs A1, B1, A2, A3 (first come: A1, A2, A3, B1)."""
+    client, settings, _ = stack
+    from tests.conftest import issue_key
+
+    a_jobs = [submit(client, TINY_JOB)["id"] for _ in range(3)]
+    b_key = {"Authorization": f"Bearer {issue_key(settings, 'tenant-b')}"}
+    ds = client.post("/v1/datasets", headers=b_key,
+                     files={"file": ("a.zip", animals_zip(6, 3), "application/zip")}).json()
+    b_job = client.post("/v1/jobs", headers=b_key, json={"dataset_id": ds["id"], **TINY_JOB}).json()["id"]
+    done = {j: wait_status(client, j, {"succeeded", "failed"}) for j in a_jobs}
+    b = client.get(f"/v1/jobs/{b_job}", headers=b_key).json()
+    assert b["status"] == "succeeded" and all(j["status"] == "succeeded" for j in done.values())
+    order = sorted([*a_jobs, b_job], key=lambda j: (b if j == b_job else done[j])["started_at"])
+    assert order == [a_jobs[0], b_job, *a_jobs[1:]]
 
 
 def test_failing_job_records_error(stack):

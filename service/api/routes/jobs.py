@@ -2,10 +2,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from service import jobs
-from service.api.deps import EnqueueDep, IdempotencyKeyDep, LimitQuery, OffsetQuery, SessionDep, SettingsDep, TenantDep
+from service.api.deps import (
+    EnqueueDep,
+    IdempotencyKeyDep,
+    LimitQuery,
+    OffsetQuery,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+    get_principal,
+)
+from service.auth import Principal
 from service.db import JobStatus
 from service.schemas import JobCreate, JobPublic, JobsPublic, JobSummaryPublic
 
@@ -21,7 +31,7 @@ def submit_job(
     enqueue: EnqueueDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> JobPublic:
-    """Submit a fine-tuning job; it is queued for a training worker."""
+    """Submit a fine-tuning job; it is queued for a training worker (422: too big; 429: too many queued)."""
     return JobPublic.model_validate(jobs.submit_job(session, settings, tenant, body, enqueue, idempotency_key))
 
 
@@ -45,6 +55,12 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
-    """Cancel a queued or running job (honoured between training steps)."""
-    return JobPublic.model_validate(jobs.cancel_job(session, job_id, tenant))
+def cancel_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: Annotated[Principal, Depends(get_principal)],
+    enqueue: EnqueueDep,
+) -> JobPublic:
+    """Cancel a queued or running job (honoured between training steps); an admin key may cancel any tenant's."""
+    return JobPublic.model_validate(jobs.cancel_job(session, settings, job_id, principal, enqueue))

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from service import auth
+from fastapi import APIRouter, Query
+
+from service import auth, jobs
 from service.api.deps import AdminDep, SessionDep
-from service.schemas import KeyCreate, KeyCreated, KeyPublic, KeysPublic
+from service.schemas import KeyCreate, KeyCreated, KeyPublic, KeyRevoked, KeysPublic
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -23,7 +25,15 @@ def list_keys(session: SessionDep, _admin: AdminDep) -> KeysPublic:
     return KeysPublic(data=[KeyPublic.model_validate(r) for r in rows], count=len(rows))
 
 
-@router.delete("/{key_id}", response_model=KeyPublic)
-def revoke_key(key_id: str, session: SessionDep, _admin: AdminDep) -> KeyPublic:
+@router.delete("/{key_id}", response_model=KeyRevoked)
+def revoke_key(
+    key_id: str,
+    session: SessionDep,
+    _admin: AdminDep,
+    cancel_jobs: Annotated[
+        bool, Query(description="also cancel the tenant's queued and running jobs (its last live key only, else 409)")
+    ] = False,
+) -> KeyRevoked:
     """Revoke a key (admin only); requests with it answer 401 from now on."""
-    return KeyPublic.model_validate(auth.revoke_key(session, key_id))
+    row, cancelled = jobs.revoke_key_and_jobs(session, key_id, cancel_jobs)
+    return KeyRevoked(**KeyPublic.model_validate(row).model_dump(), cancelled_jobs=cancelled)
