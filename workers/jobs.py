@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, or_, update
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
@@ -395,6 +396,15 @@ def _run_claimed(lease: Lease) -> str | None:
         log.warning("job %s failed: %s", job_id, exc)
         return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=f"{type(exc).__name__}: {exc}",
                          progress={"stage": "failed", **reporter.sticky})
+    except (OperationalError, InterfaceError, DisconnectionError) as exc:
+        # The database went away (a restart, a network blip): nothing to blame the job for, and no
+        # outcome to record where it may not reach. This attempt ends here and its heartbeat stops,
+        # so the job is re-queued once stale and resumes from its checkpoint (``job_max_attempts``
+        # bounds how often).
+        log.warning("job %s: lost the database (%s); attempt %d ends, the job resumes once re-queued",
+                    job_id, exc.orig if isinstance(exc, DBAPIError) else exc, lease.attempt)
+        shutil.rmtree(dest, ignore_errors=True)  # this attempt's own model folder, never registered
+        return None
     except Exception as exc:
         # The user sees one line; the traceback, with server paths, stays in the worker's log.
         log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)

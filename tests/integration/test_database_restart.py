@@ -64,7 +64,7 @@ def test_postgres_restart_under_a_running_job(stack) -> None:  # noqa: F811
         time.sleep(2 * settings.worker_heartbeat_s)  # the worker's writes fail for a while
     # Both recover without a restart: the API answers, the job finishes, its model predicts.
     assert client.get("/readyz").status_code == 200
-    done = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+    done = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
     assert done["status"] == "succeeded", done["error"]
     epochs = [(r["member"], r["epoch"]) for r in done["history"]]
     assert epochs == sorted(set(epochs)) and len(epochs) == done["spec"]["epochs"]  # one run, no gap

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stack(make_settings, pg_url, redis_url, monkeypatch, request):
+def stack(make_settings, pg_url, redis_url, monkeypatch, request, tmp_path):
     """API in-process with the real enqueue, a real worker process, Redis and PostgreSQL.
 
     Parametrize it indirectly with a dict of further settings.
@@ -28,22 +28,26 @@ def stack(make_settings, pg_url, redis_url, monkeypatch, request):
     extra = getattr(request, "param", {})
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5", **extra)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail hub downloads fast, as an air-gapped deployment would
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
-        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    # The worker's log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the
+    # worker's next log line, which looks exactly like a hung worker.
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
+            env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT,
+        )
     try:
         with api_client(settings) as client:
             yield client, settings, worker
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
-            out, _ = worker.communicate(timeout=30)
+            worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-            out, _ = worker.communicate()
+            worker.wait()
         if os.environ.get("ZOOFIT_TEST_SHOW_WORKER"):
-            print(out.decode(errors="replace"))
+            print(log_path.read_text(errors="replace"))
 
 
 def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
