@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=0,
         description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",
     )
+    idempotency_ttl_s: float = Field(
+        24 * 3600.0, gt=0, description="how long an Idempotency-Key names its first result; later it is a new request"
+    )
     job_max_attempts: int = Field(
         3, ge=1, description="a job whose worker stopped this many times fails instead of starting again"
     )

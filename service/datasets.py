@@ -91,7 +91,8 @@ def create_dataset(
     try:
         sha = save_upload(src, upload, settings.upload_max_bytes)
         fingerprint = hashlib.sha256(f"{sha}|{name}|{on_bad_file}".encode()).hexdigest()
-        earlier = idempotency.lookup(session, tenant, "datasets", idempotency_key, fingerprint)
+        ttl = settings.idempotency_ttl_s
+        earlier = idempotency.lookup(session, tenant, "datasets", idempotency_key, fingerprint, ttl)
         if earlier is not None:
             return get_dataset(session, earlier, tenant)
         try:
@@ -110,9 +111,12 @@ def create_dataset(
             path=str(dest.resolve()),
         )
         session.add(row)
-        idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id)
+        idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id, ttl)
         # Committed here, inside the try: if the commit fails, the stored files go with it.
-        commit(session)
+        earlier = idempotency.commit_first(session, tenant, "datasets", idempotency_key, fingerprint, ttl)
+        if earlier is not None:  # the same key, at the same moment: that upload is the answer
+            shutil.rmtree(dest, ignore_errors=True)
+            return get_dataset(session, earlier, tenant)
         return row
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)

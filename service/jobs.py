@@ -40,7 +40,8 @@ def submit_job(
     dataset = get_dataset(session, body.dataset_id, tenant)
     spec = body.model_dump(mode="json", exclude={"dataset_id"})
     fingerprint = hashlib.sha256(json.dumps([dataset.id, spec], sort_keys=True).encode()).hexdigest()
-    earlier = idempotency.lookup(session, tenant, "jobs", idempotency_key, fingerprint)
+    ttl = settings.idempotency_ttl_s
+    earlier = idempotency.lookup(session, tenant, "jobs", idempotency_key, fingerprint, ttl)
     if earlier is not None:
         return get_job(session, earlier, tenant)
     check_job_fits(settings, dataset, body)
@@ -60,9 +61,11 @@ def submit_job(
         history=[],
     )
     session.add(job)
-    idempotency.record(session, tenant, "jobs", idempotency_key, fingerprint, job.id)
+    idempotency.record(session, tenant, "jobs", idempotency_key, fingerprint, job.id, ttl)
     # Commit before enqueueing so a fast worker always finds the record.
-    session.commit()
+    earlier = idempotency.commit_first(session, tenant, "jobs", idempotency_key, fingerprint, ttl)
+    if earlier is not None:  # the same key, at the same moment: that request's job is the answer
+        return get_job(session, earlier, tenant)
     if not send:
         return job
     try:
