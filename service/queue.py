@@ -71,3 +71,17 @@ def get_celery() -> Celery:
 def enqueue(job_id: str) -> None:
     """Send the job id to the ``train`` queue."""
     get_celery().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def broker_backlog() -> int | None:
+    """Messages waiting in the ``train`` queue (not those a worker has taken), or None when unknown."""
+    from amqp.exceptions import ChannelError
+
+    try:
+        with get_celery().connection_for_read() as conn:
+            return int(conn.default_channel.queue_declare(queue=TRAIN_QUEUE, passive=True).message_count)
+    except ChannelError as exc:
+        # 404: never declared, so nothing was ever sent to it (a flushed Redis too).
+        return 0 if str(getattr(exc, "reply_code", "")) == "404" else None
+    except Exception:  # a transport that cannot say, or a broker that is down: the caller assumes loss
+        return None

@@ -15,11 +15,12 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from service.admission import admit
 from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
+from service.queue import broker_backlog
 
 log = logging.getLogger("zoofit.reconcile")
 
@@ -45,13 +46,47 @@ def stale_jobs(settings: Settings) -> list[str]:
         )
 
 
-def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
+def claim_resend(settings: Settings, job_id: str, cutoff: datetime) -> bool:
+    """Take the re-send of a waiting job: True for exactly one of several reconcilers (compare and set
+    on ``enqueued_at``, which the winner moves past ``cutoff``)."""
+    with session_scope(settings) as s:
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED, JobRow.enqueued_at < cutoff)
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return bool(rowcount(res))
+
+
+def _backlog_short(backlog: Callable[[], int | None], waiting: list[str], settings: Settings) -> bool:
+    """Whether the broker holds fewer messages than jobs sent and not started (so some were lost).
+
+    Unknown (the transport cannot say): assume lost; a duplicate message is harmless.
+    """
+    held = backlog()
+    if held is None:
+        return True
+    with session_scope(settings) as s:
+        sent = s.scalar(
+            select(func.count()).select_from(JobRow).where(
+                JobRow.status == JobStatus.QUEUED, JobRow.enqueued_at.is_not(None)
+            )
+        )
+    return held < int(sent or 0)
+
+
+def reconcile(
+    settings: Settings, enqueue: Callable[[str], None], backlog: Callable[[], int | None] = lambda: None
+) -> list[str]:
     """Re-enqueue lost work and admit waiting jobs to free slots. Returns the ids sent.
 
     - a running job with a stale heartbeat goes back to ``queued`` and onto the queue;
-    - a queued job whose message went out more than ``requeue_after_s`` ago is sent again
-      (the broker may have lost it, e.g. a Redis restart without persistence). A duplicate
-      message is harmless: ``claim_job`` lets only one worker run the job;
+    - a queued job whose message went out more than ``requeue_after_s`` ago is sent again when
+      the broker holds fewer messages (``backlog``) than jobs sent and not started: it may have
+      lost them (a Redis restart without persistence), or it still holds them all and nothing
+      is re-sent. Of several reconcilers, one re-sends a job (``claim_resend``); a duplicate
+      message would be harmless anyway: ``claim_job`` lets only one worker run the job;
     - a queued job never sent (``enqueued_at`` NULL) waits for a slot of its tenant and is not
       lost: ``admit`` sends it once one is free (a job's end that nobody followed up).
     """
@@ -67,15 +102,10 @@ def reconcile(settings: Settings, enqueue: Callable[[str], None]) -> list[str]:
                 )
             )
         )
+    if waiting and not _backlog_short(backlog, waiting, settings):
+        waiting = []  # the broker still holds a message for every job sent: none is lost
     for job_id in waiting:
-        with session_scope(settings) as s:
-            res = s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED)
-                .values(enqueued_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-        if rowcount(res):
+        if claim_resend(settings, job_id, waiting_cutoff):
             log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
             enqueue(job_id)
             requeued.append(job_id)
@@ -107,7 +137,7 @@ def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> thre
     def loop() -> None:
         while True:
             try:
-                reconcile(settings, enqueue)
+                reconcile(settings, enqueue, broker_backlog)
             except Exception:
                 log.exception("reconcile pass failed")
             if stop.wait(min(settings.worker_heartbeat_s, settings.requeue_after_s)):

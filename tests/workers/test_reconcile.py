@@ -46,3 +46,34 @@ def test_queued_job_with_lost_message_is_sent_again(client, settings, enqueued):
     with session_scope(settings) as s:
         s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=utcnow() - timedelta(hours=1)))
     assert reconcile(settings, sent.append) == []  # cancelled jobs are never re-sent
+
+
+def test_of_two_reconcilers_one_resends_a_waiting_job(client, settings):
+    from workers.reconcile import claim_resend
+
+    job_id = _job(client)
+    cutoff = utcnow()
+    with session_scope(settings) as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=utcnow() - timedelta(hours=1)))
+    # both passes saw the job waiting too long (same cutoff); only the first takes the re-send
+    assert [claim_resend(settings, job_id, cutoff), claim_resend(settings, job_id, cutoff)] == [True, False]
+
+
+def test_a_job_whose_message_the_broker_still_holds_is_not_resent(client, settings, enqueued):
+    job_id = _job(client)
+    with session_scope(settings) as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(enqueued_at=utcnow() - timedelta(hours=1)))
+    sent: list[str] = []
+    assert reconcile(settings, sent.append, backlog=lambda: 1) == []  # its message waits in the queue
+    assert reconcile(settings, sent.append, backlog=lambda: 0) == [job_id]  # the broker lost it
+    assert sent == [job_id]
+
+
+def test_the_broker_backlog_is_read_from_the_real_queue(make_settings, redis_url):
+    from service.queue import TRAIN_QUEUE, broker_backlog, get_celery
+
+    make_settings(broker_url=redis_url)
+    assert broker_backlog() == 0
+    for i in range(3):
+        get_celery().send_task("zoofit.train_job", args=[f"job-{i}"], queue=TRAIN_QUEUE)
+    assert broker_backlog() == 3
