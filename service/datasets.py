@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import idempotency
+from service.admission import lock_tenant
 from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
 from service.errors import Conflict, NotFound, ServiceError, TooLarge
@@ -144,6 +145,9 @@ def list_datasets(session: Session, tenant: str, offset: int, limit: int) -> tup
 
 def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant: str) -> None:
     row = get_dataset(session, dataset_id, tenant)
+    # The tenant's submissions take this lock too: a job submitted at the same moment is either
+    # seen below (409) or finds the dataset gone (404), never trains on a deleted one.
+    lock_tenant(session, tenant)
     busy = session.scalars(
         select(JobRow.id).where(
             JobRow.dataset_id == dataset_id, JobRow.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])

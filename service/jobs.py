@@ -18,7 +18,7 @@ from service.admission import QUEUED_STAGE, Enqueue, admit, in_flight, lock_tena
 from service.auth import Principal
 from service.config import Settings
 from service.datasets import get_dataset
-from service.db import ApiKeyRow, IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
+from service.db import ApiKeyRow, DatasetRow, IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.quotas import check_job_fits, check_queue_room
 from service.schemas import JobCreate
@@ -45,8 +45,11 @@ def submit_job(
     if earlier is not None:
         return get_job(session, earlier, tenant)
     check_job_fits(settings, dataset, body)
-    # Held until the commit: concurrent submissions of one tenant count each other.
+    # Held until the commit: concurrent submissions of one tenant count each other, and a delete
+    # of the dataset (which takes the same lock) either went before (then it is gone) or waits.
     lock_tenant(session, tenant)
+    if session.scalar(select(DatasetRow.id).where(DatasetRow.id == dataset.id)) is None:
+        raise NotFound(f"dataset {dataset.id!r} not found (it was deleted)")
     check_queue_room(session, settings, tenant)
     # Sent now if the tenant has a free slot; otherwise it waits (``service.admission``).
     send = in_flight(session, tenant) < settings.tenant_max_running_jobs
