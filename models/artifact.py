@@ -46,7 +46,9 @@ TTA_MODES = ("none", "hflip", "five_crop")
 FIVE_CROP_PCT = 0.875
 
 
-def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite: bool = True) -> Path:
+def save_artifact(
+    result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite: bool = True, owner: str = ""
+) -> Path:
     """Save a trained ensemble as ``dest/model.safetensors`` + ``dest/manifest.json``.
 
     Tensors are keyed ``members.<i>.<state-dict key>``. Everything is written into a temporary
@@ -59,6 +61,8 @@ def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite
         dest: the model folder to create.
         overwrite: replace an existing ``dest`` (a task that runs twice writes the same model);
             otherwise raise ``FileExistsError``.
+        owner: goes into the temporary folders' names (``.<dest name>.<owner>.<random>.tmp``), so
+            that what a killed writer left can be told apart (``workers.leftovers``).
 
     Returns:
         ``dest``.
@@ -67,7 +71,8 @@ def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite
     if dest.exists() and not overwrite:
         raise FileExistsError(f"model folder {dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    prefix = f".{dest.name}.{owner}." if owner else f".{dest.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is read by the API process too
         tensors = {
@@ -84,7 +89,7 @@ def save_artifact(result: TrainResult, spec: TrainSpec, dest: Path, *, overwrite
             os.fsync(f.fileno())
         if dest.exists():
             # Move the old model aside first: the rename below needs the name free.
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)

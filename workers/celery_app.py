@@ -1,7 +1,8 @@
 """The worker's entry point: the Celery app ``celery -A workers.celery_app`` uses.
 
 The app itself (queue, task name, configuration) is built in ``service.queue``; this module
-adds what only a worker process does: at start-up it begins reconciling lost jobs.
+adds what only a worker process does: at start-up it removes what its previous run left on disk
+(``workers.leftovers``) and begins reconciling lost jobs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ app = get_celery()
 
 
 @worker_ready.connect
-def _start_reconciler(**_kwargs: object) -> None:
+def _start_reconciler(sender: object = None, **_kwargs: object) -> None:
+    from workers.leftovers import sweep_leftovers
     from workers.reconcile import start_reconciler
 
+    # ``sender`` is the worker's consumer; its hostname is the node name tasks see too.
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        sweep_leftovers(get_settings(), str(hostname))
     start_reconciler(get_settings(), enqueue)

@@ -41,6 +41,7 @@ from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 from workers.lease import JobLost, Lease
+from workers.leftovers import feature_spill_dir, owner_tag
 from workers.reconcile import WORKER_STOPPED, heartbeat_cutoff
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
     attempt = claim_job(job_id, worker, redelivered=redelivered, settings=settings)
     if attempt is None:
         return None
-    with Lease(job_id, attempt, settings) as lease:  # the heartbeat beats until the job ends here
+    with Lease(job_id, attempt, settings, worker) as lease:  # the heartbeat beats until the job ends here
         return _run_claimed(lease)
 
 
@@ -295,6 +296,7 @@ def _run_claimed(lease: Lease) -> str | None:
     model_id = new_id()
     dest = settings.models_dir / model_id
     ckpt = checkpoint_dir(settings, job_id)
+    bounds = _cache_bounds(settings, lease.worker)
     try:
         if dataset is None:
             raise ZooError(f"dataset {job.dataset_id} no longer exists")
@@ -307,7 +309,7 @@ def _run_claimed(lease: Lease) -> str | None:
         sweep = None
         job_spec = spec
         if spec.sweep is not None:
-            sweep = _sweep(job_id, data, spec, reporter, settings, ckpt)
+            sweep = _sweep(job_id, data, spec, reporter, settings, ckpt, bounds)
             assert sweep.final_spec is not None
             spec = sweep.final_spec  # the recipe trained, checkpointed and saved from here on
         resume = _resume_state(job_id, ckpt, data, spec, reporter)
@@ -334,7 +336,7 @@ def _run_claimed(lease: Lease) -> str | None:
             device=settings.device,
             num_threads=settings.torch_threads,
             resume=resume,
-            cache=_cache_bounds(settings),
+            cache=bounds,
         )
         if reporter.should_stop():
             raise TrainingCancelled("cancelled after training")
@@ -342,7 +344,8 @@ def _run_claimed(lease: Lease) -> str | None:
             result = with_sweep(result, sweep)  # the report's "sweep" section
         reporter.stage("saving model")
         try:
-            save_artifact(result, spec, dest)  # all or nothing: a temporary folder renamed into place
+            # all or nothing: a temporary folder (named after this worker) renamed into place
+            save_artifact(result, spec, dest, owner=owner_tag(lease.worker))
         except Exception as exc:
             if is_disk_full(exc):
                 raise DiskFullError(f"disk full while writing the model to {dest}") from exc
@@ -438,7 +441,8 @@ def _internal_error(exc: BaseException, settings: Settings) -> str:
 
 
 def _sweep(
-    job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: Path
+    job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: Path,
+    bounds: CacheBounds,
 ) -> SweepResult:
     """The job's sweep: the one a previous worker finished (``sweep.json``), else run now."""
     from models.checkpoint import run_fingerprint
@@ -465,7 +469,7 @@ def _sweep(
             train,
             device=settings.device,
             num_threads=settings.torch_threads,
-            cache=_cache_bounds(settings),
+            cache=bounds,
         ),
         on_trial=lambda record, sweep: reporter.sweep(record, sweep),
         on_epoch=lambda record, rec: reporter.sweep(record, epoch=rec),
@@ -516,12 +520,13 @@ def _resume_state(
     return None
 
 
-def _cache_bounds(settings: Settings) -> CacheBounds:
-    """Where the frozen-prefix feature cache may live: memory first, then spilled under data_dir/cache."""
+def _cache_bounds(settings: Settings, worker: str) -> CacheBounds:
+    """Where the frozen-prefix feature cache may live: memory first, then spilled under this worker's
+    folder in data_dir/cache/features (swept at its next start should it be killed)."""
     from models.prefix import CacheBounds
 
     return CacheBounds(
         memory_bytes=settings.feature_cache_memory_bytes,
         disk_bytes=settings.feature_cache_disk_bytes,
-        dir=settings.cache_dir / "features",
+        dir=feature_spill_dir(settings, worker),
     )

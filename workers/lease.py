@@ -37,10 +37,11 @@ class JobLost(Exception):
 class Lease:
     """Attempt ``attempt`` of job ``job_id``, held by this worker; a context manager runs its heartbeat."""
 
-    def __init__(self, job_id: str, attempt: int, settings: Settings) -> None:
+    def __init__(self, job_id: str, attempt: int, settings: Settings, worker: str = "local") -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.settings = settings
+        self.worker = worker  # the node name that holds it
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
