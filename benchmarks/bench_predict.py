@@ -193,6 +193,21 @@ def _measure(c: httpx.Client, pid: int, raw: RawForward, model_id: str, images: 
     return out
 
 
+
+def fresh_store(prefix: str) -> tuple[Path, Any, dict[str, str]]:
+    """A new data dir for this process (and the API it starts), its settings, and a key's header."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["ZOOFIT_DATA_DIR"] = str(data_dir)
+    from service.auth import create_key
+    from service.config import get_settings
+    from service.db import session_scope
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    with session_scope(settings) as s:
+        headers = {"Authorization": f"Bearer {create_key(s, 'bench')[1]}"}
+    return data_dir, settings, headers
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=128, help="model input side in pixels")
@@ -205,16 +220,7 @@ def main() -> int:
     started = time.monotonic()
     levels = [int(x) for x in args.clients.split(",")]
 
-    data_dir = Path(tempfile.mkdtemp(prefix="zoofit-bench-"))
-    os.environ["ZOOFIT_DATA_DIR"] = str(data_dir)
-    from service.auth import create_key
-    from service.config import get_settings
-    from service.db import session_scope
-
-    settings = get_settings()
-    settings.ensure_dirs()
-    with session_scope(settings) as s:
-        headers = {"Authorization": f"Bearer {create_key(s, 'bench')[1]}"}
+    data_dir, settings, headers = fresh_store("zoofit-bench-")
     _, test = animal_split(per_class=0, test_per_class=10, seed=1)
     images = [_jpeg(img) for _, _, img in test]
     try:

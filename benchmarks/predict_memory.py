@@ -23,7 +23,6 @@ import io
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_predict import _server, _train  # noqa: E402
+from benchmarks.bench_predict import _server, _train, fresh_store  # noqa: E402
 from service.sample_data import animal_split, png_bytes  # noqa: E402
 
 MIB = 1024 * 1024
@@ -89,16 +88,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64, help="model input side in pixels")
     args = ap.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="zoofit-mem-"))
-    os.environ["ZOOFIT_DATA_DIR"] = str(data_dir)
-    from service.auth import create_key
-    from service.config import get_settings
-    from service.db import session_scope
-
-    settings = get_settings()
-    settings.ensure_dirs()
-    with session_scope(settings) as s:
-        headers = {"Authorization": f"Bearer {create_key(s, 'bench')[1]}"}
+    data_dir, settings, headers = fresh_store("zoofit-mem-")
     big = _flat_png(args.side)
     _, test = animal_split(per_class=0, test_per_class=1, seed=1)
     warm = png_bytes(test[0][2])
