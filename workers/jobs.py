@@ -61,10 +61,6 @@ def checkpoint_dir(settings: Settings, job_id: str) -> Path:
     return settings.data_dir / "checkpoints" / job_id
 
 
-class JobNotClaimable(Exception):
-    """The job is finished, missing, or held by a live worker."""
-
-
 def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings) -> int | None:
     """Move a job to ``running`` if no one else holds it: the attempt number, or None (nothing to do).
 

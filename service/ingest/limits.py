@@ -63,7 +63,6 @@ class _Budget:
         self.archive_bytes = max(archive_bytes, 1)
         self.members = 0
         self.file_bytes = 0  # bytes written, plus the sizes of members read past unwritten
-        self.stream_bytes = 0  # tar only: the whole decompressed tar stream
         self.current = ""  # member being read, for messages
 
     def add_member(self) -> None:
@@ -93,7 +92,6 @@ class _Budget:
         self._check_ratio(self.file_bytes)
 
     def at_stream_offset(self, offset: int) -> None:
-        self.stream_bytes = offset
         cap = self.limits.max_total_bytes + _TAR_OVERHEAD_PER_MEMBER * self.limits.max_members
         if offset > cap:
             raise DatasetRejected(
