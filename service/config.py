@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     predict_decode_slots: int = Field(
         2, ge=1, description="most images decoding at once in the API process, across all predict requests"
     )
+    predict_decode_wait_s: float = Field(
+        30.0, gt=0, description="how long a predict image may wait for a decoding slot before the request is a 503"
+    )
     decoded_cache_max_bytes: int = Field(
         8 * 1024**3, ge=0,
         description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",

@@ -25,7 +25,7 @@ import numpy as np
 
 from models.errors import BadImageError
 from models.images import decode_array, read_header
-from service.errors import BadRequest, TooLarge
+from service.errors import BadRequest, TooLarge, Unavailable
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,14 @@ class DecodeLimits:
         max_image_pixels: most pixels (width x height) of any one image.
         max_request_pixels: most pixels of the request's images together.
         slots: most images decoding at once in this process, across requests.
+        slot_wait_s: how long an image may wait for a slot; then the request answers 503 (a
+            waiting request holds a threadpool thread, which must not be held without end).
     """
 
     max_image_pixels: int
     max_request_pixels: int
     slots: int
+    slot_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_request_pixels", "slots"):
@@ -108,8 +111,15 @@ def decode_arrays(blobs: list[tuple[str, bytes]], side: int, interpolation: str,
     bad: list[str] = []
     for i, (name, data) in enumerate(blobs):
         try:
-            with slots:
+            if not slots.acquire(timeout=limits.slot_wait_s):
+                raise Unavailable(
+                    f"the server is busy decoding other images (waited {limits.slot_wait_s:g} s for one of "
+                    f"{limits.slots} decoding slots); retry the request"
+                )
+            try:
                 out[i] = decode_array(data, name, side, interpolation, limits.max_image_pixels)
+            finally:
+                slots.release()
         except BadImageError as exc:
             bad.append(f"{name}: {exc.reason}")
     if bad:

@@ -18,7 +18,7 @@ from service.admission import QUEUED_STAGE, Enqueue, admit, in_flight, lock_tena
 from service.auth import Principal
 from service.config import Settings
 from service.datasets import get_dataset
-from service.db import ApiKeyRow, DatasetRow, IdempotencyRow, JobRow, JobStatus, ModelRow, new_id, page, utcnow
+from service.db import ApiKeyRow, DatasetRow, IdempotencyRow, JobRow, JobStatus, ModelRow, commit, new_id, page, utcnow
 from service.errors import Conflict, NotFound, Unavailable
 from service.quotas import check_job_fits, check_queue_room
 from service.schemas import JobCreate
@@ -76,7 +76,7 @@ def submit_job(
     except Exception as exc:
         session.delete(job)
         session.execute(delete(IdempotencyRow).where(IdempotencyRow.resource_id == job.id))
-        session.commit()
+        commit(session)
         raise Unavailable(f"the job queue (broker) is unreachable: {exc}") from exc
     return job
 
@@ -113,7 +113,7 @@ def cancel_job(session: Session, settings: Settings, job_id: str, principal: Pri
     if job.status in JobStatus.TERMINAL:
         raise Conflict(f"job {job_id!r} is already {job.status}")
     _request_cancel(session, [job_id])
-    session.commit()
+    commit(session)  # answered only once stored: a failed commit is a 503, not a 200
     session.refresh(job)
     if job.status == JobStatus.CANCELLED:
         admit(settings, enqueue, job.tenant)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 from collections import OrderedDict
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.manifest import ArtifactError, read_manifest
+from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
 from models.report import Report
 from service.db import ModelRow, commit, page
 from service.errors import NotFound
@@ -63,10 +64,19 @@ def stored_report(row: ModelRow) -> dict[str, Any] | None:
     Rows written by releases before the report was stored once also carry it in the database.
     """
     try:
-        report = read_manifest(Path(row.path)).get("report")
-    except ArtifactError:
+        manifest = Path(row.path) / MANIFEST_FILE
+        report = _report_in(str(manifest), manifest.stat().st_mtime_ns)
+    except (OSError, ArtifactError):
         report = None
     return report or (row.manifest or {}).get("report")
+
+
+@functools.lru_cache(maxsize=64)
+def _report_in(manifest: str, _mtime_ns: int) -> dict[str, Any] | None:
+    # A job is polled every second or so: read and parse each manifest once, not per request. The
+    # modification time is in the key, so a model folder saved anew (renamed into place) is read again.
+    report = read_manifest(Path(manifest).parent).get("report")
+    return dict(report) if report else None
 
 
 def full_report(row: ModelRow) -> Report | None:
@@ -140,11 +150,13 @@ class PredictorCache:
                 evictions = self._evictions.get(model_id, 0)
             try:
                 predictor = self._load(model_id, path)
-            finally:
+            except BaseException:
                 with self._lock:
-                    if self._loading.get(model_id) is load_lock:
-                        del self._loading[model_id]
+                    self._done_loading(model_id, load_lock)
+                raise
+            # One locked step: an evict either ran before it (counted) or runs after (removes it).
             with self._lock:
+                self._done_loading(model_id, load_lock)
                 if self._evictions.get(model_id, 0) != evictions:
                     raise NotFound(f"model {model_id!r} not found (it was deleted)")
                 self._items[model_id] = predictor
@@ -152,6 +164,11 @@ class PredictorCache:
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
             return predictor
+
+    def _done_loading(self, model_id: str, load_lock: threading.Lock) -> None:
+        # Under self._lock. Only the lock this load registered (a later load may have its own).
+        if self._loading.get(model_id) is load_lock:
+            del self._loading[model_id]
 
     def _load(self, model_id: str, path: Path) -> Predictor:
         from models.artifact import load_predictor

@@ -59,21 +59,29 @@ def claim_resend(settings: Settings, job_id: str, cutoff: datetime) -> bool:
     return bool(rowcount(res))
 
 
-def _backlog_short(backlog: Callable[[], int | None], waiting: list[str], settings: Settings) -> bool:
-    """Whether the broker holds fewer messages than jobs sent and not started (so some were lost).
-
-    Unknown (the transport cannot say): assume lost; a duplicate message is harmless.
-    """
+def _lost_messages(backlog: Callable[[], int | None], settings: Settings) -> int | None:
+    """How many of the jobs sent and not started have no message left in the broker; None: unknown
+    (the transport cannot say), so any may be lost (a duplicate message is harmless)."""
     held = backlog()
     if held is None:
-        return True
+        return None
     with session_scope(settings) as s:
         sent = s.scalar(
             select(func.count()).select_from(JobRow).where(
                 JobRow.status == JobStatus.QUEUED, JobRow.enqueued_at.is_not(None)
             )
         )
-    return held < int(sent or 0)
+    return max(0, int(sent or 0) - held)
+
+
+def _send(enqueue: Callable[[str], None], job_id: str) -> bool:
+    # One broker hiccup must not end the pass (the other jobs and the admission after them).
+    try:
+        enqueue(job_id)
+    except Exception:
+        log.exception("could not send job %s; the next pass tries again", job_id)
+        return False
+    return True
 
 
 def reconcile(
@@ -95,20 +103,24 @@ def reconcile(
     with session_scope(settings) as s:
         waiting = list(
             s.scalars(
-                select(JobRow.id).where(
+                select(JobRow.id)
+                .where(
                     JobRow.status == JobStatus.QUEUED,
                     JobRow.cancel_requested.is_(False),
                     JobRow.enqueued_at < waiting_cutoff,
                 )
+                .order_by(JobRow.enqueued_at)
             )
         )
-    if waiting and not _backlog_short(backlog, waiting, settings):
-        waiting = []  # the broker still holds a message for every job sent: none is lost
+    if waiting:
+        lost = _lost_messages(backlog, settings)
+        if lost is not None:
+            waiting = waiting[:lost]  # the oldest; the broker still holds messages for the others
     for job_id in waiting:
         if claim_resend(settings, job_id, waiting_cutoff):
             log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
-            enqueue(job_id)
-            requeued.append(job_id)
+            if _send(enqueue, job_id):
+                requeued.append(job_id)
     cutoff = heartbeat_cutoff(settings)
     for job_id in stale_jobs(settings):
         with session_scope(settings) as s:
@@ -125,8 +137,8 @@ def reconcile(
             )
         if rowcount(res):
             log.warning("job %s had a stale heartbeat (its worker died?); re-queued", job_id)
-            enqueue(job_id)
-            requeued.append(job_id)
+            if _send(enqueue, job_id):  # else it is queued and sent again after requeue_after_s
+                requeued.append(job_id)
     return requeued + admit(settings, enqueue)
 
 

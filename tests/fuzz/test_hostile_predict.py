@@ -249,3 +249,21 @@ def test_predictions_match_the_predictor_for_each_tta(trained: Trained, tta: str
                     for p in r.json()["predictions"]])
     want = predictor.predict_proba([open_image(data, name) for name, data in files], tta)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_image_that_waits_too_long_for_a_decoding_slot_is_503(trained: Trained) -> None:
+    # Every slot is busy (held here); the request gives its threadpool thread back instead of waiting forever.
+    from service.decoding import decode_slots
+
+    slots = decode_slots(1)
+    assert slots.acquire(timeout=5)
+    try:
+        with trained_client(trained, predict_decode_slots=1, predict_decode_wait_s=0.2) as c:
+            t0 = time.monotonic()
+            r = _predict(c, trained, [("a.png", _image())])
+            assert r.status_code == 503 and "decoding slots" in r.json()["detail"], r.text
+            assert time.monotonic() - t0 < 5
+    finally:
+        slots.release()
+    with trained_client(trained, predict_decode_slots=1, predict_decode_wait_s=0.2) as c:
+        assert _predict(c, trained, [("a.png", _image())]).status_code == 200

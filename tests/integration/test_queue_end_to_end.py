@@ -7,16 +7,30 @@ import signal
 import subprocess
 import sys
 import time
+from typing import IO
 
 import pytest
 
 from models.checkpoint import has_state
+from service.processes import stop_process
 from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
 from workers.jobs import checkpoint_dir
 
 pytestmark = pytest.mark.integration
+
+
+def start_worker(name: str, log: IO[bytes] | int = subprocess.DEVNULL, new_session: bool = False) -> subprocess.Popen:
+    """A real worker process named ``<name>-<pid>@host``, configured by this process's environment.
+
+    Its log goes to ``log`` (a file or DEVNULL): a pipe nobody reads fills up (64 KiB) and blocks
+    the worker's next log line, which looks exactly like a hung worker.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"{name}-{os.getpid()}@%h"],
+        env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
+    )
 
 
 @pytest.fixture
@@ -28,24 +42,14 @@ def stack(make_settings, pg_url, redis_url, monkeypatch, request, tmp_path):
     extra = getattr(request, "param", {})
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="5", **extra)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail hub downloads fast, as an air-gapped deployment would
-    # The worker's log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the
-    # worker's next log line, which looks exactly like a hung worker.
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"test-{os.getpid()}@%h"],
-            env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT,
-        )
+        worker = start_worker("test", log_file)
     try:
         with api_client(settings) as client:
             yield client, settings, worker
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
         if os.environ.get("ZOOFIT_TEST_SHOW_WORKER"):
             print(log_path.read_text(errors="replace"))
 
@@ -136,14 +140,7 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
     """SIGKILL the worker while it trains: a new worker resumes the job from its last epoch checkpoint."""
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1")
 
-    def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"{name}-{os.getpid()}@%h"],
-            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    first = start("first")
+    first = start_worker("first", new_session=True)
     second = None
     try:
         with api_client(settings) as client:
@@ -159,7 +156,7 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
             os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child die at once
             first.wait(10)
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
-            second = start("second")
+            second = start_worker("second", new_session=True)
             j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
             assert j["status"] == "succeeded", j["error"]
             assert j["attempts"] == 2
@@ -186,20 +183,13 @@ def test_job_survives_redis_losing_its_message(make_settings, pg_url, redis_url,
     with api_client(settings) as client:
         job = submit(client, TINY_JOB)
         redis.Redis.from_url(redis_url).flushdb()  # the queued message is gone
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--hostname", f"flush-{os.getpid()}@%h"],
-            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        worker = start_worker("flush")
         try:
             j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
             assert j["status"] == "succeeded", j["error"]
             assert j["attempts"] == 1
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker)
 
 
 def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg_url, redis_url):
@@ -209,10 +199,7 @@ def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg
     a limit that runs out before the claim leaves the job queued for the reconciler instead.
     """
     settings = make_settings(database_url=pg_url, broker_url=redis_url, job_time_limit_s="20")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"limit-{os.getpid()}@%h"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker("limit")
     try:
         with api_client(settings) as client:
             job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)  # far longer than 20 s
@@ -224,11 +211,7 @@ def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg
             assert client.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1  # not run again
             assert worker.poll() is None
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
 
 
 def _pool_processes(worker: subprocess.Popen) -> list[int]:
@@ -243,10 +226,7 @@ def test_job_whose_process_is_killed_every_time_gives_up(make_settings, pg_url, 
     redelivered message is refused while the heartbeat is fresh, the reconciler re-queues the job
     once it is stale, and after ZOOFIT_JOB_MAX_ATTEMPTS attempts the job fails, saying why."""
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1", job_max_attempts="2")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"oom-{os.getpid()}@%h"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    worker = start_worker("oom", new_session=True)
     try:
         with api_client(settings) as client:
             job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)

@@ -13,22 +13,13 @@ from sqlalchemy import update
 import models.training
 from models.checkpoint import STATE_FILE
 from service.db import JobRow, JobStatus, session_scope, utcnow
-from tests.utils.data import TINY_JOB, animals_zip
-from tests.utils.workers import heartbeat_stops
+from tests.utils.workers import heartbeat_stops, submit
 from workers.jobs import checkpoint_dir, claim_job, run_job
 from workers.reconcile import reconcile
 
 
-def _submit(client, job: dict | None = None) -> str:
-    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
-    assert ds.status_code == 201, ds.text
-    r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **(job or TINY_JOB)})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
 def test_a_job_whose_worker_keeps_dying_gives_up(client, settings) -> None:
-    job_id = _submit(client)
+    job_id = submit(client)
     directory = checkpoint_dir(settings, job_id)
     directory.mkdir(parents=True)
     (directory / STATE_FILE).write_bytes(b"what the last worker left")
@@ -55,7 +46,7 @@ def test_a_stale_job_at_its_last_attempt_fails_when_taken_over(make_settings) ->
 
     settings = make_settings(job_max_attempts="1")
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        job_id = _submit(client)
+        job_id = submit(client)
         assert claim_job(job_id, "w1", redelivered=False, settings=settings) == 1
         # Alive: the redelivered copy neither takes the job nor fails it.
         assert claim_job(job_id, "w2", redelivered=True, settings=settings) is None
@@ -87,7 +78,7 @@ def test_a_job_over_its_time_limit_fails_cleanly(make_settings, monkeypatch) -> 
 
     monkeypatch.setattr(models.training, "train", over_time)
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        job_id = _submit(client)
+        job_id = submit(client)
         assert run_job(job_id, settings=settings) == JobStatus.FAILED
         j = client.get(f"/v1/jobs/{job_id}").json()
     assert j["error"] == "exceeded the time limit of 90 s"
@@ -102,7 +93,7 @@ def test_the_hard_time_limit_fails_the_job_it_killed(make_settings) -> None:
 
     settings = make_settings(job_time_limit_s="60")
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        killed, fresh = _submit(client), _submit(client)
+        killed, fresh = submit(client), submit(client)
         for job_id in (killed, fresh):
             assert claim_job(job_id, "w1", redelivered=False, settings=settings) == 1
         with session_scope(settings) as s:  # ``killed`` started longer ago than the time limit
@@ -125,7 +116,7 @@ def test_an_unexpected_error_is_one_line_for_the_user_and_a_traceback_in_the_log
         raise RuntimeError(f"could not map {secret_path}\nsecond line of detail")
 
     monkeypatch.setattr(models.training, "train", crash)
-    job_id = _submit(client)
+    job_id = submit(client)
     with caplog.at_level(logging.ERROR, logger="zoofit.worker"):
         assert run_job(job_id, settings=settings) == JobStatus.FAILED
     error = client.get(f"/v1/jobs/{job_id}").json()["error"]

@@ -22,8 +22,8 @@ import models.data
 from models.checkpoint import has_state
 from service.db import JobRow, JobStatus, ModelRow, new_id, session_scope, utcnow
 from tests.conftest import api_client
-from tests.utils.data import TINY_JOB, animals_zip
-from tests.utils.workers import heartbeat_stops
+from tests.utils.data import TINY_JOB
+from tests.utils.workers import heartbeat_stops, submit
 from workers.jobs import checkpoint_dir, run_job
 from workers.reconcile import reconcile
 
@@ -55,12 +55,6 @@ class Run(threading.Thread):
         return self.result
 
 
-def _submit(client, job: dict) -> str:
-    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
-    assert ds.status_code == 201, ds.text
-    r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **job})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
 
 
 def _slow_first_decode(monkeypatch) -> tuple[threading.Event, threading.Event]:
@@ -101,7 +95,7 @@ def test_a_slow_decode_is_neither_requeued_nor_taken_over(make_settings, monkeyp
     settings = make_settings(worker_heartbeat_s=str(HEARTBEAT_S))
     sent: list[str] = []
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        job_id = _submit(client, JOB)
+        job_id = submit(client, JOB)
     decoding, release = _slow_first_decode(monkeypatch)
 
     a = Run(lambda: run_job(job_id, worker="wA", settings=settings))
@@ -150,7 +144,7 @@ def test_a_slow_decode_is_neither_requeued_nor_taken_over(make_settings, monkeyp
 
 def test_a_redelivered_message_does_not_take_over_a_live_job(client, settings, monkeypatch) -> None:
     """The broker redelivers while the first worker is alive (fresh heartbeat): the copy is refused."""
-    job_id = _submit(client, JOB)
+    job_id = submit(client, JOB)
     decoding, release = _slow_first_decode(monkeypatch)
 
     a = Run(lambda: run_job(job_id, worker="wA", settings=settings))
@@ -197,7 +191,7 @@ def test_a_worker_that_lost_its_job_stops_and_writes_nothing(make_settings, requ
     settings = _store_settings(make_settings, request, store)
     epochs = 8
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        job_id = _submit(client, {**TINY_JOB, "epochs": epochs})
+        job_id = submit(client, {**TINY_JOB, "epochs": epochs})
     ckpt = checkpoint_dir(settings, job_id)
 
     a = Run(lambda: run_job(job_id, worker="wA", settings=settings))
@@ -271,7 +265,7 @@ def test_a_lost_lease_stops_beating_and_never_refreshes_the_new_owners_heartbeat
 
     settings = make_settings(worker_heartbeat_s="0.05")
     with api_client(settings, enqueue=lambda _job_id: None) as client:
-        job_id = _submit(client, JOB)
+        job_id = submit(client, JOB)
     attempt = claim_job(job_id, "wA", redelivered=False, settings=settings)
     assert attempt == 1
     with Lease(job_id, attempt, settings) as lease:

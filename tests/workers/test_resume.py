@@ -12,8 +12,8 @@ from sqlalchemy import update
 import models.checkpoint
 from models.checkpoint import STATE_FILE, has_state
 from service.db import JobRow, JobStatus, session_scope
-from tests.utils.data import TINY_JOB, animals_zip
-from tests.utils.workers import heartbeat_stops
+from tests.utils.data import TINY_JOB
+from tests.utils.workers import heartbeat_stops, submit
 from workers.jobs import checkpoint_dir, claim_job, run_job
 
 JOB = {**TINY_JOB, "epochs": 4}
@@ -23,12 +23,6 @@ class Killed(BaseException):
     """Stands in for SIGKILL: no ``except Exception`` in the worker catches it."""
 
 
-def _submit(client, job: dict) -> str:
-    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
-    assert ds.status_code == 201, ds.text
-    r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **job})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
 
 
 def _metrics(history: list[dict]) -> list[tuple]:
@@ -51,7 +45,7 @@ def _die_before_checkpoint(monkeypatch, member: int, epoch: int) -> None:
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_job_resumes_from_its_checkpoint_as_one_run(client, settings, monkeypatch, members) -> None:
-    job_id = _submit(client, {**JOB, "ensemble": {"members": members}})
+    job_id = submit(client, {**JOB, "ensemble": {"members": members}})
     dies_at = (members - 1, 2)  # the last member's third epoch
     _die_before_checkpoint(monkeypatch, *dies_at)
     with pytest.raises(Killed):
@@ -80,7 +74,7 @@ def test_job_resumes_from_its_checkpoint_as_one_run(client, settings, monkeypatc
 
 
 def test_unreadable_checkpoint_means_a_fresh_start(client, settings) -> None:
-    job_id = _submit(client, JOB)
+    job_id = submit(client, JOB)
     directory = checkpoint_dir(settings, job_id)
     directory.mkdir(parents=True)
     (directory / STATE_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
@@ -98,7 +92,7 @@ def test_unreadable_checkpoint_means_a_fresh_start(client, settings) -> None:
 
 
 def test_claim_keeps_history_only_with_a_checkpoint(client, settings) -> None:
-    job_id = _submit(client, JOB)
+    job_id = submit(client, JOB)
     record = {"member": 0, "epoch": 0, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5,
               "lr": 0.1, "seconds": 1.0, "extra": {}}
     with session_scope(settings) as s:
@@ -116,7 +110,7 @@ def test_claim_keeps_history_only_with_a_checkpoint(client, settings) -> None:
 
 
 def test_cancelled_while_requeued_drops_its_checkpoint(client, settings) -> None:
-    job_id = _submit(client, JOB)
+    job_id = submit(client, JOB)
     directory = checkpoint_dir(settings, job_id)
     directory.mkdir(parents=True)
     (directory / STATE_FILE).write_bytes(b"placeholder")
@@ -144,7 +138,7 @@ def _safetensors_no_space(*_args, **_kwargs):
     ids=["checkpoint", "model"],
 )
 def test_full_disk_fails_the_job_with_a_clear_error(client, settings, monkeypatch, target, writer, what) -> None:
-    job_id = _submit(client, {**JOB, "epochs": 1})
+    job_id = submit(client, {**JOB, "epochs": 1})
     monkeypatch.setattr(target, writer, _no_space if writer == "_write" else _safetensors_no_space)
 
     assert run_job(job_id, settings=settings) == JobStatus.FAILED

@@ -162,6 +162,7 @@ def _prepare(
         max_image_pixels=settings.max_image_pixels,
         max_request_pixels=settings.predict_max_request_pixels,
         slots=settings.predict_decode_slots,
+        slot_wait_s=settings.predict_decode_wait_s,
     )
     check_headers(blobs, limits)
     predictor = predictors.get(model_id, path)
