@@ -8,8 +8,8 @@ import models.checkpoint
 import models.training
 from service.db import JobRow, JobStatus, session_scope
 from tests.utils.data import TINY_JOB
-from tests.utils.workers import heartbeat_stops
-from tests.workers.test_resume import Killed, _submit
+from tests.utils.workers import heartbeat_stops, submit
+from tests.workers.test_resume import Killed
 from workers.jobs import SWEEP_FILE, checkpoint_dir, run_job
 
 SWEEP = {"trials": 4, "eta": 2, "min_epochs": 1, "rounds": 1, "lr": [1e-4, 1e-2], "optimizers": ["adam", "sgd"]}
@@ -33,7 +33,7 @@ def _spy_train(monkeypatch, settings, job_id: str) -> list[tuple[dict, dict]]:
 
 
 def test_sweep_job_reports_every_trial_and_trains_the_best(client, settings, monkeypatch) -> None:
-    job_id = _submit(client, JOB)
+    job_id = submit(client, JOB)
     calls = _spy_train(monkeypatch, settings, job_id)
     assert run_job(job_id, settings=settings) == JobStatus.SUCCEEDED
 
@@ -79,7 +79,7 @@ def test_sweep_job_reports_every_trial_and_trains_the_best(client, settings, mon
 
 
 def test_a_job_taken_over_after_its_sweep_skips_it(client, settings, monkeypatch) -> None:
-    job_id = _submit(client, {**JOB, "sweep": {**SWEEP, "trials": 2}})
+    job_id = submit(client, {**JOB, "sweep": {**SWEEP, "trials": 2}})
     real = models.checkpoint.save_state
 
     def save_state(state, directory):
