@@ -50,6 +50,20 @@ class BackbonesPublic(BaseModel):
     count: int
 
 
+class PresetPublic(BaseModel):
+    """A named starting recipe: ``job`` is a partial job, submitted with a ``dataset_id``."""
+
+    name: str
+    title: str
+    description: str
+    job: dict[str, Any]
+
+
+class PresetsPublic(BaseModel):
+    data: list[PresetPublic]
+    count: int
+
+
 class KeyCreate(BaseModel):
     tenant: str = Field(..., pattern=TENANT_PATTERN)
     admin: bool = False
