@@ -1,4 +1,4 @@
-"""The ``zoofit`` command: serve, api, worker, demo."""
+"""The ``zoofit`` command: serve, api, worker, keys, demo, and the client (login, datasets, jobs, models)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 
 from models.runtime import available_cpus
+from service.client import commands as client_commands
 from service.config import get_settings
 from service.processes import start_worker_process, stop_process
 from service.queue import TRAIN_QUEUE, get_celery
@@ -124,7 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="run the main job end to end through the HTTP API")
     d.add_argument("--port", type=int, default=None, help="port for the demo's API (default: a free one)")
     d.add_argument("--per-class", type=int, default=None, help="training images per class")
+    client_commands.add_commands(sub)
     args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":  # only the worker passes extra arguments on (to Celery)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in client_commands.CLIENT_COMMANDS:
+        sys.exit(client_commands.run(args))
 
     _configure_logging()
     if args.command == "serve":

@@ -1,0 +1,72 @@
+"""The one-line message of an API error answer, whatever shape its body has."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    """The API answered with an error status; ``message`` is its one-line ``detail``."""
+
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _detail_text(detail: Any) -> str | None:
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):  # FastAPI's own 422 shape: [{"loc": [...], "msg": "..."}]
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                msg = str(item.get("msg") or item.get("message") or "")
+                parts.append(f"{loc}: {msg}" if loc else msg)
+        return "; ".join(p for p in parts if p) or None
+    return None
+
+
+def error_message(response: httpx.Response) -> str:
+    """``detail`` of an RFC 9457 problem+json body, else of the older ``{"detail": ...}`` shape, else the text.
+
+    Always one line, never empty: a body with nothing to show gives ``HTTP <status> <reason>``.
+    """
+    fallback = f"HTTP {response.status_code} {response.reason_phrase}".strip()
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        text = _one_line(response.text[:500]) if response.text else ""
+        return text or fallback
+    if isinstance(body, dict):
+        detail = _detail_text(body.get("detail"))
+        if detail:
+            return _one_line(detail)
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            return _one_line("; ".join(f"{e.get('field', '')}: {e.get('message', '')}" for e in errors
+                                       if isinstance(e, dict)))
+        if isinstance(body.get("title"), str):
+            return _one_line(body["title"])
+    return fallback
+
+
+def raise_for_error(response: httpx.Response) -> httpx.Response:
+    """``response`` itself when it succeeded; an :class:`ApiError` with the API's message otherwise."""
+    if response.is_success:
+        return response
+    response.read()
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    raise ApiError(response.status_code, error_message(response), body)
