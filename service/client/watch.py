@@ -120,7 +120,7 @@ class Watcher:
 def summary_table(job_id: str, done: dict[str, Any]) -> Table:
     """Status, ensemble and member validation accuracy, and the model id of a finished job."""
     status = done.get("status")
-    table = Table(title=f"job {job_id}: {status}", show_header=True)
+    table = Table(title=f"job {job_id}: {status}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("value")
     metrics = done.get("metrics") or {}

@@ -1,0 +1,85 @@
+"""The watcher draws a recorded event stream, reconnects with Last-Event-ID, and fails on a failed job."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from service import cli
+from service.client import Zoofit
+from service.client.errors import ApiError
+from service.client.watch import watch
+from tests.utils.events import DROP_AFTER, FAILED, MODEL_ID, SUCCEEDED, fake_events_app
+from tests.utils.live import serve
+
+KEY = "zf_test_key"
+
+
+@pytest.fixture(scope="module")
+def stream_server():
+    seen: list[dict] = []
+    app = fake_events_app({"ok": SUCCEEDED, "bad": FAILED}, KEY, seen, drop_after={"ok": DROP_AFTER})
+    with serve(app) as url:
+        yield url, seen
+
+
+def _console(terminal: bool) -> Console:
+    return Console(file=io.StringIO(), force_terminal=terminal, width=160, color_system=None)
+
+
+def test_watch_reconnects_after_a_drop_with_last_event_id_and_draws_the_summary(stream_server):
+    url, seen = stream_server
+    err, out = _console(False), _console(False)
+    with Zoofit(url, KEY) as zf:
+        done = watch(zf.events("ok", sleep=lambda _s: None), "ok", err, out)
+    assert done["status"] == "succeeded" and done["model_id"] == MODEL_ID
+    assert [s["last_event_id"] for s in seen if s["job"] == "ok"] == [None, str(DROP_AFTER)]
+    log = err.file.getvalue()
+    for member, epoch in ((1, 1), (1, 2), (2, 1), (2, 2)):
+        assert log.count(f"member {member}/2 epoch {epoch}/2 ") == 1  # each epoch once: nothing lost or repeated
+    assert "val loss 0.500 acc 0.812" in log and "stage: saving model" in log and "job succeeded" in log
+    table = out.file.getvalue()
+    assert "ensemble val acc" in table and "0.875" in table
+    assert "member 2 val acc" in table and "0.812" in table and MODEL_ID in table
+
+
+def test_live_bars_on_a_terminal(stream_server):
+    url, _seen = stream_server
+    err = _console(True)
+    with Zoofit(url, KEY) as zf:
+        watch(zf.events("bad", sleep=lambda _s: None), "bad", err)
+    screen = err.file.getvalue()
+    assert "member 1/2" in screen and "1/2" in screen
+    assert "attempt 2 resumes at member 1, epoch 1" in screen
+    assert "training diverged" in screen
+
+
+def test_jobs_watch_exits_non_zero_on_a_failed_job(stream_server, monkeypatch, capsys, tmp_path):
+    url, _seen = stream_server
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("ZOOFIT_API_KEY", KEY)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs", "watch", "bad", "--url", url])
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert "job bad: failed" in captured.out and "training diverged (loss is NaN)" in captured.out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs", "watch", "ok", "--url", url])
+    assert exit_.value.code == 0
+
+
+def test_a_refused_stream_is_an_error_not_a_retry(stream_server, monkeypatch, capsys, tmp_path):
+    url, seen = stream_server
+    before = len(seen)
+    with Zoofit(url, KEY) as zf, pytest.raises(ApiError) as exc:
+        list(zf.events("nope"))
+    assert exc.value.status == 404 and exc.value.message == "job nope not found"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("ZOOFIT_API_KEY", "zf_wrong")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["jobs", "watch", "ok", "--url", url])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == "zoofit: missing or invalid API key"
+    assert len(seen) == before
