@@ -1,9 +1,10 @@
 """``zoofit demo``: the main job end to end, through the HTTP API, as a user would run it.
 
 It starts ``zoofit serve`` (API + a real Celery worker) with the configured settings (the
-embedded default needs no external services), uploads a real dataset, fine-tunes an ensemble
-of ImageNet-pretrained EfficientNet-Lite0 members, and scores held-out images with the
-predict endpoint.
+embedded default needs no external services), then goes through ``service.client`` as the
+``zoofit`` subcommands do: uploads a folder of real images (zipped on the fly), fine-tunes an
+ensemble of ImageNet-pretrained EfficientNet-Lite0 members while the same watcher as
+``zoofit jobs watch`` draws the event stream, and scores held-out images with the predict endpoint.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import httpx
+from rich.console import Console
 
+from service.client import ApiError, Zoofit
+from service.client.watch import watch
 from service.processes import stop_process
-from service.sample_data import animal_split, png_bytes, zip_dataset
+from service.sample_data import animal_split, png_bytes
 
 DEMO_JOB: dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
@@ -44,16 +49,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def _wait_ready(zf: Zoofit, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"zoofit serve exited with code {proc.returncode}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if zf.ready():
+            return
         time.sleep(0.5)
     raise RuntimeError("zoofit serve did not become ready in time")
 
@@ -77,61 +79,51 @@ def run_demo(port: int | None = None, per_class: int | None = None, job: dict[st
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL if not os.environ.get("ZOOFIT_DEMO_VERBOSE") else None,
                             stderr=subprocess.STDOUT if not os.environ.get("ZOOFIT_DEMO_VERBOSE") else None)
-    headers = {"Authorization": f"Bearer {_demo_key()}"}
     try:
-        with httpx.Client(base_url=base, timeout=120, headers=headers) as client:
-            _wait_ready(client, proc)
-            return _walk(client, per_class, job or DEMO_JOB)
+        with Zoofit(base, _demo_key(), timeout=120) as zf:
+            _wait_ready(zf, proc)
+            return _walk(zf, per_class, job or DEMO_JOB)
+    except ApiError as exc:
+        print(f"the API refused: {exc.message}")
+        return 1
     finally:
         stop_process(proc, signal.SIGINT)
 
 
-def _walk(client: httpx.Client, per_class: int, job: dict[str, Any]) -> int:
+def _write_pngs(folder: Path, items: list, by_class: bool) -> list[Path]:
+    paths = []
+    for name, i, image in items:
+        path = folder / name / f"{i}.png" if by_class else folder / f"{name}-{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(image))
+        paths.append(path)
+    return paths
+
+
+def _walk(zf: Zoofit, per_class: int, job: dict[str, Any]) -> int:
+    """What a user does with ``zoofit datasets upload``, ``jobs submit --watch`` and ``models predict``."""
     t0 = time.monotonic()
     train, test = animal_split(per_class=per_class, test_per_class=20, seed=0)
-    archive = zip_dataset(train)
-    r = client.post("/v1/datasets", files={"file": ("animals.zip", archive, "application/zip")})
-    r.raise_for_status()
-    ds = r.json()
-    print(f"uploaded dataset {ds['id']}: {ds['num_images']} images, classes {ds['counts']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="zoofit-demo-") as tmp:
+        folder = Path(tmp) / "animals"
+        _write_pngs(folder, train, by_class=True)
+        ds = zf.upload_dataset(folder)  # a folder of <class>/<image>, zipped on the fly
+        print(f"uploaded dataset {ds['id']}: {ds['num_images']} images, classes {ds['counts']}", flush=True)
 
-    r = client.post("/v1/jobs", json={"dataset_id": ds["id"], **job})
-    if r.status_code != 202:
-        print(f"job rejected: {r.status_code} {r.text}")
-        return 1
-    job_id = r.json()["id"]
-    print(f"submitted job {job_id}: {job['backbone']} x{job['ensemble']['members']}, "
-          f"{job['optimizer']['name']}, {job['schedule']['name']} schedule", flush=True)
+        job_id = zf.create_job({"dataset_id": ds["id"], **job})["id"]
+        print(f"submitted job {job_id}: {job['backbone']} x{job['ensemble']['members']}, "
+              f"{job['optimizer']['name']}, {job['schedule']['name']} schedule", flush=True)
+        done = watch(zf.events(job_id), job_id, Console(stderr=True), Console())
+        if done["status"] != "succeeded":
+            return 1
 
-    last = None
-    while True:
-        j = client.get(f"/v1/jobs/{job_id}").json()
-        p = j["progress"]
-        line = f"  [{j['status']}] " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()
-        )
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if j["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(1.0)
-    if j["status"] != "succeeded":
-        print(f"job {j['status']}: {j['error']}")
-        return 1
-    m = j["metrics"]
-    print(f"validation accuracy: members {[round(a, 3) for a in m.get('member_val_acc', [])]}, "
-          f"ensemble {m.get('val_acc', float('nan')):.3f}", flush=True)
-
-    model_id = j["model_id"]
-    correct = 0
-    for start in range(0, len(test), 32):
-        batch = test[start : start + 32]
-        files = [("files", (f"{name}-{i}.png", png_bytes(img), "image/png")) for name, i, img in batch]
-        r = client.post(f"/v1/models/{model_id}/predict", files=files, params={"top_k": 3})
-        r.raise_for_status()
-        for (name, _i, _img), pred in zip(batch, r.json()["predictions"], strict=True):
-            correct += pred["top_k"][0]["label"] == name
+        model_id = done["model_id"]
+        held_out = _write_pngs(Path(tmp) / "held-out", test, by_class=False)
+        correct = 0
+        for start in range(0, len(test), 32):
+            body = zf.predict(model_id, held_out[start : start + 32], top_k=3)
+            for (name, _i, _img), pred in zip(test[start : start + 32], body["predictions"], strict=True):
+                correct += pred["top_k"][0]["label"] == name
     acc = correct / len(test)
     print(f"held-out accuracy from /predict: {acc:.3f} ({correct}/{len(test)} images, "
           f"{len(test) // 10} per class, never uploaded)")
