@@ -36,7 +36,8 @@ class Io:
     """Where output goes: ``out`` (stdout) for results, ``err`` (stderr) for everything else."""
 
     def __init__(self, out: Console | None = None, err: Console | None = None) -> None:
-        self.out = out or Console(highlight=False)
+        # Piped, a table keeps whole ids on one line rather than fitting rich's default 80 columns.
+        self.out = out or Console(highlight=False, width=None if sys.stdout.isatty() else 200)
         self.err = err or Console(stderr=True, highlight=False)
 
     def json(self, data: Any) -> None:
@@ -258,4 +259,8 @@ def run(args: argparse.Namespace, io: Io | None = None, http: httpx.Client | Non
         io.note(f"zoofit: cannot reach the API: {exc.__class__.__name__}: {exc}")
     except (NotLoggedIn, RecipeError, StreamLost, RuntimeError, ValueError, OSError) as exc:
         io.note(f"zoofit: {exc}")
+    except KeyboardInterrupt:
+        # Only the client stops: a submitted job keeps running (zoofit jobs cancel stops it).
+        io.note("zoofit: interrupted")
+        return 130
     return 1

@@ -13,13 +13,14 @@ def num(value: Any, digits: int = 3) -> str:
 
 
 def when(value: Any) -> str:
-    return str(value)[:19].replace("T", " ") if value else "-"
+    return str(value)[:16].replace("T", " ") if value else "-"
 
 
 def _table(*columns: str, title: str | None = None) -> Table:
     table = Table(title=title, show_edge=False, pad_edge=False)
     for c in columns:
-        table.add_column(c, no_wrap=c in ("id", "model", "dataset", "job"), overflow="fold")
+        table.add_column(c, no_wrap=c in ("id", "model", "dataset", "job", "status", "created", "val acc"),
+                         overflow="fold")
     return table
 
 
@@ -44,10 +45,10 @@ def dataset_table(d: dict[str, Any]) -> Table:
 
 
 def jobs_table(body: dict[str, Any]) -> Table:
-    t = _table("id", "status", "stage", "dataset", "val acc", "model", "created", title=f"{body['count']} jobs")
+    # Ids are 32 characters: a list keeps to one of them per row to fit a terminal (show has the rest).
+    t = _table("id", "status", "stage", "val acc", "created", title=f"{body['count']} jobs")
     for j in body["data"]:
-        t.add_row(j["id"], j["status"], str(j["progress"].get("stage", "-")), j["dataset_id"], _val_acc(j),
-                  j.get("model_id") or "-", when(j["created_at"]))
+        t.add_row(j["id"], j["status"], str(j["progress"].get("stage", "-")), _val_acc(j), when(j["created_at"]))
     return t
 
 
@@ -83,10 +84,9 @@ def job_table(j: dict[str, Any]) -> Table:
 
 
 def models_table(body: dict[str, Any]) -> Table:
-    t = _table("id", "job", "classes", "members", "val acc", "created", title=f"{body['count']} models")
+    t = _table("id", "classes", "members", "val acc", "created", title=f"{body['count']} models")
     for m in body["data"]:
-        t.add_row(m["id"], m["job_id"], str(len(m["classes"])), str(len(m["members"])), _val_acc(m),
-                  when(m["created_at"]))
+        t.add_row(m["id"], str(len(m["classes"])), str(len(m["members"])), _val_acc(m), when(m["created_at"]))
     return t
 
 
