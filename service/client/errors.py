@@ -49,15 +49,24 @@ def error_message(response: httpx.Response) -> str:
         return text or fallback
     if isinstance(body, dict):
         detail = _detail_text(body.get("detail"))
-        if detail:
-            return _one_line(detail)
-        errors = body.get("errors")
-        if isinstance(errors, list) and errors:
-            return _one_line("; ".join(f"{e.get('field', '')}: {e.get('message', '')}" for e in errors
-                                       if isinstance(e, dict)))
+        fields = _field_errors(body.get("errors"), detail or "")
+        if detail or fields:
+            return _one_line("; ".join(p for p in (detail, fields) if p))
         if isinstance(body.get("title"), str):
             return _one_line(body["title"])
     return fallback
+
+
+def _field_errors(errors: Any, detail: str) -> str:
+    """A 422's ``errors[]`` as ``field: message``, for the fields ``detail`` does not already name.
+
+    A terminal has no form to put each message next to its field, so the line carries them.
+    """
+    if not isinstance(errors, list):
+        return ""
+    parts = [f"{e.get('field') or '.'.join(map(str, e.get('loc', [])))}: {e.get('message', '')}"
+             for e in errors if isinstance(e, dict)]
+    return "; ".join(p for p in parts if p.partition(":")[0] not in detail)
 
 
 def raise_for_error(response: httpx.Response) -> httpx.Response:

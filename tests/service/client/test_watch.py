@@ -83,3 +83,13 @@ def test_a_refused_stream_is_an_error_not_a_retry(stream_server, monkeypatch, ca
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == "zoofit: missing or invalid API key"
     assert len(seen) == before
+
+
+def test_a_stream_that_keeps_failing_gives_up_after_its_retries():
+    from service.client.events import StreamLost
+    from tests.utils.live import free_port
+
+    waits: list[float] = []
+    with Zoofit(f"http://127.0.0.1:{free_port()}", KEY) as zf, pytest.raises(StreamLost):
+        list(zf.events("ok", retries=3, backoff_s=0.5, sleep=waits.append))
+    assert waits == [0.5, 1.0, 2.0]  # doubling between tries
