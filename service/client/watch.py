@@ -66,7 +66,7 @@ class Watcher:
     def _on_status(self, d: dict[str, Any]) -> None:
         if d.get("status") != self.status:
             self.status = d.get("status")
-            attempt = f" (attempt {d['attempt']})" if d.get("attempt", 1) and d.get("attempt", 1) > 1 else ""
+            attempt = f" (attempt {d['attempt']})" if (d.get("attempt") or 0) > 1 else ""
             self.line(f"job {self.status}{attempt}" + (f": {d['error']}" if d.get("error") else ""))
 
     def _on_stage(self, d: dict[str, Any]) -> None:
