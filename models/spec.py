@@ -8,11 +8,11 @@ real objects and has tests that parametrize over these same registries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 
 class UnknownNameError(ValueError):
@@ -148,21 +148,33 @@ def check_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> str:
     return name
 
 
+def _known(kind: str, names: Iterable[str]) -> AfterValidator:
+    valid = list(names)
+
+    def check(name: str) -> str:
+        return check_name(kind, name, valid)
+
+    check_fn: Callable[[str], str] = check
+    return AfterValidator(check_fn)
+
+
 def _one_of(title: str, names: Iterable[str]) -> WithJsonSchema:
     """The JSON schema of a registry name: an enum of the registry's names.
 
-    The field itself stays a ``str`` that a validator passes through :func:`check_name`, so that
-    a wrong name is refused with a message naming it and listing the valid ones (a ``Literal``
-    would only say "Input should be ..."). Clients generated from the schema still get an enum.
+    The value itself stays a ``str`` checked by :func:`check_name`, so that a wrong name is
+    refused with a message naming it and listing the valid ones (a ``Literal`` would only say
+    "Input should be ..."); clients generated from the schema still get an enum.
     """
     return WithJsonSchema({"title": title, "type": "string", "enum": list(names)})
 
 
-BackboneName = Annotated[str, _one_of("BackboneName", BACKBONES)]
-OptimizerName = Annotated[str, _one_of("OptimizerName", OPTIMIZERS)]
+BackboneName = Annotated[str, _known("backbone", BACKBONES), _one_of("BackboneName", BACKBONES)]
+OptimizerName = Annotated[str, _known("optimizer", OPTIMIZERS), _one_of("OptimizerName", OPTIMIZERS)]
 # lbfgs only fits a linear probe: a sweep cannot choose it (SweepSpec refuses it, saying why)
-SweepOptimizerName = Annotated[str, _one_of("SweepOptimizerName", (n for n in OPTIMIZERS if n != "lbfgs"))]
-ScheduleName = Annotated[str, _one_of("ScheduleName", SCHEDULES)]
+SweepOptimizerName = Annotated[
+    str, _known("optimizer", OPTIMIZERS), _one_of("SweepOptimizerName", (n for n in OPTIMIZERS if n != "lbfgs"))
+]
+ScheduleName = Annotated[str, _known("schedule", SCHEDULES), _one_of("ScheduleName", SCHEDULES)]
 
 
 # --------------------------------------------------------------------------- the spec
@@ -246,11 +258,6 @@ class OptimizerSpec(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_name("optimizer", v, list(OPTIMIZERS))
-
 
 class ScheduleSpec(_Strict):
     """Learning-rate schedule over the epochs, stepped once per epoch, after a linear warm-up.
@@ -282,11 +289,6 @@ class ScheduleSpec(_Strict):
         2, ge=0, le=1000, description="plateau: the lr drops after more than this many epochs without improvement"
     )
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_name("schedule", v, SCHEDULES)
-
     @field_validator("milestones")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
@@ -316,13 +318,6 @@ class EnsembleSpec(_Strict):
     ema_decay: float = Field(0.998, ge=0.5, lt=1.0, description="per optimizer step")
     serve: Literal["raw", "ema", "best"] = Field("best", description="weights served when ema is on")
     greedy: bool = Field(False, description="greedy forward selection of members on validation")
-
-    @field_validator("backbones")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_name("backbone", name, list(BACKBONES))
-        return v
 
 
 class CacheSpec(_Strict):
@@ -369,9 +364,7 @@ class SweepSpec(_Strict):
 
     @field_validator("optimizers")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_name("optimizer", name, list(OPTIMIZERS))
+    def _no_lbfgs(cls, v: list[str]) -> list[str]:
         if "lbfgs" in v:
             raise ValueError("a sweep cannot choose lbfgs: it only fits a linear probe; sweep it on its own")
         return v
@@ -421,11 +414,6 @@ class TrainSpec(_Strict):
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     sweep: SweepSpec | None = Field(None, description="search hyperparameters first, then train the best")
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        return check_name("backbone", v, list(BACKBONES))
 
     @model_validator(mode="after")
     def _weights_available(self) -> TrainSpec:

@@ -45,14 +45,14 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = Field(None, description="422 from request validation: each failed check")
 
 
-def problem(status: int, detail: str, **extra: Any) -> dict[str, Any]:
+def problem(status: int, detail: str, /, **extra: Any) -> dict[str, Any]:
     """The problem document for ``status``: extra members first, the standard ones always win."""
     body = {k: v for k, v in extra.items() if k not in _STANDARD}
     return {"type": "about:blank", "title": _title(status), "status": status, "detail": one_line(detail), **body}
 
 
 def problem_response(
-    status: int, detail: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+    status: int, detail: str, /, *, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     """An ``application/problem+json`` response; a 401 says which scheme to use (RFC 6750)."""
     all_headers = dict(headers or {})
@@ -63,7 +63,7 @@ def problem_response(
 
 
 async def send_problem(
-    send: Send, status: int, detail: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+    send: Send, status: int, detail: str, /, *, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> None:
     """Answer from a pure ASGI middleware, with the same bytes and headers as :func:`problem_response`."""
     response = problem_response(status, detail, headers=headers, **extra)
