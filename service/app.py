@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from service.api import api_router
 from service.api.gate import ApiKeyGate
+from service.api.openapi import finish_schema
 from service.api.routes import health
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
@@ -23,7 +24,7 @@ from service.db import get_engine
 from service.errors import ServiceError
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
-from service.problems import add_problem_schemas, field_errors, problem_response, validation_detail
+from service.problems import field_errors, problem_response, validation_detail
 
 log = logging.getLogger("zoofit.api")
 
@@ -93,9 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     fastapi_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        # FastAPI's schema (built once, then cached), with the Problem the error responses refer to.
+        # FastAPI's schema, finished for clients (service.api.openapi), built once and cached.
         if app.openapi_schema is None:
-            app.openapi_schema = add_problem_schemas(fastapi_openapi())
+            app.openapi_schema = finish_schema(fastapi_openapi())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
