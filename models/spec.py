@@ -8,10 +8,11 @@ real objects and has tests that parametrize over these same registries.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 
 class UnknownNameError(ValueError):
@@ -68,7 +69,8 @@ BACKBONES: dict[str, BackboneInfo] = {
     )
 }
 
-WEIGHT_SOURCES = ("bundled", "hub", "none")
+WeightSource = Literal["bundled", "hub", "none"]
+WEIGHT_SOURCES: tuple[WeightSource, ...] = ("bundled", "hub", "none")
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,35 @@ def check_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> str:
     return name
 
 
+def _known(kind: str, names: Iterable[str]) -> AfterValidator:
+    valid = list(names)
+
+    def check(name: str) -> str:
+        return check_name(kind, name, valid)
+
+    check_fn: Callable[[str], str] = check
+    return AfterValidator(check_fn)
+
+
+def _one_of(title: str, names: Iterable[str]) -> WithJsonSchema:
+    """The JSON schema of a registry name: an enum of the registry's names.
+
+    The value itself stays a ``str`` checked by :func:`check_name`, so that a wrong name is
+    refused with a message naming it and listing the valid ones (a ``Literal`` would only say
+    "Input should be ..."); clients generated from the schema still get an enum.
+    """
+    return WithJsonSchema({"title": title, "type": "string", "enum": list(names)})
+
+
+BackboneName = Annotated[str, _known("backbone", BACKBONES), _one_of("BackboneName", BACKBONES)]
+OptimizerName = Annotated[str, _known("optimizer", OPTIMIZERS), _one_of("OptimizerName", OPTIMIZERS)]
+# lbfgs only fits a linear probe: a sweep cannot choose it (SweepSpec refuses it, saying why)
+SweepOptimizerName = Annotated[
+    str, _known("optimizer", OPTIMIZERS), _one_of("SweepOptimizerName", (n for n in OPTIMIZERS if n != "lbfgs"))
+]
+ScheduleName = Annotated[str, _known("schedule", SCHEDULES), _one_of("ScheduleName", SCHEDULES)]
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -221,16 +252,11 @@ class AugmentSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: str = "nesterov"
+    name: OptimizerName = "nesterov"
     lr: float = Field(0.01, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_name("optimizer", v, list(OPTIMIZERS))
 
 
 class ScheduleSpec(_Strict):
@@ -247,7 +273,7 @@ class ScheduleSpec(_Strict):
     ignores the lr and the schedule (its line search picks each step).
     """
 
-    name: str = "cosine"
+    name: ScheduleName = "cosine"
     warmup_epochs: int = Field(1, ge=0, le=1000)
     warmup_lr: float = Field(1e-5, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
@@ -262,11 +288,6 @@ class ScheduleSpec(_Strict):
     plateau_patience: int = Field(
         2, ge=0, le=1000, description="plateau: the lr drops after more than this many epochs without improvement"
     )
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_name("schedule", v, SCHEDULES)
 
     @field_validator("milestones")
     @classmethod
@@ -288,7 +309,7 @@ class EnsembleSpec(_Strict):
     """
 
     members: int = Field(1, ge=1, le=16)
-    backbones: list[str] = Field(
+    backbones: list[BackboneName] = Field(
         default_factory=list,
         description="optional extra backbones; member i uses ([backbone] + backbones)[i % n]",
     )
@@ -297,13 +318,6 @@ class EnsembleSpec(_Strict):
     ema_decay: float = Field(0.998, ge=0.5, lt=1.0, description="per optimizer step")
     serve: Literal["raw", "ema", "best"] = Field("best", description="weights served when ema is on")
     greedy: bool = Field(False, description="greedy forward selection of members on validation")
-
-    @field_validator("backbones")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_name("backbone", name, list(BACKBONES))
-        return v
 
 
 class CacheSpec(_Strict):
@@ -331,7 +345,9 @@ class SweepSpec(_Strict):
     trials: int = Field(8, ge=2, le=64)
     lr: tuple[float, float] = Field((1e-4, 1e-1), description="log-uniform range (the lr is at most 1 here)")
     weight_decay: tuple[float, float] = (1e-6, 1e-2)
-    optimizers: list[str] = Field(default_factory=list, description="optimizer choices; empty: keep the spec's")
+    optimizers: list[SweepOptimizerName] = Field(
+        default_factory=list, description="optimizer choices; empty: keep the spec's"
+    )
     freeze_stages: list[int] = Field(default_factory=list, description="first_n depth choices; empty: keep")
     head_dropout: list[float] = Field(default_factory=list, description="dropout choices; empty: keep")
     min_epochs: int = Field(1, ge=1, le=100, description="epochs of the first halving rung")
@@ -348,9 +364,7 @@ class SweepSpec(_Strict):
 
     @field_validator("optimizers")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_name("optimizer", name, list(OPTIMIZERS))
+    def _no_lbfgs(cls, v: list[str]) -> list[str]:
         if "lbfgs" in v:
             raise ValueError("a sweep cannot choose lbfgs: it only fits a linear probe; sweep it on its own")
         return v
@@ -373,8 +387,8 @@ class SweepSpec(_Strict):
 class TrainSpec(_Strict):
     """A complete fine-tuning recipe (everything but the dataset)."""
 
-    backbone: str = "tf_efficientnet_lite0"
-    weights: Literal["bundled", "hub", "none"] = "bundled"
+    backbone: BackboneName = "tf_efficientnet_lite0"
+    weights: WeightSource = "bundled"
     image_size: int | None = Field(
         None, ge=16, le=1024, description="training/inference resolution; default: backbone's native size"
     )
@@ -400,11 +414,6 @@ class TrainSpec(_Strict):
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     sweep: SweepSpec | None = Field(None, description="search hyperparameters first, then train the best")
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        return check_name("backbone", v, list(BACKBONES))
 
     @model_validator(mode="after")
     def _weights_available(self) -> TrainSpec:

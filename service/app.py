@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException
 
 from service.api import api_router
 from service.api.gate import ApiKeyGate
+from service.api.openapi import finish_schema
 from service.api.routes import health
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
@@ -20,6 +24,7 @@ from service.db import get_engine
 from service.errors import ServiceError
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
+from service.problems import field_errors, problem_response, validation_detail
 
 log = logging.getLogger("zoofit.api")
 
@@ -51,9 +56,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.predict_batch_max, settings.predict_batch_wait_ms, threads=settings.predict_threads
     )
 
+    # Every error answer is a problem document (service.problems), whoever raises it.
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, **exc.details}, status_code=exc.status)
+        return problem_response(exc.status, exc.message, **exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = field_errors(exc.errors())
+        return problem_response(422, validation_detail(errors), errors=errors)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own answers: 404 for a path no route has, 405 for a method it lacks (with Allow).
+        detail = str(exc.detail)
+        if exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+            what = "no route" if exc.status_code == 404 else "the route does not take"
+            detail = f"{what} {request.method} {request.url.path}"
+        return problem_response(exc.status_code, detail, headers=exc.headers)
 
     @app.exception_handler(DBAPIError)
     async def _database_down(_request: Request, exc: DBAPIError) -> JSONResponse:
@@ -62,11 +82,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not (isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated):
             raise exc
         log.warning("database unavailable: %s", exc.orig)
-        return JSONResponse(
-            {"detail": "the database is unavailable; retry in a few seconds"},
-            status_code=503,
-            headers={"Retry-After": "5"},
+        return problem_response(
+            503, "the database is unavailable; retry in a few seconds", headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette logs the exception and re-raises it after this answer is sent.
+        return problem_response(500, "an unexpected error occurred; the API log has the cause")
+
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI's schema, finished for clients (service.api.openapi), built once and cached.
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_schema(fastapi_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     slack = 1024 * 1024  # multipart framing and form fields
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from models.report import Report, ReportSummary
-from models.spec import TrainSpec
+from models.spec import BackboneName, TrainSpec, WeightSource
 from service.auth import TENANT_PATTERN
+from service.presets import PRESETS
+
+# Closed sets, as enums in the schema (a test keeps JobStatusName equal to service.db.JobStatus.ALL).
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+PresetName = Annotated[str, WithJsonSchema({"title": "PresetName", "type": "string", "enum": list(PRESETS)})]
 
 
 class SkippedFile(BaseModel):
@@ -35,14 +40,14 @@ class DatasetsPublic(BaseModel):
 
 
 class BackbonePublic(BaseModel):
-    name: str
+    name: BackboneName
     description: str
     parameters: int
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
-    weight_sources: list[str]
+    weight_sources: list[WeightSource]
 
 
 class BackbonesPublic(BaseModel):
@@ -53,7 +58,7 @@ class BackbonesPublic(BaseModel):
 class PresetPublic(BaseModel):
     """A named starting recipe: ``job`` is a partial job, submitted with a ``dataset_id``."""
 
-    name: str
+    name: PresetName
     title: str
     description: str
     job: dict[str, Any]
@@ -107,7 +112,7 @@ class JobSummaryPublic(BaseModel):
 
     id: str
     dataset_id: str
-    status: str
+    status: JobStatusName
     spec: dict[str, Any]
     progress: dict[str, Any]
     metrics: ReportSummary | None = Field(description="the trained model's headline figures")

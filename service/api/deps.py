@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.api.gate import PRINCIPAL_STATE
@@ -38,18 +39,29 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+# Declares the bearer key in the OpenAPI schema (the Authorize button of /docs). It refuses
+# nothing by itself: ApiKeyGate has checked the key before the body was read, and
+# ``authenticate`` below words the 401 for a missing or malformed header.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    bearerFormat="zf_<prefix>_<secret>",
+    description="An API key: `Authorization: Bearer <api key>` (`zoofit keys create` or POST /v1/keys issues one)",
+)
+
+
 def get_principal(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     if not settings.auth_enabled:
         return Principal(tenant=DEFAULT_TENANT, admin=True)
     checked = getattr(request.state, PRINCIPAL_STATE, None)
     if isinstance(checked, Principal):
         return checked  # resolved by ApiKeyGate before the body was read: no second lookup
-    return authenticate(session, authorization)
+    return authenticate(session, request.headers.get("authorization"))
 
 
 def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:

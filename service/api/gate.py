@@ -9,8 +9,6 @@ picks it up instead of looking the key up a second time.
 
 from __future__ import annotations
 
-import json
-
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
@@ -20,6 +18,7 @@ from service.auth import Principal, authenticate
 from service.config import Settings
 from service.db import new_session
 from service.errors import ServiceError, Unavailable
+from service.problems import send_problem
 
 # request.state attribute holding the gate's Principal
 PRINCIPAL_STATE = "principal"
@@ -46,7 +45,8 @@ class ApiKeyGate:
         try:
             principal = await anyio.to_thread.run_sync(self._authenticate, authorization)
         except ServiceError as exc:
-            await _answer(send, exc.status, {"detail": exc.message, **exc.details})
+            retry = {"Retry-After": "5"} if exc.status == 503 else None  # as the app's database-down 503
+            await send_problem(send, exc.status, exc.message, headers=retry, **exc.details)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         await self.app(scope, receive, send)
@@ -59,11 +59,3 @@ class ApiKeyGate:
         except SQLAlchemyError as exc:
             raise Unavailable("cannot check the API key: the database is unavailable; retry the request") from exc
 
-
-async def _answer(send: Send, status: int, content: dict[str, object]) -> None:
-    body = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -80,7 +80,10 @@ def test_job_on_missing_dataset_is_404(client, enqueued):
 
 
 def _error_text(r) -> str:
-    return " ".join(str(e.get("msg")) for e in r.json()["detail"])
+    """A 422's messages (each names its field in ``errors``; ``detail`` sums them up in one line)."""
+    body = r.json()
+    assert r.headers["content-type"] == "application/problem+json" and body["status"] == r.status_code, r.text
+    return " ".join(e["message"] for e in body["errors"])
 
 
 def test_unknown_names_are_422_listing_valid_ones(client):

@@ -18,7 +18,7 @@ def _cards() -> list[BackbonePublic]:
     return [BackbonePublic.model_validate(backbone_card(name)) for name in BACKBONES]
 
 
-@router.get("", response_model=BackbonesPublic)
+@router.get("", response_model=BackbonesPublic, operation_id="backbones-list")
 async def list_backbones() -> BackbonesPublic:
     """The model zoo: parameters, input size, preprocessing and weight sources available here."""
     cards = await run_in_threadpool(_cards)

@@ -8,12 +8,13 @@ from fastapi.concurrency import run_in_threadpool
 from service import datasets
 from service.api.deps import IdempotencyKeyDep, LimitQuery, OffsetQuery, SessionDep, SettingsDep, TenantDep
 from service.errors import TooLarge
+from service.problems import problem_responses
 from service.schemas import DatasetPublic, DatasetsPublic
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetPublic)
+@router.post("", status_code=201, response_model=DatasetPublic, operation_id="datasets-upload")
 async def upload_dataset(
     request: Request,
     session: SessionDep,
@@ -42,7 +43,7 @@ async def upload_dataset(
     return DatasetPublic.model_validate(row)
 
 
-@router.get("", response_model=DatasetsPublic)
+@router.get("", response_model=DatasetsPublic, operation_id="datasets-list")
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
@@ -53,13 +54,15 @@ def list_datasets(
     return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", response_model=DatasetPublic, operation_id="datasets-get",
+            responses=problem_responses(404))
 def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
     """One dataset: classes, counts and skipped files."""
     return DatasetPublic.model_validate(datasets.get_dataset(session, dataset_id, tenant))
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, operation_id="datasets-delete",
+               responses=problem_responses(404, 409))
 def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> None:
     """Delete a dataset and its files (409 while a job uses it)."""
     datasets.delete_dataset(session, settings, dataset_id, tenant)

@@ -1,25 +1,40 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from service.api.deps import SettingsDep
 from service.config import Settings
 from service.db import get_engine
+from service.problems import problem_responses
 from service.queue import get_celery
 
-router = APIRouter(tags=["health"])
+# No key needed here, but the URL and body checks of service.limits still apply.
+router = APIRouter(tags=["health"], responses=problem_responses(400, 413))
 log = logging.getLogger("zoofit.api")
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="health-live")
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
+
+
+class Readiness(BaseModel):
+    """Each dependency's state; a probe reads it as it is, so a 503 here is this body, not a problem."""
+
+    status: Literal["ok", "unavailable"]
+    database: str
+    broker: str
+
+
+_READY: dict[int | str, dict[str, Any]] = {503: {"model": Readiness, "description": "a dependency is unreachable"}}
 
 
 # The route is unauthenticated: it says which dependency is down, never its address or the
@@ -46,7 +61,7 @@ def _check(settings: Settings) -> dict[str, str]:
     return checks
 
 
-@router.get("/readyz")
+@router.get("/readyz", operation_id="health-ready", response_model=Readiness, responses=_READY)
 async def readyz(settings: SettingsDep) -> JSONResponse:
     """Database and broker are reachable."""
     checks = await run_in_threadpool(_check, settings)

@@ -16,13 +16,14 @@ from service.api.deps import (
     get_principal,
 )
 from service.auth import Principal
-from service.db import JobStatus
-from service.schemas import JobCreate, JobPublic, JobsPublic, JobSummaryPublic
+from service.problems import problem_responses
+from service.schemas import JobCreate, JobPublic, JobsPublic, JobStatusName, JobSummaryPublic
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic, operation_id="jobs-create",
+             responses=problem_responses(404, 409, 429))
 def submit_job(
     body: JobCreate,
     session: SessionDep,
@@ -35,11 +36,11 @@ def submit_job(
     return JobPublic.model_validate(jobs.submit_job(session, settings, tenant, body, enqueue, idempotency_key))
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, operation_id="jobs-list")
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
+    status: Annotated[JobStatusName | None, Query(description="only jobs in this state")] = None,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 100,
 ) -> JobsPublic:
@@ -48,13 +49,14 @@ def list_jobs(
     return JobsPublic(data=[JobSummaryPublic.model_validate(r) for r in rows], count=count)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, operation_id="jobs-get", responses=problem_responses(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     """Status, progress, per-epoch history, final metrics and error of one job."""
     return JobPublic.model_validate(jobs.job_public(session, jobs.get_job(session, job_id, tenant)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, operation_id="jobs-cancel",
+             responses=problem_responses(404, 409))
 def cancel_job(
     job_id: str,
     session: SessionDep,

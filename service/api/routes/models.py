@@ -17,6 +17,7 @@ from service.api.deps import (
     TenantDep,
 )
 from service.errors import TooLarge
+from service.problems import problem_responses
 from service.schemas import (
     ImagePrediction,
     LabelProbability,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-@router.get("", response_model=ModelsPublic)
+@router.get("", response_model=ModelsPublic, operation_id="models-list")
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
@@ -50,7 +51,7 @@ def list_models(
     )
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", response_model=ModelPublic, operation_id="models-get", responses=problem_responses(404))
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
     """Classes, members, metrics and the job's spec of one model."""
     row = models_store.get_model(session, model_id, tenant)
@@ -58,10 +59,14 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPub
 
 
 _FIGURES = ("curves", "confusion", "reliability")
-_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+_PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG image"},
+    **problem_responses(404),
+}
 
 
-@router.get("/{model_id}/report", response_model=ReportPublic)
+@router.get("/{model_id}/report", response_model=ReportPublic, operation_id="models-report",
+            responses=problem_responses(404))
 def get_report(model_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> ReportPublic:
     """Evaluation report: per-class metrics, confusion matrix, top-k accuracy, calibration, curves."""
     row = models_store.get_model(session, model_id, tenant)
@@ -75,33 +80,35 @@ def _figure(model_id: str, session: SessionDep, tenant: str, name: str) -> Respo
     return Response(models_store.report_figure(row, name), media_type="image/png")
 
 
-@router.get("/{model_id}/report/curves.png", response_class=Response, responses=_PNG, name="report_curves_png")
+@router.get("/{model_id}/report/curves.png", response_class=Response, responses=_PNG, name="report_curves_png",
+            operation_id="models-report-curves")
 def report_curves_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
     """Train/val loss and accuracy and the learning rate per epoch, one colour per member."""
     return _figure(model_id, session, tenant, "curves")
 
 
 @router.get("/{model_id}/report/confusion.png", response_class=Response, responses=_PNG,
-            name="report_confusion_png")
+            name="report_confusion_png", operation_id="models-report-confusion")
 def report_confusion_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
     """The validation confusion matrix (colour: share of the true class; text: counts)."""
     return _figure(model_id, session, tenant, "confusion")
 
 
 @router.get("/{model_id}/report/reliability.png", response_class=Response, responses=_PNG,
-            name="report_reliability_png")
+            name="report_reliability_png", operation_id="models-report-reliability")
 def report_reliability_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
     """Reliability diagrams before and after temperature scaling, with ECE and NLL."""
     return _figure(model_id, session, tenant, "reliability")
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, operation_id="models-delete", responses=problem_responses(404))
 def delete_model(model_id: str, session: SessionDep, predictors: PredictorsDep, tenant: TenantDep) -> None:
     """Delete a model and its stored weights."""
     models_store.delete_model(session, predictors, model_id, tenant)
 
 
-@router.post("/{model_id}/predict", response_model=PredictionPublic)
+@router.post("/{model_id}/predict", response_model=PredictionPublic, operation_id="models-predict",
+             responses=problem_responses(404))
 async def predict(
     model_id: str,
     session: SessionDep,
