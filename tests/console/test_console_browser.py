@@ -52,6 +52,7 @@ def server(make_settings, tmp_path):
     _chromium_or_skip()
     settings = make_settings(auth_enabled="true", torch_threads="1", predict_threads="1")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    key = issue_key(settings, "alice")  # creates the tables first: two processes creating them at once race
     port = _free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -73,7 +74,7 @@ def server(make_settings, tmp_path):
                 pass
             assert api.poll() is None and time.monotonic() < deadline, (logs / "api.log").read_text()
             time.sleep(0.2)
-        yield url, issue_key(settings, "alice"), logs
+        yield url, key, logs
     finally:
         stop_process(worker)
         stop_process(api)
