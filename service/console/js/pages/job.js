@@ -67,6 +67,7 @@ export async function jobPage(main, id) {
     mount(view.progress, rows.map(([label, f, text]) => [h("span", {}, label), bar(f), h("span", { class: "num" }, text)]),
       left !== null ? [h("span", {}, "ETA"), h("span", { "data-testid": "eta" }, `about ${duration(left)}`), h("span")] : null);
     mount(view.charts, state.epochs.length ? trainingCharts(state.epochs) : h("p", { class: "muted" }, "No epoch finished yet."));
+    view.trials.parentElement && (view.trials.parentElement.hidden = !state.trials.length);
     mount(view.trials, state.trials.length ? [h("h2", {}, "Sweep trials"), h("table", {},
       h("thead", {}, h("tr", {}, ["round", "rung", "trial", "epochs", "lr", "weight decay", "val acc", "outcome"].map((t) => h("th", {}, t)))),
       h("tbody", {}, state.trials.map((t) => h("tr", {}, h("td", {}, t.round + 1), h("td", {}, t.rung + 1),
