@@ -225,6 +225,16 @@ class Applied(_Section):
     snapshot: SnapshotApplied | None = None
 
 
+class ValPrediction(_Section):
+    """What the served ensemble said about one validation image (fastai's "top losses")."""
+
+    file: str | None = Field(description="the image, relative to the dataset root (<class>/<file>); null if unknown")
+    label: str = Field(description="true class")
+    predicted: str = Field(description="the most probable class")
+    confidence: float = Field(description="probability of the predicted class (temperature-scaled, as predict says)")
+    loss: Metric = Field(description="negative log of the true class's probability (temperature-scaled)")
+
+
 class ReportSummary(BaseModel):
     """The compact part of a report that lists carry (validated from a whole report, it drops the rest)."""
 
@@ -264,6 +274,11 @@ class Report(ReportSummary):
         default_factory=Comparison, description="raw, EMA and ensemble validation accuracy side by side"
     )
     sweep: Sweep | None = Field(None, description="the sweep before the final training, if the job had one")
+    val_predictions: list[ValPrediction] | None = Field(
+        None,
+        description="per validation image, highest loss first: file, true and predicted class, confidence, loss "
+        "(at most VAL_PREDICTIONS_MAX, the highest losses; null for models trained before it was kept)",
+    )
 
     def summary(self) -> ReportSummary:
         """The compact part (what list endpoints carry)."""

@@ -18,11 +18,22 @@ import torch
 from torch import nn
 
 from .ensemble import Ensemble, greedy_selection
-from .evaluation import calibration_report, classification_report, negative_log_likelihood, training_curves
+from .evaluation import (
+    PROB_FLOOR,
+    calibration_report,
+    classification_report,
+    negative_log_likelihood,
+    scale_probs,
+    training_curves,
+)
 from .heads import HeadConfig, create_classifier
 from .report import MemberReport, Report
 from .spec import EpochRecord
 from .zoo import Preprocess
+
+# The report keeps at most this many validation predictions (the highest losses): about 100 bytes
+# each in the manifest and in every whole report the API answers.
+VAL_PREDICTIONS_MAX = 2000
 
 
 @dataclass
@@ -122,6 +133,7 @@ class TrainResult:
             ``auto``), the frozen-prefix cache path, optimizer groups, EMA, snapshots, selection.
         comparison: raw, EMA and ensemble validation accuracy side by side.
         sections: further report sections from outside ``train`` (``sweep``: the search that chose the recipe).
+        val_predictions: per validation image, highest loss first (``val_predictions``), or None.
     """
 
     members: list[TrainedMember]
@@ -143,6 +155,7 @@ class TrainResult:
     applied: dict[str, Any] = field(default_factory=dict)
     comparison: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
+    val_predictions: list[dict[str, Any]] | None = None
 
     def build_ensemble(self) -> Ensemble:
         """The trained ensemble as an eval-mode CPU module (input normalised with ``preprocess``)."""
@@ -183,6 +196,7 @@ class TrainResult:
                 "curves": training_curves(self.history, _curve_best_epochs(self)),
                 "applied": self.applied,
                 "comparison": self.comparison,
+                "val_predictions": self.val_predictions,
                 **self.sections,
             }
         )
@@ -216,6 +230,7 @@ class RunOutcome:
         device: where it ran.
         amp: mixed-precision dtype name, or None.
         started: ``time.perf_counter()`` when the run began.
+        names: every image's ``<class>/<file>`` (``ImageArray.names``), or empty when unknown.
     """
 
     classes: list[str]
@@ -230,6 +245,7 @@ class RunOutcome:
     device: str
     amp: str | None
     started: float
+    names: list[str] = field(default_factory=list)
 
 
 def finish_ensemble(
@@ -292,6 +308,9 @@ def finish_ensemble(
         temperature=float(calibration["temperature"]),
         applied=applied,
         comparison=_comparison(run.history, all_members, all_probs, y, all_acc, val_acc),
+        val_predictions=val_predictions(
+            scale_probs(avg, float(calibration["temperature"])), y, classes, _val_names(run)
+        ),
     )
     log(f"ensemble val acc {val_acc:.3f} (members {', '.join(f'{a:.3f}' for a in result.member_val_acc)})")
     before, after = calibration["before"], calibration["after"]
@@ -300,6 +319,40 @@ def finish_ensemble(
         f"NLL {before['nll']} -> {after['nll']}"
     )
     return result
+
+
+def _val_names(run: RunOutcome) -> list[str | None]:
+    if len(run.names) != len(run.labels):
+        return [None] * len(run.val_idx)
+    return [run.names[i] for i in run.val_idx]
+
+
+def val_predictions(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str | None], limit: int = VAL_PREDICTIONS_MAX
+) -> list[dict[str, Any]]:
+    """Each validation image's prediction, highest loss first, at most ``limit`` of them.
+
+    Args:
+        probs: the served probabilities ``[V, C]`` (temperature-scaled, as predict answers).
+        labels: true labels ``[V]``.
+        classes: class names.
+        names: each image's file relative to the dataset root, or None.
+        limit: most records kept (the highest losses).
+    """
+    p_true = probs[np.arange(len(labels)), labels]
+    loss = -np.log(np.clip(p_true, PROB_FLOOR, None))
+    predicted = probs.argmax(axis=1)
+    order = np.argsort(-loss, kind="stable")[:limit]
+    return [
+        {
+            "file": names[i],
+            "label": classes[int(labels[i])],
+            "predicted": classes[int(predicted[i])],
+            "confidence": round(float(probs[i, predicted[i]]), 5),
+            "loss": round(float(loss[i]), 5),
+        }
+        for i in order
+    ]
 
 
 def _comparison(

@@ -148,6 +148,7 @@ def train(
         device=str(run.device),
         amp=str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else None,
         started=start,
+        names=list(data.names),
     )
     ends = cycle_ends(spec.epochs, spec.ensemble.members) if spec.ensemble.snapshot else None
     return finish_ensemble(outcome, greedy=spec.ensemble.greedy, snapshot_ends=ends, log=run.log)

@@ -19,6 +19,7 @@ from service.api.openapi import finish_schema
 from service.api.routes import health
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
+from service.console import mount_console
 from service.datasets import sweep_stale_uploads
 from service.db import get_engine
 from service.errors import ServiceError
@@ -116,4 +117,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RefuseNulInUrl)
     app.include_router(health.router)
     app.include_router(api_router)
+    mount_console(app)
     return app

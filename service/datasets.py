@@ -16,7 +16,7 @@ from service import idempotency
 from service.admission import lock_tenant
 from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
-from service.errors import Conflict, NotFound, ServiceError, TooLarge
+from service.errors import Conflict, NotFound, ServiceError, TooLarge, Unavailable
 from service.ingest import DatasetRejected, IngestLimits, ingest_archive
 from service.quotas import check_class_count
 
@@ -161,3 +161,90 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant
     shutil.rmtree(path, ignore_errors=True)
     for cached in settings.cache_dir.glob(f"*{dataset_id}*"):
         cached.unlink(missing_ok=True)
+
+
+# Thumbnail sides: one a browser asks for is clamped into this range.
+THUMBNAIL_MIN, THUMBNAIL_MAX = 32, 256
+
+
+def _stored_files(root: Path, label: str) -> list[str]:
+    """The images of one class folder, as training reads them: sorted, hidden files skipped, no links."""
+    folder = root / label
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file() and not p.is_symlink()
+    )
+
+
+def sample_files(row: DatasetRow, per_class: int) -> list[tuple[str, int, list[str]]]:
+    """Up to ``per_class`` files of each class, spread evenly over its sorted list.
+
+    Returns:
+        ``(class, images in the class, [<class>/<file>, ...])`` per class, in class order.
+    """
+    root = Path(row.path)
+    out = []
+    for label in row.classes:
+        names = _stored_files(root, label)
+        step = max(1, len(names) / per_class) if names else 1
+        picked = [names[int(i * step)] for i in range(min(per_class, len(names)))]
+        out.append((label, len(names), [f"{label}/{n}" for n in picked]))
+    return out
+
+
+def stored_image(row: DatasetRow, file_path: str) -> Path:
+    """The stored image ``<class>/<file>`` of the dataset; anything else is a 404.
+
+    Only a name of exactly two components is looked up, the first one of the dataset's classes and
+    neither ``.``/``..`` nor hidden; the file must then be a regular file (no symlink) in that class
+    folder, which itself is a real folder. Nothing is resolved through links.
+    """
+    missing = NotFound(f"dataset {row.id!r} has no image {file_path!r}")
+    parts = file_path.split("/")
+    if len(parts) != 2 or "\x00" in file_path or "\\" in file_path:
+        raise missing
+    label, name = parts
+    if label not in row.classes or not name or name.startswith(".") or label in (".", ".."):
+        raise missing
+    folder = Path(row.path) / label
+    path = folder / name
+    try:
+        if folder.is_symlink() or not folder.is_dir() or path.is_symlink() or not path.is_file():
+            raise missing
+    except OSError:
+        raise missing from None
+    return path
+
+
+def thumbnail(settings: Settings, row: DatasetRow, file_path: str, size: int) -> bytes:
+    """A JPEG of one stored image, its longer side at most ``size`` (clamped to 32..256).
+
+    Decoded through ``models.images.open_image`` (pixel cap, allowed formats, JPEG draft) under one
+    of the process's decoding slots, as prediction's images are.
+
+    Raises:
+        NotFound: not an image the dataset holds (``stored_image``), or it no longer decodes.
+        Unavailable: every decoding slot stayed busy for ``predict_decode_wait_s``.
+    """
+    import io
+
+    from models.errors import BadImageError
+    from models.images import open_image
+    from service.decoding import decode_slots
+
+    path = stored_image(row, file_path)
+    side = min(THUMBNAIL_MAX, max(THUMBNAIL_MIN, size))
+    slots = decode_slots(settings.predict_decode_slots)
+    if not slots.acquire(timeout=settings.predict_decode_wait_s):
+        raise Unavailable("the server is busy decoding other images; retry the request")
+    try:
+        img = open_image(path, file_path, max_pixels=settings.max_image_pixels, min_side=side)
+        img.thumbnail((side, side))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=80)
+        return out.getvalue()
+    except BadImageError as exc:
+        raise NotFound(f"dataset {row.id!r}: image {file_path!r} does not decode: {exc.reason}") from None
+    finally:
+        slots.release()

@@ -39,6 +39,17 @@ class DatasetsPublic(BaseModel):
     count: int
 
 
+class ClassSamples(BaseModel):
+    label: str
+    count: int = Field(description="images of the class in the stored dataset")
+    files: list[str] = Field(description="a few of them, <class>/<file>, for GET .../thumbnails/{file}")
+
+
+class DatasetSamplesPublic(BaseModel):
+    dataset_id: str
+    data: list[ClassSamples]
+
+
 class BackbonePublic(BaseModel):
     name: BackboneName
     description: str

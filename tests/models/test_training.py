@@ -160,3 +160,34 @@ def test_class_with_one_image_is_a_training_error(lfw_data: ImageArray, tiny_spe
 def test_images_at_the_wrong_size_are_refused(lfw_data: ImageArray, tiny_spec) -> None:
     with pytest.raises(ValueError, match="64 px"):
         train(lfw_data, tiny_spec(image_size=64), device="cpu")
+
+
+def test_the_report_keeps_each_validation_prediction_highest_loss_first(
+    lfw_data: ImageArray, lfw_root, tiny_spec
+) -> None:
+    """fastai's top losses: per val image its file, true and predicted class, confidence and loss."""
+    from models.report import Report
+    from models.results import val_predictions
+
+    result = train(lfw_data, tiny_spec(epochs=1), device="cpu")
+    report = result.evaluation_report()
+    preds = report.val_predictions
+    assert preds is not None and len(preds) == result.val_size == 40
+    _, val_idx = stratified_split(lfw_data.labels, 0.2, tiny_spec().seed)
+    assert sorted(p.file for p in preds) == sorted(lfw_data.names[i] for i in val_idx)
+    assert all((lfw_root / p.file).is_file() for p in preds if p.file)
+    losses = [p.loss for p in preds]
+    assert losses == sorted(losses, reverse=True)
+    wrong = sum(p.label != p.predicted for p in preds)
+    assert wrong == round((1 - result.val_acc) * 40)
+    for p in preds:
+        assert p.label in lfw_data.classes and 0.5 <= p.confidence <= 1.0
+    # a report stored before the field existed still loads
+    old = report.model_dump(mode="json")
+    del old["val_predictions"]
+    assert Report.model_validate(old).val_predictions is None
+    # capped: only the highest losses are kept
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    kept = val_predictions(probs, np.array([0, 0, 1]), ["a", "b"], ["a/1", "a/2", "b/3"], limit=2)
+    assert [k["file"] for k in kept] == ["a/2", "b/3"] and kept[0]["predicted"] == "b"
+    assert kept[0]["confidence"] == 0.8 and kept[0]["loss"] == pytest.approx(-np.log(0.2), abs=1e-4)

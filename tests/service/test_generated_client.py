@@ -24,7 +24,10 @@ from tests.utils.data import TINY_JOB, animals_zip
 
 PACKAGE = "zoofit_generated_client"
 # PNG figures come back as bytes; no formatter runs on the generated code (ruff need not be on PATH).
-CONFIG = "post_hooks: []\ncontent_type_overrides:\n  image/png: application/octet-stream\n"
+CONFIG = (
+    "post_hooks: []\ncontent_type_overrides:\n"
+    "  image/png: application/octet-stream\n  image/jpeg: application/octet-stream\n"
+)
 
 
 def _generator() -> str:

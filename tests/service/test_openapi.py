@@ -40,7 +40,7 @@ def test_every_route_has_an_explicit_operation_id_that_reads_as_a_name():
     assert not unnamed, f"give these routes operation_id='<tag>-<verb>': {unnamed}"
     assert all(OPERATION_ID.match(i or "") for i in ids), ids
     assert len(set(ids)) == len(ids), ids
-    assert {op["operationId"] for _, _, op in OPERATIONS} == set(ids)
+    assert {op["operationId"] for _, _, op in OPERATIONS} == {r.operation_id for _, r in routes if r.include_in_schema}
     assert {"datasets-upload", "jobs-create", "jobs-get", "models-predict", "presets-list"} <= set(ids)
 
 

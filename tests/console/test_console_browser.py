@@ -1,0 +1,195 @@
+"""The console in a real browser: chromium driven by Playwright against a real uvicorn and a real worker.
+
+Sign in, upload a dataset, train the fast preset, watch the job finish, read the report, predict.
+Any console error or page error fails the test. With ``ZOOFIT_SCREENSHOTS=<folder>`` each page is
+saved there as a PNG (``docs/console`` holds the committed ones).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.processes import stop_process
+from service.sample_data import png_bytes
+from tests.conftest import issue_key
+from tests.integration.test_queue_end_to_end import start_worker
+from tests.utils.data import animals, animals_zip
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+# Read now: the settings fixture clears every ZOOFIT_* variable of the test's environment.
+SCREENSHOTS = os.environ.get("ZOOFIT_SCREENSHOTS")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium_or_skip() -> None:
+    if Path(CHROMIUM).exists():
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{CHROMIUM} is missing under CI (.ci/run installs Debian's chromium)")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the console's browser test needs it")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(make_settings, tmp_path):
+    """uvicorn serving the real app on a free port and a real worker (embedded SQLite broker), auth on."""
+    _chromium_or_skip()
+    settings = make_settings(auth_enabled="true", torch_threads="1", predict_threads="1")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    key = issue_key(settings, "alice")  # creates the tables first: two processes creating them at once race
+    port = _free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with (logs / "api.log").open("wb") as api_log, (logs / "worker.log").open("wb") as worker_log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            env=os.environ.copy(), stdout=api_log, stderr=subprocess.STDOUT,
+        )
+        worker = start_worker("console", worker_log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, (logs / "api.log").read_text()
+            time.sleep(0.2)
+        yield url, key, logs
+    finally:
+        stop_process(worker)
+        stop_process(api)
+        if os.environ.get("ZOOFIT_TEST_SHOW_WORKER"):
+            print((logs / "worker.log").read_text(errors="replace"))
+
+
+def _expected_noise(msg) -> bool:
+    """Chromium logs every non-2xx fetch as a console error; these two are the console's own design."""
+    url = msg.location.get("url", "") if msg.location else ""
+    text = msg.text
+    if "status of 401" in text and url.endswith("/v1/datasets?limit=1"):
+        return True  # the sign-in probe (does this API want a key?) and the wrong key the test tries
+    # TEMPORARY until GET /v1/jobs/{id}/events is merged: the route is missing on this branch (404),
+    # and the job page falls back to polling. Remove with the merge.
+    if "status of 404" in text and url.endswith("/events"):
+        return True
+    return "status of 422" in text and url.endswith("/v1/jobs")  # the test's deliberately wrong lr
+
+
+def test_console_end_to_end(server, tmp_path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, key, logs = server
+    shots = SCREENSHOTS
+    errors: list[str] = []
+
+    def shot(page, name: str) -> None:
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
+
+    archive = tmp_path / "animals.zip"
+    archive.write_bytes(animals_zip(8, 3))
+    _, test = animals(8, 2, 3)
+    probe = tmp_path / f"{test[0][0]}.png"
+    probe.write_bytes(png_bytes(test[0][2]))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: m.type == "error" and not _expected_noise(m) and errors.append(
+            f"console: {m.text} ({m.location})"))
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        page.set_default_timeout(20_000)
+        try:
+            page.goto(url + "/")
+            expect(page.get_by_test_id("signin")).to_be_visible()
+            shot(page, "sign-in")
+            page.fill("input[name=key]", "zf_wrong")
+            page.click("button:has-text('Sign in')")
+            expect(page.locator("[data-testid=signin] .error")).to_contain_text("not valid")
+            page.fill("input[name=key]", key)
+            page.click("button:has-text('Sign in')")
+            expect(page.get_by_role("heading", name="Datasets")).to_be_visible()
+
+            page.get_by_test_id("dataset-file").set_input_files(str(archive))
+            expect(page.get_by_test_id("class-counts")).to_contain_text("bear")
+            expect(page.locator(".thumbs img[src^='blob:']")).to_have_count(24)  # 8 of each of 3 classes
+            shot(page, "dataset")
+
+            page.click("text=Train a model on it")
+            page.click("[data-preset=fast]")
+            page.click("[data-testid=advanced] summary")
+            # a 422 lands next to its field
+            page.fill("input[name='optimizer.lr']", "50")
+            page.click("button:has-text('Start training')")
+            expect(page.locator("[data-field='optimizer.lr'] > .error")).not_to_be_empty()
+            shot(page, "new-job")
+            page.fill("input[name='optimizer.lr']", "0.02")
+            page.fill("input[name=epochs]", "2")
+            page.click("button:has-text('Start training')")
+
+            expect(page.get_by_test_id("job-status")).to_be_visible()
+            expect(page.get_by_test_id("job-status")).to_have_text("running", timeout=60_000)
+            shot(page, "job-running")
+            expect(page.get_by_test_id("job-status")).to_have_text("succeeded", timeout=120_000)
+            expect(page.locator("svg.chart path[d^='M']").first).to_be_attached()
+            shot(page, "job-finished")
+
+            page.get_by_test_id("model-link").click()
+            expect(page.get_by_test_id("val-acc")).to_contain_text("%")
+            expect(page.locator(".figure img[src^='blob:']").first).to_be_attached()
+            page.wait_for_load_state("networkidle")
+            shot(page, "model-report")
+
+            page.click("a.button:has-text('Try it')")
+            page.get_by_test_id("predict-files").set_input_files(str(probe))
+            # the API's first prediction imports torch and loads the model: slow on 2 busy cores
+            expect(page.get_by_test_id("predictions").locator(".hbar").first).to_be_visible(timeout=120_000)
+            expect(page.get_by_test_id("predictions")).to_contain_text("%")
+            shot(page, "try-it")
+
+            page.click("#signout")
+            expect(page.get_by_test_id("signin")).to_be_visible()
+        except Exception:
+            shot(page, "failure")
+            print("\n".join(errors))
+            print((logs / "api.log").read_text(errors="replace")[-3000:])
+            print((logs / "worker.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            browser.close()
+    assert not errors, "\n".join(errors)
+
+
+def test_console_is_served_with_its_headers(client) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and "<title>zoofit</title>" in r.text
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+    assert r.headers["cache-control"] == "no-cache"
+    js = client.get("/console/js/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert js.headers["cache-control"].startswith("public, max-age=")
+    assert client.get("/console/console.css").status_code == 200
+    assert client.get("/console/__init__.py").status_code == 404  # only the console's assets
+    assert client.get("/console/../service/app.py").status_code == 404

@@ -1,0 +1,106 @@
+"""GET /v1/datasets/{id}/samples and /thumbnails/{file}: only the stored images, only the tenant's."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import api_client
+from tests.utils.data import animals_zip
+
+
+def _dataset(client) -> dict:
+    r = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_samples_name_stored_files_and_thumbnails_decode_them(client, settings) -> None:
+    ds = _dataset(client)
+    r = client.get(f"/v1/datasets/{ds['id']}/samples", params={"per_class": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["label"] for c in body["data"]] == ds["classes"] == ["bear", "bird", "cat"]
+    root = settings.datasets_dir / ds["id"]
+    for c in body["data"]:
+        assert c["count"] == ds["counts"][c["label"]] == 6 and len(c["files"]) == 4
+        assert len(set(c["files"])) == 4
+        assert all(f.startswith(c["label"] + "/") and (root / f).is_file() for f in c["files"])
+    everything = client.get(f"/v1/datasets/{ds['id']}/samples", params={"per_class": 50}).json()["data"]
+    assert [len(c["files"]) for c in everything] == [6, 6, 6]
+
+    first = body["data"][0]["files"][0]
+    r = client.get(f"/v1/datasets/{ds['id']}/thumbnails/{first}", params={"size": 64})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    assert r.headers["cache-control"].startswith("private, max-age=")
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and max(img.size) <= 64
+    for asked, most in ((1, 32), (4096, 256)):  # clamped
+        img = Image.open(io.BytesIO(client.get(f"/v1/datasets/{ds['id']}/thumbnails/{first}?size={asked}").content))
+        assert max(img.size) <= most
+    assert client.get(f"/v1/datasets/{ds['id']}/thumbnails/{first}?size=0").status_code == 422
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../../zoofit.db",
+        "bear/../bear/../../zoofit.db",
+        "bear/..%2F..%2F..%2Fzoofit.db",
+        "%2E%2E/%2E%2E/zoofit.db",
+        "..%2f..%2fzoofit.db",
+        "/etc/passwd",
+        "%2Fetc%2Fpasswd",
+        "bear",
+        "bear/",
+        "bear/nope.png",
+        "bear/.hidden.png",
+        "dog/0.png",
+        "bear/x/y.png",
+        "bear\\..\\..\\zoofit.db",
+    ],
+)
+def test_thumbnail_refuses_anything_the_dataset_does_not_hold(client, settings, path: str) -> None:
+    ds = _dataset(client)
+    (settings.datasets_dir / ds["id"] / "bear" / ".hidden.png").write_bytes(b"x")
+    r = client.get(f"/v1/datasets/{ds['id']}/thumbnails/{path}")
+    assert r.status_code == 404, (path, r.status_code, r.text)
+
+
+def test_thumbnail_does_not_follow_symlinks(client, settings, tmp_path: Path) -> None:
+    ds = _dataset(client)
+    root = settings.datasets_dir / ds["id"]
+    real = next((root / "bear").iterdir())
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(real.read_bytes())
+    os.symlink(secret, root / "bear" / "link.png")
+    os.symlink(tmp_path, root / "linked-class")
+    (tmp_path / "x.png").write_bytes(real.read_bytes())
+    assert client.get(f"/v1/datasets/{ds['id']}/thumbnails/bear/{real.name}").status_code == 200
+    assert client.get(f"/v1/datasets/{ds['id']}/thumbnails/bear/link.png").status_code == 404
+    assert client.get(f"/v1/datasets/{ds['id']}/thumbnails/linked-class/x.png").status_code == 404
+    samples = client.get(f"/v1/datasets/{ds['id']}/samples?per_class=50").json()["data"]
+    assert "bear/link.png" not in samples[0]["files"]
+
+
+def test_another_tenants_dataset_is_not_found(client, settings) -> None:
+    ds = _dataset(client)
+    name = client.get(f"/v1/datasets/{ds['id']}/samples").json()["data"][0]["files"][0]
+    with api_client(settings, "bob") as bob:
+        assert bob.get(f"/v1/datasets/{ds['id']}/samples").status_code == 404
+        assert bob.get(f"/v1/datasets/{ds['id']}/thumbnails/{name}").status_code == 404
+    assert client.get("/v1/datasets/nope/samples").status_code == 404
+    assert client.get(f"/v1/datasets/nope/thumbnails/{name}").status_code == 404
+    with api_client(settings, None) as anonymous:
+        assert anonymous.get(f"/v1/datasets/{ds['id']}/thumbnails/{name}").status_code == 401
+
+
+def test_operation_ids(client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert paths["/v1/datasets/{dataset_id}/samples"]["get"]["operationId"] == "datasets-samples"
+    assert paths["/v1/datasets/{dataset_id}/thumbnails/{file_path}"]["get"]["operationId"] == "datasets-thumbnail"
