@@ -80,9 +80,13 @@ def _report_in(manifest: str, _mtime_ns: int) -> dict[str, Any] | None:
 
 
 def full_report(row: ModelRow) -> Report | None:
-    """The model's whole report, validated (a damaged one is an error, never cut down to a summary)."""
+    """The model's whole report, validated (a damaged one is an error, never cut down to a summary).
+
+    Without ``val_predictions``: up to 2,000 rows that only the report route serves, not every poll
+    of the job or the model.
+    """
     report = stored_report(row)
-    return Report.model_validate(report) if report else None
+    return Report.model_validate({**report, "val_predictions": None}) if report else None
 
 
 def model_report(row: ModelRow) -> dict[str, Any]:

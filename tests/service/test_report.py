@@ -51,6 +51,11 @@ def test_report_json_and_figures(client, settings) -> None:
     assert report["comparison"]["ensemble_val_acc"] == report["val_acc"]
     # the model record's metrics are the same report (what the job stored)
     assert client.get(f"/v1/models/{model_id}").json()["metrics"]["evaluation"] == ev
+    # each validation image's prediction comes with the report only, not with every job or model poll
+    assert len(report["val_predictions"]) == report["val_size"]
+    assert client.get(f"/v1/models/{model_id}").json()["metrics"]["val_predictions"] is None
+    job_id = client.get(f"/v1/models/{model_id}").json()["job_id"]
+    assert client.get(f"/v1/jobs/{job_id}").json()["metrics"]["val_predictions"] is None
 
     for name in FIGURES:
         r = client.get(report["figures"][name])
