@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, Result
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings, get_settings
@@ -172,10 +173,27 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def create_tables(engine: Engine, attempts: int = 5) -> None:
+    """``create_all`` that survives another process creating the same tables at the same moment.
+
+    The API and a worker started together on a fresh database both check, both find no table, and
+    the second ``CREATE TABLE`` fails; the retry sees the other's tables and creates only the rest.
+    """
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            text = str(exc.orig).lower()
+            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 @lru_cache
 def _engine_for(url: str) -> Engine:
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    create_tables(engine)
     return engine
 
 
