@@ -18,6 +18,7 @@ from service.config import Settings, get_settings
 from service.datasets import sweep_stale_uploads
 from service.db import get_engine
 from service.errors import ServiceError
+from service.event_hub import EventHub
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.events.aclose()
             await app.state.batcher.aclose()
 
     app = FastAPI(
@@ -50,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = MicroBatcher(
         settings.predict_batch_max, settings.predict_batch_wait_ms, threads=settings.predict_threads
     )
+
+    app.state.events = EventHub(settings)  # one poller per watched job (GET /v1/jobs/{id}/events)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
