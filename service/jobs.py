@@ -28,6 +28,7 @@ from service.db import (
     ModelRow,
     commit,
     new_id,
+    new_session,
     page,
     utcnow,
 )
@@ -36,8 +37,8 @@ from service.quotas import check_job_fits, check_queue_room
 from service.schemas import JobCreate
 
 __all__ = [
-    "Enqueue", "cancel_job", "cancel_tenant_jobs", "get_job", "job_public", "list_jobs", "revoke_key_and_jobs",
-    "submit_job",
+    "Enqueue", "cancel_job", "cancel_tenant_jobs", "get_job", "job_public", "list_jobs", "read_job",
+    "revoke_key_and_jobs", "submit_job",
 ]
 
 
@@ -101,6 +102,12 @@ def get_job(session: Session, job_id: str, tenant: str) -> JobRow:
     if job is None or job.tenant != tenant:
         raise NotFound(f"job {job_id!r} not found")
     return job
+
+
+def read_job(settings: Settings, job_id: str, tenant: str) -> JobRow:
+    """``get_job`` on a short session of its own (the row comes back detached, its columns loaded)."""
+    with new_session(settings) as session:
+        return get_job(session, job_id, tenant)
 
 
 def _job_for(session: Session, job_id: str, principal: Principal) -> JobRow:

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from httpx_sse import connect_sse
+from httpx_sse import aconnect_sse, connect_sse
 from sqlalchemy import event
 
 from service.config import Settings
@@ -289,3 +289,27 @@ def test_pings_keep_an_idle_stream_open(make_settings):
             assert next(lines) == ": ping"
 
 
+
+
+def test_many_streams_open_at_once_without_exhausting_the_pool(settings):
+    """30 streams opening together (the pool holds 15 connections): none waits on a connection."""
+    job_id = new_job(settings)
+    emit(settings, job_id, 1)
+    finish(settings, job_id)
+    with api_client(settings, "alice") as c:
+        app, headers = c.app, dict(c.headers)
+
+    async def watch(http: httpx.AsyncClient) -> list[str]:
+        async with aconnect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source:
+            return [e.event async for e in source.aiter_sse()]
+
+    async def main(url: str) -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=20,
+                                     limits=httpx.Limits(max_connections=40)) as http:
+            return await asyncio.wait_for(asyncio.gather(*(watch(http) for _ in range(30))), 20)
+
+    with serve(app) as url:
+        t0 = time.monotonic()
+        streams = asyncio.run(main(url))
+    assert streams == [["stage", "status", "done"]] * 30
+    assert time.monotonic() - t0 < 15

@@ -78,7 +78,6 @@ def cancel_job(
 )
 async def job_events(
     job_id: str,
-    session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
     hub: EventHubDep,
@@ -87,6 +86,8 @@ async def job_events(
     ] = None,
 ) -> JobEventStream:
     """Live events of one job (server-sent events): status, stages, epochs, sweep trials; `done` ends it."""
-    job = await run_in_threadpool(jobs.get_job, session, job_id, tenant)
+    # A session of its own, closed before the stream opens: a request session would keep its
+    # pooled connection while this request waits for the replay, which needs another one.
+    job = await run_in_threadpool(jobs.read_job, settings, job_id, tenant)
     sub = await hub.open(job.id, tenant, last_event_id or 0)
     return JobEventStream(hub, sub, job, settings.events_ping_s)
