@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.db import JobStatus
 from tests.utils.data import TINY_JOB
 from tests.utils.events import stream_events
@@ -56,3 +58,33 @@ def test_failed_job_ends_with_done_carrying_its_error(client, settings):
     events = stream_events(client, job_id)
     assert [d["status"] for _, t, d in events if t == "status"] == ["queued", "running", "failed"]
     assert events[-1][1] == "done" and "bird" in events[-1][2]["error"] and events[-1][2]["model_id"] is None
+
+
+def test_a_worker_that_lost_its_job_adds_no_events(client, settings, tmp_path):
+    """Fenced like the job's columns: an attempt taken over writes no progress, epoch or outcome event."""
+    from models.spec import EpochRecord
+    from service.events import read_events
+    from tests.utils.workers import heartbeat_stops
+    from workers.jobs import JobReporter, _conclude, claim_job
+    from workers.lease import JobLost, Lease
+
+    job_id = submit(client)
+    old = claim_job(job_id, "old", redelivered=False, settings=settings)
+    assert old == 1
+    heartbeat_stops(settings, job_id)
+    assert claim_job(job_id, "new", redelivered=False, settings=settings) == 2
+    before = read_events(settings, job_id, 0)
+
+    lease = Lease(job_id, old, settings, "old")
+    reporter = JobReporter(lease, total_epochs=2, members=1)
+    with pytest.raises(JobLost):
+        reporter.stage("training", member=1)
+    lease = Lease(job_id, old, settings, "old")  # a fresh lease: each write must check by itself
+    reporter = JobReporter(lease, total_epochs=2, members=1)
+    with pytest.raises(JobLost):
+        reporter.on_epoch(EpochRecord(0, 0, 1.0, 0.5, 1.0, 0.5, 1e-3, 0.1))
+    lease = Lease(job_id, old, settings, "old")
+    assert _conclude(lease, JobStatus.FAILED, tmp_path / "m", tmp_path / "c", progress={"stage": "failed"},
+                     error="x") is None
+    assert read_events(settings, job_id, 0) == before
+    assert [e.data["attempt"] for e in before if e.type == "status"] == [0, 1, 2]
