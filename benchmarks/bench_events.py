@@ -93,12 +93,14 @@ async def _phase(url: str, key: str, settings: Settings, watchers: int, seconds:
     limits = httpx.Limits(max_connections=watchers + 5)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                  limits=limits) as client:
+        opened_n = count.n
         got: list[list[int]] = [[] for _ in range(watchers)]
         flags = [asyncio.Event() for _ in range(watchers)]
         tasks = [asyncio.create_task(_watch(client, job_id, got[i], flags[i])) for i in range(watchers)]
         await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 60)
         await asyncio.sleep(1.0)  # let the connection set-up (key checks, replays) pass
         start_n, t0 = count.n, time.perf_counter()
+        connect = start_n - opened_n  # key checks, job lookups, replays, plus 1 s of polling
         await asyncio.sleep(seconds)
         queries, elapsed = count.n - start_n, time.perf_counter() - t0
         stop.set()
@@ -107,7 +109,7 @@ async def _phase(url: str, key: str, settings: Settings, watchers: int, seconds:
     expected = [e.id for e in read_events(settings, job_id, 0)]
     complete = sum(g == expected for g in got)
     return {"watchers": watchers, "queries": queries, "qps": queries / elapsed, "events": len(expected),
-            "complete": complete}
+            "complete": complete, "connect": connect}
 
 
 def main() -> None:
@@ -138,7 +140,8 @@ def main() -> None:
     print(f"poll interval {settings.events_poll_s} s, writer {args.rate:g} events/s, {args.seconds:g} s measured")
     for r in results:
         print(f"{r['watchers']:>3} watcher(s): {r['qps']:.2f} DB queries/s ({r['queries']} statements); "
-              f"{r['complete']}/{r['watchers']} got all {r['events']} events in order")
+              f"{r['complete']}/{r['watchers']} got all {r['events']} events in order; "
+              f"{r['connect']} statements to connect them (and 1 s of polls)")
     one, many = results
     print(f"ratio {args.watchers} vs 1 watchers: {many['qps'] / one['qps']:.2f}x")
     print(json.dumps(results))
