@@ -27,7 +27,8 @@ from sqlalchemy import ColumnElement, false, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db import JobRow, JobStatus, session_scope, utcnow
+from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
+from service.events import STAGE, append_event
 
 log = logging.getLogger("zoofit.admission")
 
@@ -105,11 +106,14 @@ def admit(settings: Settings, enqueue: Enqueue, tenant: str | None = None) -> li
                 .order_by(JobRow.created_at, JobRow.id).limit(free)
             ))
             if ids:
-                s.execute(
+                ids = list(s.scalars(
                     update(JobRow).where(JobRow.id.in_(ids), is_waiting())
                     .values(enqueued_at=utcnow(), progress={"stage": QUEUED_STAGE})
+                    .returning(JobRow.id)
                     .execution_options(synchronize_session=False)
-                )
+                ))
+                for job_id in ids:
+                    append_event(s, job_id, STAGE, {"stage": QUEUED_STAGE})
         for job_id in ids:
             try:
                 enqueue(job_id)
@@ -124,8 +128,10 @@ def admit(settings: Settings, enqueue: Enqueue, tenant: str | None = None) -> li
 
 def _back_to_waiting(settings: Settings, job_id: str) -> None:
     with session_scope(settings) as s:
-        s.execute(
+        res = s.execute(
             update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED)
             .values(enqueued_at=None, progress=waiting_progress(settings))
             .execution_options(synchronize_session=False)
         )
+        if rowcount(res):
+            append_event(s, job_id, STAGE, waiting_progress(settings))

@@ -23,6 +23,7 @@ from service.console import mount_console
 from service.datasets import sweep_stale_uploads
 from service.db import get_engine
 from service.errors import ServiceError
+from service.event_hub import EventHub
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.models_store import PredictorCache
 from service.problems import field_errors, problem_response, validation_detail
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.events.aclose()
             await app.state.batcher.aclose()
 
     app = FastAPI(
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = MicroBatcher(
         settings.predict_batch_max, settings.predict_batch_wait_ms, threads=settings.predict_threads
     )
+
+    app.state.events = EventHub(settings)  # one poller per watched job (GET /v1/jobs/{id}/events)
 
     # Every error answer is a problem document (service.problems), whoever raises it.
     @app.exception_handler(ServiceError)

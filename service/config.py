@@ -111,6 +111,23 @@ class Settings(BaseSettings):
     )
     max_classes: int = Field(1000, ge=2, description="classes of a dataset, at upload and at job submission")
 
+    # job event streams (GET /v1/jobs/{id}/events; service.event_hub)
+    events_poll_s: float = Field(
+        0.5, gt=0, le=60, description="how often an API process reads a watched job's new events (one query per job)"
+    )
+    events_ping_s: float = Field(
+        15.0, gt=0, description="an idle event stream gets a ': ping' comment this often (keeps proxies open)"
+    )
+    events_queue_max: int = Field(
+        256, ge=1, description="events buffered per stream; a client that falls this far behind is disconnected"
+    )
+    events_max_streams: int = Field(
+        1000, ge=1, description="open event streams per API process; one more is a 503"
+    )
+    events_max_streams_per_tenant: int = Field(
+        100, ge=1, description="open event streams of one tenant per API process; one more is a 429"
+    )
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:

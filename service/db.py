@@ -98,6 +98,22 @@ class JobRow(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class JobEventRow(Base):
+    """One thing that happened to a job, for its event stream (``service.events``); append-only.
+
+    Written in the transaction of the change it describes. The id increases in commit order
+    within a job: every append first locks the job's row (``service.events.append_event``).
+    """
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ModelRow(Base):
     __tablename__ = "models"
 

@@ -13,19 +13,32 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from service import auth, idempotency, models_store
+from service import auth, events, idempotency, models_store
 from service.admission import QUEUED_STAGE, Enqueue, admit, in_flight, lock_tenant, waiting_progress
 from service.auth import Principal
 from service.config import Settings
 from service.datasets import get_dataset
-from service.db import ApiKeyRow, DatasetRow, IdempotencyRow, JobRow, JobStatus, ModelRow, commit, new_id, page, utcnow
+from service.db import (
+    ApiKeyRow,
+    DatasetRow,
+    IdempotencyRow,
+    JobEventRow,
+    JobRow,
+    JobStatus,
+    ModelRow,
+    commit,
+    new_id,
+    new_session,
+    page,
+    utcnow,
+)
 from service.errors import Conflict, NotFound, Unavailable
 from service.quotas import check_job_fits, check_queue_room
 from service.schemas import JobCreate
 
 __all__ = [
-    "Enqueue", "cancel_job", "cancel_tenant_jobs", "get_job", "job_public", "list_jobs", "revoke_key_and_jobs",
-    "submit_job",
+    "Enqueue", "cancel_job", "cancel_tenant_jobs", "get_job", "job_public", "list_jobs", "read_job",
+    "revoke_key_and_jobs", "submit_job",
 ]
 
 
@@ -64,6 +77,8 @@ def submit_job(
         history=[],
     )
     session.add(job)
+    events.append_status(session, job.id, JobStatus.QUEUED, 0)
+    events.append_event(session, job.id, events.STAGE, events.stage_data(job.progress))
     idempotency.record(session, tenant, "jobs", idempotency_key, fingerprint, job.id, ttl)
     # Commit before enqueueing so a fast worker always finds the record.
     earlier = idempotency.commit_first(session, tenant, "jobs", idempotency_key, fingerprint, ttl)
@@ -76,6 +91,7 @@ def submit_job(
     except Exception as exc:
         session.delete(job)
         session.execute(delete(IdempotencyRow).where(IdempotencyRow.resource_id == job.id))
+        session.execute(delete(JobEventRow).where(JobEventRow.job_id == job.id))
         commit(session)
         raise Unavailable(f"the job queue (broker) is unreachable: {exc}") from exc
     return job
@@ -86,6 +102,12 @@ def get_job(session: Session, job_id: str, tenant: str) -> JobRow:
     if job is None or job.tenant != tenant:
         raise NotFound(f"job {job_id!r} not found")
     return job
+
+
+def read_job(settings: Settings, job_id: str, tenant: str) -> JobRow:
+    """``get_job`` on a short session of its own (the row comes back detached, its columns loaded)."""
+    with new_session(settings) as session:
+        return get_job(session, job_id, tenant)
 
 
 def _job_for(session: Session, job_id: str, principal: Principal) -> JobRow:
@@ -135,12 +157,16 @@ def _request_cancel(session: Session, job_ids: list[str]) -> None:
         update(JobRow).where(JobRow.id.in_(job_ids)).values(cancel_requested=True)
         .execution_options(synchronize_session=False)
     )
-    session.execute(
+    cancelled = session.execute(
         update(JobRow)
         .where(JobRow.id.in_(job_ids), JobRow.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=utcnow(), progress={"stage": "cancelled"})
+        .returning(JobRow.id, JobRow.attempts)
         .execution_options(synchronize_session=False)
-    )
+    ).all()
+    for job_id, attempt in cancelled:
+        events.append_event(session, job_id, events.STAGE, {"stage": "cancelled"})
+        events.append_status(session, job_id, JobStatus.CANCELLED, attempt)
 
 
 def revoke_key_and_jobs(session: Session, key_id: str, cancel_jobs: bool = False) -> tuple[ApiKeyRow, list[str]]:

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
+from service.events import EPOCH, RESTART, STAGE, TRIAL, append_event, append_status, stage_data
 from workers.lease import JobLost, Lease
 from workers.leftovers import feature_spill_dir, owner_tag
 from workers.reconcile import WORKER_STOPPED, heartbeat_cutoff
@@ -86,6 +87,9 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
         if job.cancel_requested and job.status == JobStatus.QUEUED:
             job.status = JobStatus.CANCELLED
             job.finished_at = utcnow()
+            job.progress = {"stage": "cancelled"}
+            append_event(s, job_id, STAGE, {"stage": "cancelled"})
+            append_status(s, job_id, JobStatus.CANCELLED, job.attempts)
         if job.status in JobStatus.TERMINAL:
             # E.g. cancelled through the API while re-queued after its worker died: the
             # checkpoint that worker left is of no use any more.
@@ -106,6 +110,10 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             )
             gave_up = bool(rowcount(res))
             attempt = None
+            if gave_up:
+                append_event(s, job_id, STAGE, {"stage": "failed"})
+                append_status(s, job_id, JobStatus.FAILED, job.attempts,
+                              error=f"gave up after {job.attempts} attempts: {cause}")
         else:
             values: dict[str, Any] = {
                 "status": JobStatus.RUNNING,
@@ -120,6 +128,9 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
                 values["history"] = []
             res = s.execute(update(JobRow).where(*guard).values(**values).execution_options(synchronize_session=False))
             attempt = job.attempts + 1 if rowcount(res) else None
+            if attempt is not None:
+                append_status(s, job_id, JobStatus.RUNNING, attempt, worker=worker)
+                append_event(s, job_id, STAGE, stage_data(values["progress"]))
     if gave_up:
         log.error("job %s failed: gave up after %d attempts (%s)", job_id, job.attempts, cause)
         shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
@@ -144,14 +155,18 @@ def fail_timed_out(job_id: str, settings: Settings) -> bool:
     """
     started_before = utcnow() - timedelta(seconds=settings.job_time_limit_s)
     with session_scope(settings) as s:
-        res = s.execute(
+        failed = s.execute(
             update(JobRow)
             .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.started_at <= started_before)
             .values(status=JobStatus.FAILED, finished_at=utcnow(), error=_time_limit_error(settings),
                     progress={"stage": "failed"})
+            .returning(JobRow.attempts)
             .execution_options(synchronize_session=False)
-        )
-    if not rowcount(res):
+        ).all()
+        for (attempt,) in failed:
+            append_event(s, job_id, STAGE, {"stage": "failed"})
+            append_status(s, job_id, JobStatus.FAILED, attempt, error=_time_limit_error(settings))
+    if not failed:
         return False
     log.error("job %s failed: the hard time limit killed its worker process", job_id)
     shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
@@ -181,21 +196,45 @@ class JobReporter:
         # Kept in every progress update of this attempt, e.g. ``resumed_from``.
         self.sticky: dict[str, Any] = {}
 
-    def _write(self, **values: Any) -> None:
-        self.lease.write(heartbeat_at=utcnow(), **values)
+    def _write(self, *events: tuple[str, dict[str, Any]], **values: Any) -> None:
+        """A fenced update of the job with its ``events``, in one transaction."""
+        with session_scope(self.settings) as s:
+            self.lease.update(s, heartbeat_at=utcnow(), **values)
+            for type_, data in events:
+                append_event(s, self.job_id, type_, data)
 
-    def stage(self, stage: str, **info: Any) -> None:
-        self._write(progress={"stage": stage, **info, **self.sticky})
+    def stage(self, stage: str, *events: tuple[str, dict[str, Any]], **info: Any) -> None:
+        progress = {"stage": stage, **info, **self.sticky}
+        self._write((STAGE, stage_data(progress)), *events, progress=progress)
 
     def start_over(self) -> None:
         """Training starts from the beginning: no history yet."""
-        self._write(history=[])
+        self._write((RESTART, {"attempt": self.lease.attempt, "resumed_from": None, "history": []}), history=[])
 
     def resumed(self, state: TrainState) -> None:
         """Training continues from ``state``: the history is exactly the checkpoint's."""
         # Same convention as the rest of progress: 1-based member, epochs done by that member.
         self.sticky["resumed_from"] = {"member": state.member + 1, "epoch": state.epoch + 1}
-        self._write(history=[asdict(r) for r in state.history])
+        restart = {
+            "attempt": self.lease.attempt,
+            "resumed_from": self.sticky["resumed_from"],
+            "history": [self.epoch_data(r) for r in state.history],
+        }
+        self._write((RESTART, restart), history=[asdict(r) for r in state.history])
+
+    def epoch_data(self, rec: EpochRecord) -> dict[str, Any]:
+        """One finished epoch as progress and the ``epoch`` event show it (member and epoch 1-based)."""
+        return {
+            "member": rec.member + 1,
+            "members": self.members,
+            "epoch": rec.epoch + 1,
+            "epochs": self.total_epochs,
+            "train_loss": rec.train_loss,
+            "train_acc": rec.train_acc,
+            "val_loss": rec.val_loss,
+            "val_acc": rec.val_acc,
+            "lr": rec.lr,
+        }
 
     def sweep(
         self, record: TrialRecord, sweep: SweepResult | None = None, epoch: EpochRecord | None = None
@@ -212,7 +251,8 @@ class JobReporter:
         }
         if epoch is not None:
             info.update(epoch=epoch.epoch + 1, val_loss=epoch.val_loss, val_acc=epoch.val_acc, lr=epoch.lr)
-        self.stage("sweep", **info)
+        finished = [(TRIAL, record.to_dict())] if sweep is not None and record.status != "running" else []
+        self.stage("sweep", *finished, **info)
 
     def on_epoch(self, rec: EpochRecord) -> None:
         with session_scope(self.settings) as s:
@@ -221,24 +261,14 @@ class JobReporter:
                 self.lease.lose()
             assert job is not None
             self._cancelled = job.cancel_requested
+            epoch = self.epoch_data(rec)
             self.lease.update(
                 s,
                 history=[*job.history, asdict(rec)],
-                progress={
-                    "stage": "training",
-                    "member": rec.member + 1,
-                    "members": self.members,
-                    "epoch": rec.epoch + 1,
-                    "epochs": self.total_epochs,
-                    "train_loss": rec.train_loss,
-                    "train_acc": rec.train_acc,
-                    "val_loss": rec.val_loss,
-                    "val_acc": rec.val_acc,
-                    "lr": rec.lr,
-                    **self.sticky,
-                },
+                progress={"stage": "training", **epoch, **self.sticky},
                 heartbeat_at=utcnow(),
             )
+            append_event(s, self.job_id, EPOCH, epoch)
 
     def should_stop(self) -> bool:
         # Called between batches: look at the database at most every second (the heartbeat
@@ -361,6 +391,8 @@ def _run_claimed(lease: Lease) -> str | None:
                 finished_at=utcnow(),
                 heartbeat_at=utcnow(),
             )
+            append_event(s, job_id, STAGE, stage_data({"stage": "done", **reporter.sticky}))
+            append_status(s, job_id, JobStatus.SUCCEEDED, lease.attempt, model_id=model_id, metrics=summary)
             s.add(
                 ModelRow(
                     id=model_id,
@@ -411,13 +443,19 @@ def _run_claimed(lease: Lease) -> str | None:
                          progress={"stage": "failed", **reporter.sticky})
 
 
-def _conclude(lease: Lease, status: str, dest: Path, ckpt: Path, **values: Any) -> str | None:
+def _conclude(
+    lease: Lease, status: str, dest: Path, ckpt: Path, *, progress: dict[str, Any], error: str | None = None
+) -> str | None:
     """Record the job's outcome, then remove this attempt's model folder and the job's checkpoint.
 
     None if the job was lost meanwhile: its checkpoint is the new owner's then, and stays.
     """
     try:
-        lease.write(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
+        with session_scope(lease.settings) as s:
+            values: dict[str, Any] = {"error": error} if error is not None else {}
+            lease.update(s, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), progress=progress, **values)
+            append_event(s, lease.job_id, STAGE, stage_data(progress))
+            append_status(s, lease.job_id, status, lease.attempt, error=error)
     except JobLost:
         log.warning("job %s: another worker holds it now; not recording %s", lease.job_id, status)
         return None

@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from service.admission import admit
 from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
+from service.events import STAGE, append_event, append_status
 from service.queue import broker_backlog
 
 log = logging.getLogger("zoofit.reconcile")
@@ -123,19 +124,20 @@ def reconcile(
                 requeued.append(job_id)
     cutoff = heartbeat_cutoff(settings)
     for job_id in stale_jobs(settings):
+        progress = {"stage": "re-queued after its worker stopped", "cause": WORKER_STOPPED}
         with session_scope(settings) as s:
             # Guarded: only if it is still running and still stale (no worker came back to it).
-            res = s.execute(
+            stale = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.heartbeat_at < cutoff)
-                .values(
-                    status=JobStatus.QUEUED,
-                    enqueued_at=utcnow(),
-                    progress={"stage": "re-queued after its worker stopped", "cause": WORKER_STOPPED},
-                )
+                .values(status=JobStatus.QUEUED, enqueued_at=utcnow(), progress=progress)
+                .returning(JobRow.attempts)
                 .execution_options(synchronize_session=False)
-            )
-        if rowcount(res):
+            ).all()
+            for (attempt,) in stale:
+                append_status(s, job_id, JobStatus.QUEUED, attempt, cause=WORKER_STOPPED)
+                append_event(s, job_id, STAGE, progress)
+        if stale:
             log.warning("job %s had a stale heartbeat (its worker died?); re-queued", job_id)
             if _send(enqueue, job_id):  # else it is queued and sent again after requeue_after_s
                 requeued.append(job_id)

@@ -14,6 +14,7 @@ from service.auth import DEFAULT_TENANT, Forbidden, Principal, authenticate
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.db import commit, new_session
+from service.event_hub import EventHub
 from service.jobs import Enqueue
 from service.models_store import PredictorCache
 from service.queue import enqueue
@@ -82,6 +83,10 @@ def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher  # type: ignore[no-any-return]
 
 
+def get_event_hub(request: Request) -> EventHub:
+    return request.app.state.events  # type: ignore[no-any-return]
+
+
 def get_enqueue() -> Enqueue:
     return enqueue
 
@@ -89,6 +94,7 @@ def get_enqueue() -> Enqueue:
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
+EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
 # Bounded: an offset past 2**63 overflowed the database driver into a 500 (found by schemathesis).

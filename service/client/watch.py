@@ -101,12 +101,8 @@ class Watcher:
         for bar in self.bars.values():
             self.progress.remove_task(bar)
         self.bars.clear()
-        history = list(d.get("history") or [])
-        # The kept history is the job's (0-based member and epoch, as GET /v1/jobs/{id} shows it)
-        # or the epoch events' (1-based): a 0 anywhere says which.
-        base = 0 if any(h.get("member") == 0 or h.get("epoch") == 0 for h in history) else 1
-        for h in history:
-            member, epoch = int(h["member"]) + 1 - base, int(h["epoch"]) + 1 - base
+        for h in d.get("history") or []:  # in the epoch events' shape: 1-based member and epoch
+            member, epoch = int(h["member"]), int(h["epoch"])
             if member not in self.bars:
                 self.bars[member] = self.progress.add_task(f"member {member}/{self.members or '?'}",
                                                            total=self.epochs, metrics="")

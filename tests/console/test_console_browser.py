@@ -88,10 +88,6 @@ def _expected_noise(msg) -> bool:
     text = msg.text
     if "status of 401" in text and url.endswith("/v1/datasets?limit=1"):
         return True  # the sign-in probe (does this API want a key?) and the wrong key the test tries
-    # TEMPORARY until GET /v1/jobs/{id}/events is merged: the route is missing on this branch (404),
-    # and the job page falls back to polling. Remove with the merge.
-    if "status of 404" in text and url.endswith("/events"):
-        return True
     return "status of 422" in text and url.endswith("/v1/jobs")  # the test's deliberately wrong lr
 
 

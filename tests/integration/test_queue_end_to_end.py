@@ -16,6 +16,7 @@ from service.processes import stop_process
 from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
+from tests.utils.events import stream_events
 from workers.jobs import checkpoint_dir
 
 pytestmark = pytest.mark.integration
@@ -84,6 +85,11 @@ def test_job_runs_on_real_worker_then_predicts(stack):
     seen.add(j["status"])
     assert j["status"] == "succeeded", j["error"]
     assert len(j["history"]) == 3 and j["attempts"] == 1
+    events = stream_events(client, job["id"])  # written by the worker process, on PostgreSQL
+    assert [d["epoch"] for _, t, d in events if t == "epoch"] == [1, 2, 3]
+    kind, done = events[-1][1:]
+    assert kind == "done" and done["status"] == "succeeded" and done["model_id"] == j["model_id"]
+    assert done["error"] is None and done["metrics"]["val_acc"] == j["metrics"]["val_acc"]
 
     _, test = animals(6, 2, 3)
     files = [("files", (f"{n}.png", png_bytes(img), "image/png")) for n, _, img in test]
@@ -167,6 +173,15 @@ def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_
             # ...and the epochs before it are the first worker's records, untouched.
             kept = min(resumed["epoch"], len(before))
             assert j["history"][:kept] == before[:kept]
+            # The stream tells the same story: a second attempt resumed where the history says.
+            events = stream_events(client, job["id"])
+            assert [d["attempt"] for _, t, d in events if t == "status" and d["status"] == "running"] == [1, 2]
+            last = max(i for i, (_, t, _) in enumerate(events) if t == "restart")
+            restart = events[last][2]
+            assert restart["attempt"] == 2 and restart["resumed_from"] == resumed
+            after = [d for _, t, d in events[last:] if t == "epoch"]
+            assert len(restart["history"]) + len(after) == 30 and after[-1]["epoch"] == 30
+            assert events[-1][1] == "done" and events[-1][2]["model_id"] == j["model_id"]
             assert not ckpt.exists()
     finally:
         for p in (first, second):

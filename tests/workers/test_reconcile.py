@@ -5,6 +5,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from service.db import JobRow, JobStatus, session_scope, utcnow
+from service.events import read_events
 from tests.utils.data import TINY_JOB, animals_zip
 from workers.jobs import claim_job
 from workers.reconcile import reconcile
@@ -31,6 +32,9 @@ def test_stale_running_job_is_requeued_once(client, settings):
     assert reconcile(settings, sent.append) == [] and sent == [dead]
     # and the next worker can claim it normally
     assert claim_job(dead, "w-new", redelivered=False, settings=settings)
+    # Each change of status is in the job's events, with the attempt it belongs to.
+    statuses = [(e.data["status"], e.data["attempt"]) for e in read_events(settings, dead, 0) if e.type == "status"]
+    assert statuses == [("queued", 0), ("running", 1), ("queued", 1), ("running", 2)]
 
 
 def test_queued_job_with_lost_message_is_sent_again(client, settings, enqueued):

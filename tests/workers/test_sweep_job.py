@@ -8,6 +8,7 @@ import models.checkpoint
 import models.training
 from service.db import JobRow, JobStatus, session_scope
 from tests.utils.data import TINY_JOB
+from tests.utils.events import stream_events
 from tests.utils.workers import heartbeat_stops, submit
 from tests.workers.test_resume import Killed
 from workers.jobs import SWEEP_FILE, checkpoint_dir, run_job
@@ -61,6 +62,14 @@ def test_sweep_job_reports_every_trial_and_trains_the_best(client, settings, mon
     assert all(t["optimizer"] in ("adam", "sgd") and 1e-4 <= t["lr"] <= 1e-2 for t in sweep["trials"])
     best = sweep["best"]
     assert best["outcome"] == "best" and best["rung"] == 1
+    # The stream has each finished trial once, and stage events without the (growing) sweep summary.
+    events = stream_events(client, job_id)
+    trials = [d for _, t, d in events if t == "trial"]
+    assert [(t["trial"], t["rung"], t["status"]) for t in trials] == [
+        (t["trial"], t["rung"], t["status"]) for t in sweep["trials"]
+    ]
+    assert all("sweep" not in d for _, t, d in events if t == "stage")
+    assert [d["epoch"] for _, t, d in events if t == "epoch"] == [1, 2]  # the final training's only
     # The history is the final training's only; the trials' epochs are in the sweep.
     assert [(h["member"], h["epoch"]) for h in j["history"]] == [(0, 0), (0, 1)]
 

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.api.deps import (
     EnqueueDep,
+    EventHubDep,
     IdempotencyKeyDep,
     LimitQuery,
     OffsetQuery,
@@ -15,6 +18,7 @@ from service.api.deps import (
     TenantDep,
     get_principal,
 )
+from service.api.event_stream import OPENAPI_RESPONSE, JobEventStream
 from service.auth import Principal
 from service.problems import problem_responses
 from service.schemas import JobCreate, JobPublic, JobsPublic, JobStatusName, JobSummaryPublic
@@ -66,3 +70,26 @@ def cancel_job(
 ) -> JobPublic:
     """Cancel a queued or running job (honoured between training steps); an admin key may cancel any tenant's."""
     return JobPublic.model_validate(jobs.cancel_job(session, settings, job_id, principal, enqueue))
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="jobs-events",
+    response_class=EventSourceResponse,
+    responses={**OPENAPI_RESPONSE, **problem_responses(404, 429)},
+)
+async def job_events(
+    job_id: str,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    hub: EventHubDep,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, le=2**63 - 1, description="resume after this event id")
+    ] = None,
+) -> JobEventStream:
+    """Live events of one job (server-sent events): status, stages, epochs, sweep trials; `done` ends it."""
+    # A session of its own, closed before the stream opens: a request session would keep its
+    # pooled connection while this request waits for the replay, which needs another one.
+    job = await run_in_threadpool(jobs.read_job, settings, job_id, tenant)
+    sub = await hub.open(job.id, tenant, last_event_id or 0)
+    return JobEventStream(hub, sub, job, settings.events_ping_s)

@@ -16,7 +16,7 @@ from service.presets import PRESETS
 from service.sample_data import png_bytes
 from tests.conftest import issue_key
 from tests.utils.data import TINY_JOB, animals, animals_zip
-from tests.utils.live import serve
+from tests.utils.server import serve
 
 
 @pytest.fixture

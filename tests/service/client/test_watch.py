@@ -11,8 +11,8 @@ from service import cli
 from service.client import Zoofit
 from service.client.errors import ApiError
 from service.client.watch import watch
-from tests.utils.events import DROP_AFTER, FAILED, MODEL_ID, SUCCEEDED, fake_events_app
-from tests.utils.live import serve
+from tests.utils.recorded_events import DROP_AFTER, FAILED, MODEL_ID, SUCCEEDED, fake_events_app
+from tests.utils.server import serve
 
 KEY = "zf_test_key"
 
@@ -87,7 +87,7 @@ def test_a_refused_stream_is_an_error_not_a_retry(stream_server, monkeypatch, ca
 
 def test_a_stream_that_keeps_failing_gives_up_after_its_retries():
     from service.client.events import StreamLost
-    from tests.utils.live import free_port
+    from tests.utils.server import free_port
 
     waits: list[float] = []
     with Zoofit(f"http://127.0.0.1:{free_port()}", KEY) as zf, pytest.raises(StreamLost):

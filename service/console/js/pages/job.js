@@ -57,7 +57,7 @@ export async function jobPage(main, id) {
   function render() {
     mount(view.status, statusBadge(state.status));
     view.stage.textContent = state.stage ? ` ${state.stage}` : "";
-    view.stream.textContent = { live: "live", reconnecting: "reconnecting…", polling: "", connecting: "" }[state.stream] || "";
+    view.stream.textContent = { live: "live", reconnecting: "reconnecting…", connecting: "" }[state.stream] || "";
     cancel.hidden = FINISHED.has(state.status);
     const p = state.progress;
     const rows = [];
@@ -81,8 +81,6 @@ export async function jobPage(main, id) {
   }
 
   const epochRecord = (r) => ({ ...r }); // event records are 1-based already
-  const historyRecord = (r) => ({ ...r, member: r.member + 1, epoch: r.epoch + 1 }); // GET history is 0-based
-  state.epochs = job.history.map(historyRecord);
 
   function onEvent(type, data) {
     if (type === "status") Object.assign(state, { status: data.status, error: data.error, modelId: data.model_id });
@@ -102,31 +100,16 @@ export async function jobPage(main, id) {
     render();
   }
 
-  let poller = null;
   // The stream replays the job from its first event: start the curves from nothing.
   state.epochs = [];
   const stream = followEvents(`/v1/jobs/${id}/events`, {
     onEvent,
     onState: (s) => { state.stream = s; render(); },
     onFatal: (err) => {
-      // TEMPORARY until GET /v1/jobs/{id}/events is merged: without the route (404) the page
-      // follows the job by polling GET /v1/jobs/{id}. Remove this fallback with the merge.
-      if (err.status === 404 && !poller) { state.epochs = job.history.map(historyRecord); poll(); return; }
       state.error = err.message;
       render();
     },
   });
-  async function poll() {
-    state.stream = "polling";
-    try {
-      const j = await api(`/v1/jobs/${id}`);
-      Object.assign(state, { status: j.status, error: j.error, modelId: j.model_id, stage: j.progress.stage || "",
-        progress: { ...j.progress }, epochs: j.history.map(historyRecord), trials: j.progress.sweep?.trials || state.trials });
-      render();
-    } catch { /* keep the last view */ }
-    if (!FINISHED.has(state.status)) poller = setTimeout(poll, 1500);
-  }
-
   mount(main,
     h("h1", {}, `Job ${id} `, view.status, view.stage, " ", view.stream),
     h("p", { class: "muted" }, `dataset `, h("a", { href: `#/datasets/${job.dataset_id}` }, job.dataset_id),
@@ -135,5 +118,5 @@ export async function jobPage(main, id) {
     h("div", { class: "card" }, h("h2", {}, "Curves"), view.charts),
     h("div", { class: "card" }, view.trials));
   render();
-  return () => { stream.stop(); clearTimeout(poller); };
+  return () => { stream.stop(); };
 }
