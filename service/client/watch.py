@@ -22,9 +22,13 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
+def _lr(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) else "-"  # warm-up rates are 1e-5 and less
+
+
 def epoch_metrics(e: dict[str, Any]) -> str:
     return (f"train loss {_num(e.get('train_loss'))} acc {_num(e.get('train_acc'))}  "
-            f"val loss {_num(e.get('val_loss'))} acc {_num(e.get('val_acc'))}  lr {_num(e.get('lr'), 4)}")
+            f"val loss {_num(e.get('val_loss'))} acc {_num(e.get('val_acc'))}  lr {_lr(e.get('lr'))}")
 
 
 class Watcher:
@@ -46,7 +50,8 @@ class Watcher:
         self.done: dict[str, Any] | None = None
 
     def line(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        # One event, one line, even where a log or pipe would wrap it at rich's default 80 columns.
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def __enter__(self) -> Watcher:
         if self.live:

@@ -93,3 +93,15 @@ def test_a_stream_that_keeps_failing_gives_up_after_its_retries():
     with Zoofit(f"http://127.0.0.1:{free_port()}", KEY) as zf, pytest.raises(StreamLost):
         list(zf.events("ok", retries=3, backoff_s=0.5, sleep=waits.append))
     assert waits == [0.5, 1.0, 2.0]  # doubling between tries
+
+
+def test_a_piped_epoch_line_stays_one_line_and_shows_a_warm_up_lr():
+    from service.client.events import Event
+    from service.client.watch import Watcher
+
+    err = Console(file=io.StringIO(), force_terminal=False, width=80, color_system=None)
+    with Watcher(err, live=False) as w:
+        w.handle(Event("1", "epoch", {"member": 1, "members": 3, "epoch": 1, "epochs": 8, "train_loss": 2.412,
+                                      "train_acc": 0.105, "val_loss": 2.389, "val_acc": 0.1, "lr": 1e-5}))
+    lines = err.file.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("lr 1e-05"), lines
