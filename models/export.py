@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,9 @@ def write_onnx(predictor: Predictor, dest: Path, *, opset: int = OPSET) -> Path:
     graph = export_graph(predictor)
     x = example_input(predictor.preprocess.image_size)
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
-    with atomic_path(dest) as tmp, torch.inference_mode(False), torch.no_grad():
+    with atomic_path(dest) as tmp, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated but is the one that exports timm models here.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             graph, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES), dynamic_axes=axes, do_constant_folding=True,

@@ -127,9 +127,13 @@ class PredictorCache:
     its requests answer 404, so a deleted model never comes back into the cache.
     """
 
-    def __init__(self, capacity: int, device: str | None = None) -> None:
+    def __init__(
+        self, capacity: int, device: str | None = None, *, runtime: str = "torch", threads: int | None = None
+    ) -> None:
         self.capacity = capacity
         self.device = device
+        self.runtime = runtime  # ``models.runtime.PREDICT_RUNTIMES``
+        self.threads = threads  # onnxruntime intra-op threads (torch's are set on the inference thread)
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -178,7 +182,7 @@ class PredictorCache:
         from models.artifact import load_predictor
 
         try:
-            return load_predictor(path, device=self.device)
+            return load_predictor(path, device=self.device, runtime=self.runtime, threads=self.threads)
         except ArtifactError as exc:
             if not Path(path).exists():
                 raise NotFound(f"model {model_id!r} not found (it was deleted)") from exc
