@@ -28,6 +28,8 @@ def random_predictor(
         create_classifier(b, weights="none", num_classes=classes, head=HeadConfig(), image_size=image_size)
         for b in backbones
     ]
+    for m in members:
+        _random_statistics(m)
     if shared_prefix:
         lead = members[0]
         members = [lead]
@@ -37,17 +39,21 @@ def random_predictor(
                 if i >= shared_prefix:
                     for p in child.parameters():
                         torch.nn.init.normal_(p, std=0.05)
+                    _random_statistics(child)
             members.append(m)
-    # Random BatchNorm statistics, so that eval-mode normalisation is not an identity.
-    for m in members:
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
     norms = [(preprocess_for(b).mean, preprocess_for(b).std) for b in backbones]
     model = Ensemble(members, input_norm=(pre.mean, pre.std), member_norms=norms).eval()
     manifest = {"classes": [f"c{i}" for i in range(classes)], "preprocess": pre.to_dict()}
     return Predictor(model, list(manifest["classes"]), pre, manifest, torch.device("cpu"), temperature)
+
+
+def _random_statistics(module: torch.nn.Module) -> None:
+    # Random BatchNorm statistics, so that eval-mode normalisation is not an identity.
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d) and mod.running_mean is not None:
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
 
 
 def image_batch(n: int, size: int, seed: int = 0) -> np.ndarray:
