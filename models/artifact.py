@@ -347,5 +347,5 @@ def load_predictor(
     if runtime == "onnxruntime" and dev.type == "cpu":
         from .onnx_runtime import OnnxEnsemble, cached_onnx
 
-        predictor.use_onnx(OnnxEnsemble(cached_onnx(predictor, path), threads=threads))
+        predictor.use_onnx(OnnxEnsemble(cached_onnx(predictor, path, (MANIFEST_FILE, WEIGHTS_FILE)), threads=threads))
     return predictor

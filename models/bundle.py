@@ -117,6 +117,7 @@ def build_bundle(
         "format": fmt, "quantization": quantization, "file": info.file,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
+    dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         model_file = work / info.file
@@ -135,7 +136,7 @@ def build_bundle(
                 raise ExportError(
                     f"the {fmt} export differs from the service: max |probability difference| "
                     f"{fidelity['max_abs_diff']:.2e} (limit {FIDELITY_ATOL:g}), top-1 agreement "
-                    f"{100 * fidelity['top1_agreement']:.1f}%"
+                    f"{100 * fidelity['top1_agreement']:.1f}%", details={**record, "fidelity": fidelity},
                 )
             record["fidelity"] = fidelity
             if quantization != "none":
@@ -153,7 +154,7 @@ def build_bundle(
                     raise ExportError(
                         f"refused: {quantization} drops validation top-1 by {-change['delta_points']:.2f} points "
                         f"({100 * fp32:.2f}% -> {100 * int8:.2f}% on {len(labels)} images; the limit is "
-                        f"{INT8_MAX_DROP_POINTS:g} point)"
+                        f"{INT8_MAX_DROP_POINTS:g} point)", details=record,
                     )
         (work / "labels.json").write_text(json.dumps(predictor.classes, indent=2) + "\n", encoding="utf-8")
         (work / "preprocess.json").write_text(

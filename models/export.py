@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,7 +71,14 @@ QUANTIZATIONS = ("none", "int8_dynamic", "int8_static")
 
 
 class ExportError(ZooError):
-    """An export that cannot be made or that is refused (an int8 model that loses accuracy)."""
+    """An export that cannot be made or that is refused (an int8 model that loses accuracy).
+
+    ``details`` holds what the export measured before it was refused.
+    """
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = dict(details or {})
 
 
 def export_format(name: str) -> ExportFormat:

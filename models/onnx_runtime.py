@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,28 +55,27 @@ class OnnxEnsemble:
         return np.asarray(out, dtype=np.float32)
 
 
-def model_key(model_dir: Path) -> str:
-    """What the cached graph of ``model_dir`` depends on: its files, the graph version, torch's version."""
+def model_key(model_dir: Path, files: Sequence[str]) -> str:
+    """What the cached graph of ``model_dir`` depends on: its ``files``, the graph version, torch's version."""
     import torch
 
-    from .artifact import WEIGHTS_FILE
-    from .manifest import MANIFEST_FILE
-
     h = hashlib.sha256(f"graph={GRAPH_VERSION};opset={OPSET};torch={torch.__version__};".encode())
-    for name in (MANIFEST_FILE, WEIGHTS_FILE):
+    for name in files:
         with open(Path(model_dir) / name, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()[:16]
 
 
-def cached_onnx(predictor: Predictor, model_dir: Path) -> Path:
+def cached_onnx(predictor: Predictor, model_dir: Path, key_files: Sequence[str]) -> Path:
     """The predictor's ONNX graph in ``model_dir/runtime``, exported now if no current one is there.
+
+    ``key_files`` (the weights and the manifest) are hashed into the file's name.
 
     Older files of the folder (another key) are removed once the new one is in place.
     """
     folder = Path(model_dir) / RUNTIME_DIR
-    dest = folder / f"ensemble-{model_key(model_dir)}.onnx"
+    dest = folder / f"ensemble-{model_key(model_dir, key_files)}.onnx"
     if not dest.is_file():
         log.info("exporting %s to ONNX for the onnxruntime predict runtime", model_dir)
         write_onnx(predictor, dest)  # temp + rename: concurrent loads each write a whole file

@@ -9,12 +9,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
 from models.report import Report
-from service.db import ModelRow, commit, page
+from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant:
     row = get_model(session, model_id, tenant)
     path = Path(row.path)
     session.delete(row)
+    session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in the folder
     commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
     shutil.rmtree(path, ignore_errors=True)

@@ -84,3 +84,13 @@ def test_unknown_format_names_the_valid_ones() -> None:
     with pytest.raises(UnknownNameError, match="onnx"):
         export_format("tflite")
     assert set(EXPORT_FORMATS) == {"onnx", "torchscript", "safetensors"}
+
+
+def test_the_api_schema_names_the_same_formats_and_quantizations() -> None:
+    from typing import get_args
+
+    from models.export import QUANTIZATIONS
+    from service.schemas import ExportFormatName, QuantizationName
+
+    assert set(get_args(ExportFormatName)) == set(EXPORT_FORMATS)
+    assert set(get_args(QuantizationName)) == set(QUANTIZATIONS)
