@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_train
 	$(BIN)/python -m benchmarks.bench_predict
 	$(BIN)/python -m benchmarks.bench_events
+	$(BIN)/python -m benchmarks.bench_export
 
 # Every technique of the job spec at one budget (issue #3): regenerates docs/techniques.md.
 techniques: $(STAMP)

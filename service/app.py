@@ -52,7 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Fine-tune ImageNet backbones from the timm zoo on your images, and serve the ensembles.",
         lifespan=lifespan,
     )
-    app.state.predictors = PredictorCache(settings.model_cache_size, device=settings.device)
+    app.state.predictors = PredictorCache(
+        settings.model_cache_size, device=settings.device, runtime=settings.predict_runtime,
+        threads=settings.predict_threads,
+    )
     # Forward passes run on the batcher's one inference thread, which applies predict_threads
     # (torch is imported there, on the first prediction, not when the API starts).
     app.state.batcher = MicroBatcher(

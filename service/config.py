@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1, description="a job's decoded dataset: images x side^2 x 3 bytes; more is 422"
     )
     max_classes: int = Field(1000, ge=2, description="classes of a dataset, at upload and at job submission")
+    predict_runtime: Literal["torch", "onnxruntime"] = Field(
+        "onnxruntime",
+        description="what runs predict's forward passes on the CPU: onnxruntime (the ensemble exported to ONNX on "
+        "first load, cached in the model folder; measured faster here, see BENCHMARKS.md) or torch eager",
+    )
 
     # job event streams (GET /v1/jobs/{id}/events; service.event_hub)
     events_poll_s: float = Field(

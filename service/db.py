@@ -1,4 +1,4 @@
-"""Persistence: datasets, jobs and trained models (SQLAlchemy 2; SQLite or PostgreSQL).
+"""Persistence: datasets, jobs, trained models and their exports (SQLAlchemy 2; SQLite or PostgreSQL).
 
 The database is the source of truth for a job's state; the broker only carries the id.
 """
@@ -128,6 +128,27 @@ class ModelRow(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRow(Base):
+    """A model exported as a bundle (``service.exports``); one per model, format and quantization."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("model_id", "format", "quantization"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str] = mapped_column(String(16), default="none")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ApiKeyRow(Base):

@@ -9,12 +9,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
 from models.report import Report
-from service.db import ModelRow, commit, page
+from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant:
     row = get_model(session, model_id, tenant)
     path = Path(row.path)
     session.delete(row)
+    session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in the folder
     commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
     shutil.rmtree(path, ignore_errors=True)
@@ -127,9 +128,13 @@ class PredictorCache:
     its requests answer 404, so a deleted model never comes back into the cache.
     """
 
-    def __init__(self, capacity: int, device: str | None = None) -> None:
+    def __init__(
+        self, capacity: int, device: str | None = None, *, runtime: str = "torch", threads: int | None = None
+    ) -> None:
         self.capacity = capacity
         self.device = device
+        self.runtime = runtime  # ``models.runtime.PREDICT_RUNTIMES``
+        self.threads = threads  # onnxruntime intra-op threads (torch's are set on the inference thread)
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -178,7 +183,7 @@ class PredictorCache:
         from models.artifact import load_predictor
 
         try:
-            return load_predictor(path, device=self.device)
+            return load_predictor(path, device=self.device, runtime=self.runtime, threads=self.threads)
         except ArtifactError as exc:
             if not Path(path).exists():
                 raise NotFound(f"model {model_id!r} not found (it was deleted)") from exc

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "zoofit.train_job"
+# Exports (``service.exports``) go to the same queue: the workers that train also build bundles.
+EXPORT_TASK = "zoofit.export_model"
 # Imported by a worker process at start-up (named, not imported: the API never loads them).
 WORKER_MODULES = ("workers.tasks",)
 # The hard time limit kills the process running a job this long after the soft limit, which the
@@ -37,7 +39,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_queues=(Queue(TRAIN_QUEUE),),
         task_default_queue=TRAIN_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EXPORT_TASK: {"queue": TRAIN_QUEUE}},
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -71,6 +73,11 @@ def get_celery() -> Celery:
 def enqueue(job_id: str) -> None:
     """Send the job id to the ``train`` queue."""
     get_celery().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def enqueue_export(export_id: str) -> None:
+    """Send the export id to the ``train`` queue (a worker builds the bundle)."""
+    get_celery().send_task(EXPORT_TASK, args=[export_id], queue=TRAIN_QUEUE)
 
 
 def broker_backlog() -> int | None:
