@@ -13,7 +13,7 @@ from models.runtime import available_cpus
 from service.client import commands as client_commands
 from service.config import get_settings
 from service.processes import start_worker_process, stop_process
-from service.queue import TRAIN_QUEUE, get_celery
+from service.queue import WORKER_QUEUES, get_celery
 
 
 def _configure_logging() -> None:
@@ -36,7 +36,7 @@ def run_worker(extra: list[str] | None = None) -> None:
     argv = [
         "worker",
         "--loglevel=INFO",
-        f"--queues={TRAIN_QUEUE}",
+        f"--queues={','.join(WORKER_QUEUES)}",
         f"--concurrency={settings.worker_concurrency}",
         "--pool=prefork",
         "--without-gossip",

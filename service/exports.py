@@ -9,6 +9,7 @@ then its id is sent to the queue, where a worker builds the bundle (``workers.ex
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db import ExportRow, JobStatus, commit
+from service.db import ExportRow, JobStatus, commit, utcnow
 from service.errors import Conflict, NotFound
 from service.models_store import get_model
 
 EXPORTS_DIR = "exports"
 EnqueueExport = Callable[[str], None]
+# A bundle builds in minutes: an export still queued or running after this long lost its message or
+# its worker (killed mid-build), and asking for it again queues it again.
+EXPORT_STALE_S = 3600.0
 
 
 def bundle_path(model_path: str | Path, export_id: str) -> Path:
@@ -42,9 +46,9 @@ def request_export(
     """
     get_model(session, model_id, tenant)
     row = _find(session, model_id, fmt, quantization)
-    if row is not None and row.status != JobStatus.FAILED:
+    if row is not None and not _retry(row):
         return row, False
-    if row is not None:  # failed before: try again
+    if row is not None:  # failed or stuck before: try again
         row.status, row.error, row.details, row.finished_at, row.started_at = JobStatus.QUEUED, None, {}, None, None
     else:
         row = ExportRow(tenant=tenant, model_id=model_id, format=fmt, quantization=quantization,
@@ -62,6 +66,16 @@ def request_export(
         return existing, False
     enqueue(row.id)
     return row, True
+
+
+def _retry(row: ExportRow) -> bool:
+    if row.status == JobStatus.FAILED:
+        return True
+    if row.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return False
+    since = row.started_at or row.created_at
+    since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)  # SQLite keeps no zone
+    return (utcnow() - since).total_seconds() > EXPORT_STALE_S
 
 
 def _find(session: Session, model_id: str, fmt: str, quantization: str) -> ExportRow | None:

@@ -153,3 +153,26 @@ def test_a_failed_export_is_queued_again_when_asked_again(client, settings, sent
     assert json.loads(zipfile.ZipFile(io.BytesIO(
         client.get(f"/v1/models/{model_id}/exports/{e['id']}/download").content)).read("labels.json")) == [
         "bear", "bird", "cat"]
+
+
+def test_an_export_whose_worker_died_is_queued_again_when_asked_again(client, settings, sent) -> None:
+    from datetime import timedelta
+
+    from service.db import ExportRow, session_scope, utcnow
+    from service.exports import EXPORT_STALE_S
+
+    model_id = _trained_model(client, settings)
+    first = client.post(f"/v1/models/{model_id}/exports", json={"format": "safetensors"}).json()
+    assert sent == [first["id"]]
+    # a worker claimed it, then was killed mid-build: the record stays "running"
+    with session_scope(settings) as s:
+        row = s.get(ExportRow, first["id"])
+        row.status, row.started_at = JobStatus.RUNNING, utcnow() - timedelta(seconds=60)
+    again = client.post(f"/v1/models/{model_id}/exports", json={"format": "safetensors"})
+    assert again.json()["status"] == "running" and sent == [first["id"]]  # still building, not sent twice
+    with session_scope(settings) as s:
+        s.get(ExportRow, first["id"]).started_at = utcnow() - timedelta(seconds=EXPORT_STALE_S + 60)
+    again = client.post(f"/v1/models/{model_id}/exports", json={"format": "safetensors"})
+    assert again.status_code == 202 and again.json()["status"] == "queued"
+    assert sent == [first["id"], first["id"]]
+    assert run_export(first["id"], settings=settings) == JobStatus.SUCCEEDED
