@@ -104,3 +104,54 @@ def test_operation_ids(client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert paths["/v1/datasets/{dataset_id}/samples"]["get"]["operationId"] == "datasets-samples"
     assert paths["/v1/datasets/{dataset_id}/thumbnails/{file_path}"]["get"]["operationId"] == "datasets-thumbnail"
+
+
+def test_thumbnails_do_not_take_predicts_decoding_slots(make_settings) -> None:
+    from service.decoding import decode_slots
+
+    settings = make_settings(predict_decode_wait_s="0.2")
+    slots = decode_slots(settings.predict_decode_slots)
+    with api_client(settings) as client:
+        ds = _dataset(client)
+        name = client.get(f"/v1/datasets/{ds['id']}/samples").json()["data"][0]["files"][0]
+        taken = 0
+        try:
+            while slots.acquire(blocking=False):  # every predict decoding slot busy
+                taken += 1
+            r = client.get(f"/v1/datasets/{ds['id']}/thumbnails/{name}")
+        finally:
+            for _ in range(taken):
+                slots.release()
+    assert r.status_code == 200, r.text
+
+
+def test_thumbnails_are_cached_and_answer_503_at_once_when_their_slots_are_busy(make_settings) -> None:
+    from service.datasets import thumbnail_slots
+
+    settings = make_settings(thumbnail_wait_s="0.1")
+    slots = thumbnail_slots(settings.thumbnail_slots)
+    with api_client(settings) as client:
+        ds = _dataset(client)
+        files = client.get(f"/v1/datasets/{ds['id']}/samples").json()["data"][0]["files"]
+        url = f"/v1/datasets/{ds['id']}/thumbnails/{{}}?size=64"
+        first = client.get(url.format(files[0]))
+        assert first.status_code == 200, first.text
+        taken = 0
+        try:
+            while slots.acquire(blocking=False):
+                taken += 1
+            again = client.get(url.format(files[0]))  # cached: no decoding, no slot
+            other = client.get(url.format(files[1]))
+            path = settings.datasets_dir / ds["id"] / files[0]
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # replaced: the cache entry is stale
+            changed = client.get(url.format(files[0]))
+        finally:
+            for _ in range(taken):
+                slots.release()
+        assert again.status_code == 200 and again.content == first.content
+        for r in (other, changed):
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.headers["content-type"] == "application/problem+json"
+        assert client.get(url.format(files[1])).status_code == 200
