@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from service.config import Settings
 from service.errors import TooManyRequests, Unavailable
-from service.events import JobEvent, last_event_id, read_events
+from service.events import DONE, JobEvent, last_event_id, read_events
 
 log = logging.getLogger("zoofit.events")
 
@@ -81,7 +81,7 @@ class Subscription:
             event = await self._queue.get()
             if event is None:
                 return
-            if event.id <= self.last:  # already in the replay
+            if event.id <= self.last and event.type != DONE:  # already in the replay
                 continue
             self.last = event.id
             yield event
@@ -139,7 +139,12 @@ class EventHub:
             feed.task = loop.create_task(self._poll(feed), name=f"zoofit-events-{job_id}")
         feed.subscribers.add(sub)  # before the replay is read: see the module's docstring
         try:
-            await asyncio.shield(feed.start)
+            newest = await asyncio.shield(feed.start)
+            if after > newest:
+                # Maybe past the job's newest event (an id of another database, a wiped data dir,
+                # a made-up header): nothing after the job's newest can have been seen, and
+                # counting from there would skip the job's events, ``done`` included, for good.
+                after = sub.last = min(after, await asyncio.to_thread(self._latest, s, job_id))
             sub.replay = await asyncio.to_thread(self._read, s, job_id, after, None)
         except BaseException:
             self.close(sub)

@@ -119,6 +119,34 @@ def test_replay_and_live_meet_without_gap_or_duplicate(settings):
         assert got == [i for i in ids if i > after]
 
 
+def test_a_last_event_id_beyond_the_jobs_newest_still_gets_its_events_and_done(settings):
+    """An id from elsewhere (another database, a wiped data dir, a bogus header) must not hide the job's events."""
+    job_id = new_job(settings)
+    emit(settings, job_id, 2)
+    before = all_ids(settings, job_id)
+
+    async def main() -> list[str]:
+        hub = EventHub(settings)
+        sub = await hub.open(job_id, "alice", 10**12)
+        assert sub.replayed() == []
+        await asyncio.to_thread(emit, settings, job_id, 1)
+        await asyncio.to_thread(finish, settings, job_id)
+        got: list[str] = []
+
+        async def live() -> None:
+            async for e in sub.live():
+                got.append(e.type)
+                if e.type == "done":
+                    return
+
+        await asyncio.wait_for(live(), 5)
+        hub.close(sub)
+        return got
+
+    assert asyncio.run(main()) == ["stage", "status", "done"]
+    assert all_ids(settings, job_id)[:2] == before
+
+
 def test_fifty_subscribers_share_one_query_per_interval(settings):
     job_id = new_job(settings)
     emit(settings, job_id, 3)
