@@ -306,6 +306,21 @@ def test_live_events_reach_a_client_and_disconnect_cleans_up(make_settings):
                         ("done", {"status": "succeeded", "model_id": "m1", "error": None, "metrics": None})]
 
 
+def test_a_stream_response_never_sent_holds_no_subscription(settings):
+    """The subscription is opened by the response as it is sent: an answer that never goes out leaks nothing."""
+    from service.api.routes.jobs import job_events
+
+    job_id = new_job(settings)
+
+    async def main() -> None:
+        hub = EventHub(settings)
+        response = await job_events(job_id, settings, "alice", hub, None)
+        assert hub.streams == 0 and hub.watched() == []
+        del response
+
+    asyncio.run(main())
+
+
 def test_pings_keep_an_idle_stream_open(make_settings):
     settings = make_settings(events_ping_s="0.2")
     job_id = new_job(settings)
