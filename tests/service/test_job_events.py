@@ -218,6 +218,38 @@ def test_the_poller_stops_with_the_last_subscriber(settings):
     asyncio.run(main())
 
 
+def test_a_database_outage_backs_the_pollers_off_and_logs_little(settings, caplog):
+    jobs = [new_job(settings) for _ in range(3)]
+    down = threading.Event()
+
+    def read(settings: Settings, job_id: str, after: int, limit: int | None) -> list:
+        if down.is_set():
+            raise OSError("connection refused")
+        return read_events(settings, job_id, after, limit)
+
+    async def main() -> int:
+        hub = EventHub(settings, read=read)
+        subs = [await hub.open(job_id, "alice", 0) for job_id in jobs]
+        down.set()
+        polls = hub.polls
+        await asyncio.sleep(1.5)
+        polls = hub.polls - polls
+        down.clear()
+        emit(settings, jobs[0])
+        got = await collect(subs[0], all_ids(settings, jobs[0])[-1], timeout=10)  # back once it is
+        assert len(got) == 1
+        tasks = [feed.task for feed in hub._feeds.values()]
+        await hub.aclose()
+        assert all(t is not None and t.done() for t in tasks)  # awaited, not just told to stop
+        return polls
+
+    with caplog.at_level("WARNING", logger="zoofit.events"):
+        polls = asyncio.run(main())
+    # Without backoff: 3 jobs x 1.5 s / 0.05 s = 90 polls, and as many warnings.
+    assert polls <= 3 * 7, polls
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) <= 3
+
+
 def test_stream_limits_per_tenant_and_per_process(make_settings):
     settings = make_settings(events_max_streams="3", events_max_streams_per_tenant="2")
     job_id = new_job(settings)
