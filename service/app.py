@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every error answer is a problem document (service.problems), whoever raises it.
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return problem_response(exc.status, exc.message, **exc.details)
+        return problem_response(exc.status, exc.message, headers=exc.headers(), **exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     predict_decode_wait_s: float = Field(
         30.0, gt=0, description="how long a predict image may wait for a decoding slot before the request is a 503"
     )
+    # dataset thumbnails (the console): decoded apart from predict's slots, then kept in memory
+    thumbnail_slots: int = Field(
+        1, ge=1, description="most dataset thumbnails decoding at once in the API process (not predict's slots)"
+    )
+    thumbnail_wait_s: float = Field(
+        1.0, gt=0, description="how long a thumbnail may wait for its decoding slot before it is a 503 (Retry-After)"
+    )
+    thumbnail_cache_max_bytes: int = Field(
+        32 * 1024**2, ge=0, description="thumbnails kept in the API process's memory, least recently used dropped first"
+    )
     decoded_cache_max_bytes: int = Field(
         8 * 1024**3, ge=0,
         description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",

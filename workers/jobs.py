@@ -85,11 +85,17 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             log.warning("job %s does not exist; dropping its message", job_id)
             return None
         if job.cancel_requested and job.status == JobStatus.QUEUED:
-            job.status = JobStatus.CANCELLED
-            job.finished_at = utcnow()
-            job.progress = {"stage": "cancelled"}
-            append_event(s, job_id, STAGE, {"stage": "cancelled"})
-            append_status(s, job_id, JobStatus.CANCELLED, job.attempts)
+            # Guarded like the claims below: of two deliveries cancelling at once, one writes
+            # the row and its events; the other finds the job cancelled.
+            res = s.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED).values(
+                    status=JobStatus.CANCELLED, finished_at=utcnow(), progress={"stage": "cancelled"},
+                ).execution_options(synchronize_session=False)
+            )
+            if rowcount(res):
+                append_event(s, job_id, STAGE, {"stage": "cancelled"})
+                append_status(s, job_id, JobStatus.CANCELLED, job.attempts)
+            s.refresh(job)
         if job.status in JobStatus.TERMINAL:
             # E.g. cancelled through the API while re-queued after its worker died: the
             # checkpoint that worker left is of no use any more.

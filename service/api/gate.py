@@ -45,8 +45,7 @@ class ApiKeyGate:
         try:
             principal = await anyio.to_thread.run_sync(self._authenticate, authorization)
         except ServiceError as exc:
-            retry = {"Retry-After": "5"} if exc.status == 503 else None  # as the app's database-down 503
-            await send_problem(send, exc.status, exc.message, headers=retry, **exc.details)
+            await send_problem(send, exc.status, exc.message, headers=exc.headers(), **exc.details)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         await self.app(scope, receive, send)
