@@ -1,4 +1,4 @@
-"""The ``zoofit`` command: serve, api, worker, keys, demo, and the client (login, datasets, jobs, models)."""
+"""The ``zoofit`` command: serve, api, worker, db, keys, demo, and the client (login, datasets, jobs, models)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,31 @@ def _configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def check_schema(command: str) -> None:
+    """Exit with the reason when this process may not run on the database's schema (``service.schema``)."""
+    from service.db import get_engine
+    from service.schema import SchemaError
+
+    try:
+        get_engine(get_settings())
+    except SchemaError as exc:
+        sys.exit(f"zoofit {command}: {exc}")
+
+
 def run_api(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     from service.app import create_app
 
     settings = get_settings()
+    check_schema("api")
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
 
 
 def run_worker(extra: list[str] | None = None) -> None:
     settings = get_settings()
     settings.ensure_dirs()
+    check_schema("worker")
     argv = [
         "worker",
         "--loglevel=INFO",
@@ -63,6 +76,7 @@ def split_threads(cores: int, concurrency: int = 1) -> tuple[int, int]:
 def serve(host: str | None, port: int | None) -> None:
     """The API and a worker subprocess on one machine; unless configured, they split the cores."""
     settings = get_settings()
+    check_schema("serve")
     if settings.torch_threads is None and settings.predict_threads is None:
         cores = available_cpus()
         api, worker_threads = split_threads(cores, settings.worker_concurrency)
@@ -74,6 +88,34 @@ def serve(host: str | None, port: int | None) -> None:
         run_api(host, port)
     finally:
         stop_process(worker, signal.SIGTERM)
+
+
+def db_command(args: argparse.Namespace) -> None:
+    from service.db import make_engine
+    from service.schema import SchemaError, current_revision, head_revision, upgrade
+
+    settings = get_settings()
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)  # not get_engine: that one checks the schema first
+    try:
+        if args.db_command == "upgrade":
+            before, after = upgrade(engine)
+            if before == after:
+                print(f"database schema at revision {after} (head): nothing to do")
+            else:
+                print(f"database schema upgraded: {before or 'none'} -> {after}")
+        elif args.db_command == "current":
+            head = head_revision()
+            with engine.connect() as conn:
+                current = current_revision(conn)
+            state = "head" if current == head else f"behind: head is {head}; run `zoofit db upgrade`"
+            print(f"{current or 'none'} ({state})")
+    except SchemaError as exc:
+        sys.exit(f"zoofit db {args.db_command}: {exc}")
+    finally:
+        engine.dispose()
 
 
 def keys_command(args: argparse.Namespace) -> None:
@@ -114,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)
     sub.add_parser("worker", help="a Celery training worker (queue 'train')")
+    db = sub.add_parser("db", help="the database schema (migrations)")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="upgrade the schema to this release's (also stamps a pre-migration database)")
+    dbsub.add_parser("current", help="the schema revision of the database, and whether it is this release's")
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="issue a key for a tenant (printed once)")
@@ -139,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         run_api(args.host, args.port)
     elif args.command == "worker":
         run_worker(extra)
+    elif args.command == "db":
+        db_command(args)
     elif args.command == "keys":
         keys_command(args)
     elif args.command == "demo":
