@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -12,13 +11,9 @@ import time
 from models.runtime import available_cpus
 from service.client import commands as client_commands
 from service.config import get_settings
+from service.logs import configure_logging
 from service.processes import start_worker_process, stop_process
 from service.queue import TRAIN_QUEUE, get_celery
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def check_schema(command: str) -> None:
@@ -39,7 +34,10 @@ def run_api(host: str | None = None, port: int | None = None) -> None:
 
     settings = get_settings()
     check_schema("api")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    # log_config=None: uvicorn's lines go through the root handler (service.logs); the app writes
+    # its own access lines, with the request id (service.api.request_id).
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info",
+                log_config=None, access_log=False)
 
 
 def run_worker(extra: list[str] | None = None) -> None:
@@ -91,7 +89,7 @@ def serve(host: str | None, port: int | None) -> None:
 
 
 def db_command(args: argparse.Namespace) -> None:
-    from service.db import make_engine
+    from service.db import Base, make_engine
     from service.schema import SchemaError, current_revision, head_revision, upgrade
 
     settings = get_settings()
@@ -101,7 +99,7 @@ def db_command(args: argparse.Namespace) -> None:
     engine = make_engine(url)  # not get_engine: that one checks the schema first
     try:
         if args.db_command == "upgrade":
-            before, after = upgrade(engine)
+            before, after = upgrade(engine, Base.metadata)
             if before == after:
                 print(f"database schema at revision {after} (head): nothing to do")
             else:
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in client_commands.CLIENT_COMMANDS:
         sys.exit(client_commands.run(args))
 
-    _configure_logging()
+    configure_logging(get_settings().log_format)
     if args.command == "serve":
         serve(args.host, args.port)
     elif args.command == "api":

@@ -217,7 +217,7 @@ def get_engine(settings: Settings | None = None) -> Engine:
 
         with _schema_lock:
             if url not in _schema_ready:
-                prepare_schema(engine, auto_upgrade=settings.resolved_db_auto_upgrade)
+                prepare_schema(engine, Base.metadata, auto_upgrade=settings.resolved_db_auto_upgrade)
                 _schema_ready.add(url)
     return engine
 

@@ -34,10 +34,8 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import func, inspect, select
+from sqlalchemy import MetaData, func, inspect, select
 from sqlalchemy.engine import Connection, Engine, make_url
-
-from service.db import Base
 
 log = logging.getLogger("zoofit.schema")
 
@@ -87,24 +85,27 @@ def known_revision(revision: str) -> bool:
         return False
 
 
-def _include_name(name: str | None, type_: str, _parent: Any) -> bool:
-    # The same filter as env.py: only this code's tables are compared.
-    return name in Base.metadata.tables if type_ == "table" else True
+def schema_differences(conn: Connection, metadata: MetaData) -> list[Any]:
+    """What autogenerate would change to make the database match ``metadata`` (empty: it matches).
+
+    ``metadata`` is ``service.db.Base.metadata`` (passed in: ``service.db`` calls this module).
+    """
+
+    def include_name(name: str | None, type_: str, _parent: Any) -> bool:
+        # The same filter as env.py: only this code's tables are compared.
+        return name in metadata.tables if type_ == "table" else True
+
+    context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name})
+    return list(compare_metadata(context, metadata))
 
 
-def schema_differences(conn: Connection) -> list[Any]:
-    """What autogenerate would change to make the database match ``Base.metadata`` (empty: it matches)."""
-    context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": _include_name})
-    return list(compare_metadata(context, Base.metadata))
-
-
-def _legacy_revision(conn: Connection) -> str | None:
+def _legacy_revision(conn: Connection, metadata: MetaData) -> str | None:
     """The revision a database without ``alembic_version`` is stamped at; None when it has no table of ours.
 
     Raises:
         SchemaError: it has some of the tables, but those of no release.
     """
-    tables = set(inspect(conn).get_table_names()) & set(Base.metadata.tables)
+    tables = set(inspect(conn).get_table_names()) & set(metadata.tables)
     if not tables:
         return None
     for revision, release_tables in LEGACY_RELEASES:
@@ -146,8 +147,10 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+def upgrade(engine: Engine, metadata: MetaData, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade the database to ``revision``; returns the revisions before and after.
+
+    ``metadata`` (``service.db.Base.metadata``) is what a pre-migration database is checked against.
 
     A database made before migrations is recognised, stamped, upgraded and checked (see the
     module's docstring). Everything happens in one transaction, under the schema lock.
@@ -163,13 +166,13 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
                 f"the database is at revision {before}, which this release does not know: a newer release "
                 f"upgraded it; run that release (or downgrade the database with it)"
             )
-        legacy = _legacy_revision(conn) if before is None else None
+        legacy = _legacy_revision(conn, metadata) if before is None else None
         if legacy is not None:
             log.info("the database was made before migrations (tables of revision %s): stamping it", legacy)
             command.stamp(alembic_config(conn), legacy)
         command.upgrade(alembic_config(conn), revision)
         if legacy is not None and revision == "head":
-            differences = schema_differences(conn)
+            differences = schema_differences(conn, metadata)
             if differences:
                 # Raising rolls back the stamp and the upgrade with it.
                 raise SchemaError(
@@ -194,7 +197,7 @@ def _describe(differences: list[Any]) -> str:
     return "; ".join(parts) + more
 
 
-def prepare_schema(engine: Engine, *, auto_upgrade: bool) -> None:
+def prepare_schema(engine: Engine, metadata: MetaData, *, auto_upgrade: bool) -> None:
     """Make sure this process can run on the database: upgrade it, or check that it is at head.
 
     Raises:
@@ -202,7 +205,7 @@ def prepare_schema(engine: Engine, *, auto_upgrade: bool) -> None:
             message names ``zoofit db upgrade``.
     """
     if auto_upgrade:
-        upgrade(engine)
+        upgrade(engine, metadata)
         return
     head = head_revision()
     with engine.connect() as conn:
@@ -210,7 +213,7 @@ def prepare_schema(engine: Engine, *, auto_upgrade: bool) -> None:
         legacy = None
         if current is None:
             with contextlib.suppress(SchemaError):
-                legacy = _legacy_revision(conn)
+                legacy = _legacy_revision(conn, metadata)
     if current == head:
         return
     if current is not None and not known_revision(current):

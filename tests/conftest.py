@@ -96,7 +96,7 @@ def pg_database(prefix: str = "zoofit_test", *, migrated: bool = True) -> Iterat
     """
     from sqlalchemy import create_engine, text
 
-    from service.db import _engine_for, make_engine
+    from service.db import Base, _engine_for, make_engine
     from service.schema import upgrade
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -110,7 +110,7 @@ def pg_database(prefix: str = "zoofit_test", *, migrated: bool = True) -> Iterat
     try:
         if migrated:
             engine = make_engine(url)
-            upgrade(engine)
+            upgrade(engine, Base.metadata)
             engine.dispose()
         yield url
     finally:

@@ -23,7 +23,7 @@ def _race(url: str) -> list[BaseException]:
     def start(engine) -> None:
         barrier.wait()
         try:
-            upgrade(engine)
+            upgrade(engine, Base.metadata)
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
