@@ -69,7 +69,8 @@ class JobsByStatus(Collector):
 
         try:
             with new_session(self.settings) as session:
-                counts = dict(session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).tuples())
+                query = select(JobRow.status, func.count()).group_by(JobRow.status)
+                counts: dict[str, int] = {status: n for status, n in session.execute(query)}
         except Exception as exc:  # a scrape must not fail over the database: the other metrics still count
             log.warning("metrics: cannot count jobs by status: %s", exc)
             return
