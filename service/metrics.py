@@ -2,8 +2,9 @@
 
 - HTTP: prometheus-fastapi-instrumentator, per route template (``/v1/jobs/{job_id}``, never a raw
   id), in a registry of the app's own: ``http_requests_total``, ``http_request_duration_seconds``,
-  ``http_request_size_bytes``, ``http_response_size_bytes``. ``/metrics`` itself is not counted, nor
-  is the job event stream (a request that lasts as long as its job would only blur the latencies).
+  ``http_request_size_bytes``, ``http_response_size_bytes``. ``/metrics`` itself is not counted. A
+  request's duration ends when its response starts: a job's event stream, open for the job's whole
+  life, would otherwise blur the latencies.
 - Jobs by status: ``zoofit_jobs{status}``, one grouped ``SELECT status, count(*)`` per scrape.
 - Prediction (``service.batching``): ``zoofit_predict_batch_images`` (images per forward pass) and
   ``zoofit_predict_batch_seconds`` (its latency); model cache (``service.models_store``):
@@ -39,9 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("zoofit.metrics")
 
 METRICS_PATH = "/metrics"
-# Handlers (route templates) the HTTP metrics leave out: the scrape itself and the job event
-# stream (open for a job's whole life).
-UNTIMED_HANDLERS = (f"^{METRICS_PATH}$", r"^/v1/jobs/\{job_id\}/events$")
+# Handlers (route templates) the HTTP metrics leave out: the scrape itself.
+UNCOUNTED_HANDLERS = (f"^{METRICS_PATH}$",)
 
 PREDICT_BATCH_IMAGES = Histogram(
     "zoofit_predict_batch_images", "images in one forward pass of the predict micro-batcher",
@@ -86,10 +86,12 @@ def instrument(app: FastAPI, settings: Settings) -> None:
 
     registry = CollectorRegistry()  # per app: tests build many apps in one process
     registry.register(JobsByStatus(settings))
-    Instrumentator(excluded_handlers=list(UNTIMED_HANDLERS), registry=registry).instrument(app)
+    Instrumentator(
+        excluded_handlers=list(UNCOUNTED_HANDLERS), should_exclude_streaming_duration=True, registry=registry
+    ).instrument(app)
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 
-    @app.get(METRICS_PATH, include_in_schema=False)
+    @app.get(METRICS_PATH, include_in_schema=False, operation_id="metrics-scrape")
     def metrics(request: Request) -> Response:
         """Prometheus text format: this app's HTTP and job metrics, then the process-wide ones."""
         if token is not None:
