@@ -47,7 +47,9 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 compose-check:
-	POSTGRES_PASSWORD=check REDIS_PASSWORD=check docker-compose -f docker-compose.yml config -q
+	POSTGRES_PASSWORD=check REDIS_PASSWORD=check MINIO_ROOT_PASSWORD=check docker-compose -f docker-compose.yml config -q
+	POSTGRES_PASSWORD=check REDIS_PASSWORD=check MINIO_ROOT_PASSWORD=check \
+	  docker-compose -f docker-compose.yml -f docker-compose.cpu.yml config -q
 
 clean:
 	rm -rf zoofit-data .pytest_cache .mypy_cache .ruff_cache

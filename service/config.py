@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -143,6 +143,27 @@ class Settings(BaseSettings):
         100, ge=1, description="open event streams of one tenant per API process; one more is a 429"
     )
 
+    # schema migrations (service.schema; `zoofit db upgrade`)
+    db_auto_upgrade: bool | None = Field(
+        None, description="the API and workers upgrade the database schema themselves at start; "
+        "default: yes on SQLite (embedded), no on PostgreSQL (run `zoofit db upgrade`; they refuse to start if behind)",
+    )
+
+    # observability (service.metrics, service.logs)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text (for a terminal) or as JSON objects (for a log collector)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="if set, GET /metrics needs 'Authorization: Bearer <token>'; "
+        "unset: /metrics is open (scrape it on the private network only)",
+    )
+    worker_metrics_port: int = Field(
+        9540, ge=0, le=65535, description="a worker serves its Prometheus metrics on this port (0: not at all)"
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="address of the worker's metrics server (0.0.0.0 for a scraper on another host)"
+    )
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:
@@ -152,6 +173,12 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_db_auto_upgrade(self) -> bool:
+        if self.db_auto_upgrade is not None:
+            return self.db_auto_upgrade
+        return self.resolved_database_url.startswith("sqlite")
 
     @property
     def embedded_broker(self) -> bool:

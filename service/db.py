@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, Result
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings, get_settings
@@ -120,7 +120,8 @@ class ModelRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")
     # One model per job, held by the database too (a worker that lost its job must not add a
-    # second). ``create_all`` adds the constraint to new databases only.
+    # second). Revision 0001 has it; databases of releases before it was added fail the check of
+    # ``zoofit db upgrade`` (service.schema) until it is added by hand.
     job_id: Mapped[str] = mapped_column(String(32), index=True, unique=True)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     classes: Mapped[list[Any]] = mapped_column(JSON)
@@ -210,35 +211,36 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def create_tables(engine: Engine, attempts: int = 5) -> None:
-    """``create_all`` that survives another process creating the same tables at the same moment.
-
-    The API and a worker started together on a fresh database both check, both find no table, and
-    the second ``CREATE TABLE`` fails; the retry sees the other's tables and creates only the rest.
-    """
-    for attempt in range(attempts):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            text = str(exc.orig).lower()
-            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
 @lru_cache
 def _engine_for(url: str) -> Engine:
-    engine = make_engine(url)
-    create_tables(engine)
-    return engine
+    return make_engine(url)
+
+
+# URLs whose schema this process has upgraded or checked (service.schema.prepare_schema).
+_schema_ready: set[str] = set()
+_schema_lock = threading.Lock()
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
+    """The engine of the configured database, its schema upgraded or checked on first use.
+
+    Raises:
+        service.schema.SchemaError: the database is not at this release's schema and this process
+            may not upgrade it (``db_auto_upgrade``); the message names ``zoofit db upgrade``.
+    """
     settings = settings or get_settings()
-    if settings.resolved_database_url.startswith("sqlite"):
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return _engine_for(settings.resolved_database_url)
+    engine = _engine_for(url)
+    if url not in _schema_ready:
+        from service.schema import prepare_schema
+
+        with _schema_lock:
+            if url not in _schema_ready:
+                prepare_schema(engine, Base.metadata, auto_upgrade=settings.resolved_db_auto_upgrade)
+                _schema_ready.add(url)
+    return engine
 
 
 @lru_cache

@@ -16,6 +16,7 @@ from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
 from models.report import Report
 from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
+from service.metrics import MODEL_CACHE_HITS, MODEL_CACHE_MISSES
 
 if TYPE_CHECKING:
     from models.artifact import Predictor
@@ -150,13 +151,16 @@ class PredictorCache:
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
+                MODEL_CACHE_HITS.inc()
                 return self._items[model_id]
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         with load_lock:
             with self._lock:
                 if model_id in self._items:
+                    MODEL_CACHE_HITS.inc()  # another request loaded it meanwhile
                     return self._items[model_id]
                 evictions = self._evictions.get(model_id, 0)
+            MODEL_CACHE_MISSES.inc()
             try:
                 predictor = self._load(model_id, path)
             except BaseException:

@@ -18,6 +18,7 @@ from service.auth import Principal, authenticate
 from service.config import Settings
 from service.db import new_session
 from service.errors import ServiceError, Unavailable
+from service.logs import tenant_var
 from service.problems import send_problem
 
 # request.state attribute holding the gate's Principal
@@ -48,6 +49,7 @@ class ApiKeyGate:
             await send_problem(send, exc.status, exc.message, headers=exc.headers(), **exc.details)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
+        tenant_var.set(principal.tenant)  # for the log lines of the rest of the request
         await self.app(scope, receive, send)
 
     def _authenticate(self, authorization: str | None) -> Principal:
