@@ -48,6 +48,7 @@ ADVISORY_LOCK_KEY = 0x7A6F6F666974
 # only if some release created it with create_all (none will again: create_all is gone).
 _BASELINE_TABLES = frozenset({"datasets", "jobs", "models", "api_keys", "idempotency_keys"})
 LEGACY_RELEASES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("0003", _BASELINE_TABLES | {"job_events", "exports"}),
     ("0002", _BASELINE_TABLES | {"job_events"}),
     ("0001", _BASELINE_TABLES),
 )
