@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from service.config import get_settings
 from service.queue import enqueue, get_celery
@@ -26,8 +32,21 @@ def _before_the_pool_starts(**_kwargs: Any) -> None:
     from service.db import get_engine
     from workers.metrics import serve_worker_metrics
 
-    get_engine(get_settings())  # raises SchemaError (naming `zoofit db upgrade`) on a database behind
+    # Raises SchemaError (naming `zoofit db upgrade`) on a database behind; then hands back its
+    # connections, so that the pool's processes fork without any.
+    get_engine(get_settings()).dispose()
     _metrics_dir[0] = serve_worker_metrics(get_settings())
+
+
+@worker_process_init.connect
+def _in_a_new_pool_process(**_kwargs: Any) -> None:
+    from service.db import get_engine
+
+    # A pool process forked while the main process held database connections (its reconciler's)
+    # must never use them: two processes on one PostgreSQL connection interleave their statements
+    # ("prepared statement _pg3_0 already exists" killed a resumed job). Drop the inherited pool
+    # without closing the parent's sockets; this process opens its own.
+    get_engine(get_settings()).dispose(close=False)
 
 
 @worker_process_shutdown.connect
