@@ -8,9 +8,11 @@ suggestions come from the curve:
 
 * ``minimum / 10``: a tenth of the lr where the smoothed loss is lowest (the loss is still falling
   there, but not yet unstable), the pick;
-* ``steepest``: where the smoothed loss falls fastest against log(lr), recorded for comparison and
-  used when the minimum sits at the very end of the range (nothing diverged: the pick would be an
-  arbitrary tenth of the top of the range).
+* ``steepest``: where the smoothed loss falls fastest against log(lr), recorded for comparison.
+
+The pick is capped at ``max_lr`` (0.1 for SGD-like optimizers, 0.01 for adaptive ones): on a few
+hundred images the training loss of a new head keeps falling up to absurd rates (it memorises),
+which the validation loss would not thank.
 
 The test runs on the layers that will train, with the member's own optimizer type and parameter
 groups (the backbone's groups keep their lr ratio to the head's); the weights and the optimizer
@@ -29,12 +31,14 @@ import torch
 from torch import nn
 
 START_LR = 1e-6
-END_LR = 1.0
+END_LR = 10.0
 NUM_ITER = 60
 SMOOTH_BETA = 0.8
 DIVERGE_FACTOR = 4.0
 # Never pick outside these, whatever the curve says (the spec allows lr in (0, 10]).
 PICK_BOUNDS = (1e-5, 0.5)
+MAX_LR_SGD = 0.1
+MAX_LR_ADAPTIVE = 0.01
 
 
 @dataclass
@@ -71,9 +75,11 @@ def _smooth(losses: list[float], beta: float = SMOOTH_BETA) -> list[float]:
     return out
 
 
-def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float, float, str]:
+def suggest(
+    lrs: list[float], smoothed: list[float], max_lr: float = PICK_BOUNDS[1]
+) -> tuple[float, float, float, str]:
     """``(pick, minimum / 10, steepest, method)`` from a range test's curve (at least 3 points)."""
-    lo, hi = PICK_BOUNDS
+    lo, hi = PICK_BOUNDS[0], min(PICK_BOUNDS[1], max_lr)
     s = np.asarray(smoothed, dtype=np.float64)
     x = np.log(np.asarray(lrs, dtype=np.float64))
     finite = np.isfinite(s)
@@ -86,10 +92,9 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float, floa
     head = grad[: max(i_min, 2)]
     i_steep = int(np.nanargmin(head)) if np.isfinite(head).any() else 0
     steepest = float(lrs[i_steep])
-    if i_min >= len(lrs) - 2:
-        pick, method = steepest, "steepest descent (the loss still fell at the top of the range)"
-    else:
-        pick, method = min_div10, "minimum / 10 (a tenth of the lr with the lowest smoothed loss)"
+    pick, method = min_div10, "minimum / 10 (a tenth of the lr with the lowest smoothed loss)"
+    if pick > hi:
+        method += f", capped at {hi:g}"
     return float(min(max(pick, lo), hi)), min_div10, steepest, method
 
 
@@ -106,6 +111,7 @@ def lr_range_test(
     start_lr: float = START_LR,
     end_lr: float = END_LR,
     should_stop: Callable[[], None] | None = None,
+    max_lr: float = PICK_BOUNDS[1],
 ) -> LrFinderResult:
     """Run the range test on ``model`` with ``optimizer``, then put both back as they were.
 
@@ -122,6 +128,7 @@ def lr_range_test(
         start_lr: first lr.
         end_lr: last lr.
         should_stop: called between steps; raises to abandon the test (cancellation, deadline).
+        max_lr: the largest lr it may pick.
 
     Returns:
         The curve and the pick.
@@ -165,7 +172,7 @@ def lr_range_test(
         optimizer.load_state_dict(opt_state)
         optimizer.zero_grad(set_to_none=True)
     smoothed = _smooth(losses)
-    pick, min_div10, steepest, method = suggest(lrs, smoothed) if len(lrs) >= 3 else (
+    pick, min_div10, steepest, method = suggest(lrs, smoothed, max_lr) if len(lrs) >= 3 else (
         PICK_BOUNDS[0], PICK_BOUNDS[0], PICK_BOUNDS[0], "too few steps: the smallest allowed lr"
     )
     return LrFinderResult(

@@ -30,7 +30,7 @@ from .data import ImageArray, check_trainable, stratified_split
 from .errors import TrainingCancelled, TrainingError
 from .freezing import FreezeReport, apply_freeze, gradual_freeze, set_train_mode
 from .lbfgs import train_lbfgs_member
-from .lr_finder import LrFinderResult, lr_range_test
+from .lr_finder import MAX_LR_ADAPTIVE, MAX_LR_SGD, LrFinderResult, lr_range_test
 from .member import Best, MemberSetup, finished_member, rebuild_optimizer, setup_member, state_copy
 from .optim import cycle_ends
 from .prefix import (
@@ -387,6 +387,7 @@ class _Run:
                 rng=np.random.default_rng(m.seed + 104729),
                 base_lr=spec.optimizer.lr_value(),
                 should_stop=self.check_stop,
+                max_lr=MAX_LR_SGD if spec.optimizer.name in ("sgd", "momentum", "nesterov") else MAX_LR_ADAPTIVE,
             )
             del cache
             self.log(
