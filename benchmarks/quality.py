@@ -157,10 +157,11 @@ def run_zoofit(row: str, decode: Callable[[int], ImageArray], settings: Settings
         spec = TrainSpec.model_validate({"budget_s": budget, "keep": []})
     result, planned = fit_budgeted(decode, spec, budget, default_budget=default,
                                    max_pixel_epochs=settings.job_max_pixel_epochs)
-    note = (f"{planned.image_size} px, {planned.freeze.mode}"
-            f"{'' if planned.freeze.mode != 'first_n' else ' ' + str(planned.freeze.stages)}, "
-            f"{planned.epochs} ep, {planned.ensemble.members} m, head {planned.head_features}, "
-            f"lr {planned.optimizer.lr:.3g}" if not isinstance(planned.optimizer.lr, str) else "")
+    lr = result.sections.get("lr_finder", {}).get("lr", planned.optimizer.lr)
+    stages = f" {planned.freeze.stages}" if planned.freeze.mode == "first_n" else ""
+    note = (f"{planned.image_size} px, {planned.freeze.mode}{stages}, {planned.epochs} ep, "
+            f"{len(result.members)}/{planned.ensemble.members} m, head {planned.head_features}, lr {lr:.3g}"
+            + (", deadline" if "deadline" in result.sections else ""))
     return result, note
 
 
