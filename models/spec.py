@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 
 class UnknownNameError(ValueError):
@@ -263,11 +273,33 @@ class AugmentSpec(_Strict):
 LR_AUTO = "auto"
 
 
+def _learning_rate(value: object) -> float | Literal["auto"]:
+    if value == LR_AUTO:
+        return "auto"
+    # pydantic's own error types, as a plain float field in (0, 10] gives them.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("float_type", "Input should be a valid number or 'auto'")
+    if not float(value) > 0.0:
+        raise PydanticKnownError("greater_than", {"gt": 0.0})
+    if not float(value) <= 10.0:
+        raise PydanticKnownError("less_than_equal", {"le": 10.0})
+    return float(value)
+
+
 class OptimizerSpec(_Strict):
     """The optimizer; ``lr: "auto"`` runs a learning-rate range test first (``models.lr_finder``)."""
 
     name: OptimizerName = "nesterov"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["auto"] = Field(
+    # One validator, so a bad value is one error at optimizer.lr; generated clients see "auto" as a
+    # one-value enum (a const branch is not tried before the number).
+    lr: Annotated[
+        float | Literal["auto"],
+        PlainValidator(_learning_rate),
+        WithJsonSchema({"anyOf": [
+            {"type": "number", "exclusiveMinimum": 0.0, "maximum": 10.0},
+            {"title": "LrAuto", "type": "string", "enum": ["auto"]},
+        ]}),
+    ] = Field(
         0.01,
         description="learning rate of the new head (the backbone's is a multiple of it), or 'auto': a "
         "learning-rate range test on the layers that train picks it (the report's lr_finder section)",

@@ -25,7 +25,7 @@ def test_auto_validates_and_other_strings_do_not() -> None:
         TrainSpec.model_validate({"optimizer": {"name": "lbfgs", "lr": "auto"}, "freeze": {"mode": "linear_probe"},
                                   "head_dropout": 0})
     schema = TrainSpec.model_json_schema()["$defs"]["OptimizerSpec"]["properties"]["lr"]
-    assert {"const": "auto", "type": "string"} in schema["anyOf"]
+    assert {"title": "LrAuto", "type": "string", "enum": ["auto"]} in schema["anyOf"]
 
 
 def test_suggest_picks_a_tenth_of_the_minimum() -> None:
