@@ -13,17 +13,29 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+
+# The dependencies first, in a layer of their own: the ones listed in pyproject.toml, read with
+# tomllib. A change to the code (below) reuses this layer and does not install torch again; only
+# a change to pyproject.toml rebuilds it.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# Then the code, without its dependencies (installed above). The demo's sample data (animal-mnist,
+# foolbox; `make install` adds them) stays out of the production image: `zoofit demo` says so.
+COPY README.md ./
 COPY models ./models
 COPY service ./service
 COPY workers ./workers
-RUN pip install . \
- && pip install --no-deps animal-mnist==0.4
+RUN pip install --no-deps .
 
 RUN useradd --create-home --uid 1000 zoofit && mkdir -p /data && chown zoofit /data
 USER zoofit
 VOLUME ["/data"]
-EXPOSE 8000
+# 8000: the API (and its /metrics); 9540: a worker's metrics (ZOOFIT_WORKER_METRICS_PORT)
+EXPOSE 8000 9540
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
   CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1

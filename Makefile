@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_train
 	$(BIN)/python -m benchmarks.bench_predict
 	$(BIN)/python -m benchmarks.bench_events
+	$(BIN)/python -m benchmarks.bench_export
 
 # Every technique of the job spec at one budget (issue #3): regenerates docs/techniques.md.
 techniques: $(STAMP)
@@ -46,7 +47,9 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 compose-check:
-	POSTGRES_PASSWORD=check REDIS_PASSWORD=check docker-compose -f docker-compose.yml config -q
+	POSTGRES_PASSWORD=check REDIS_PASSWORD=check MINIO_ROOT_PASSWORD=check docker-compose -f docker-compose.yml config -q
+	POSTGRES_PASSWORD=check REDIS_PASSWORD=check MINIO_ROOT_PASSWORD=check \
+	  docker-compose -f docker-compose.yml -f docker-compose.cpu.yml config -q
 
 clean:
 	rm -rf zoofit-data .pytest_cache .mypy_cache .ruff_cache

@@ -37,6 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.load_test import _pct  # noqa: E402
+from service.client.api import Zoofit  # noqa: E402
 from service.demo import _free_port, _wait_ready  # noqa: E402
 from service.processes import stop_process  # noqa: E402
 from service.sample_data import animal_split, zip_dataset  # noqa: E402
@@ -74,7 +75,7 @@ def _server(command: str, data_dir: Path, headers: dict[str, str],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=300) as c:
-            _wait_ready(c, proc)
+            _wait_ready(Zoofit(str(c.base_url), http=c), proc)  # demo's helper takes the API client
             yield c, proc
     finally:
         stop_process(proc, signal.SIGINT)

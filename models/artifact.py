@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.torch
@@ -29,10 +29,13 @@ from .heads import HeadConfig, create_classifier
 from .images import to_array
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, ArtifactError, manifest_for, read_manifest
 from .results import TrainResult
-from .runtime import resolve_device
+from .runtime import PREDICT_RUNTIMES, resolve_device
 from .spec import TrainSpec, check_name
 from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess
+
+if TYPE_CHECKING:
+    from .onnx_runtime import OnnxEnsemble
 
 WEIGHTS_FILE = "model.safetensors"
 PREDICT_BATCH = 64
@@ -111,6 +114,7 @@ class Predictor:
         device: where the ensemble runs.
         model: the ``Ensemble``.
         temperature: applied to the averaged probabilities, ``softmax(log p / T)`` (1: unchanged).
+        backend: when set (``use_onnx``), the forward passes run there instead of ``model``.
     """
 
     def __init__(
@@ -130,6 +134,17 @@ class Predictor:
         self.manifest = manifest
         self.device = device
         self.temperature = temperature
+        self.backend: OnnxEnsemble | None = None
+
+    @property
+    def runtime(self) -> str:
+        """``torch`` or ``onnxruntime``: what runs the forward passes."""
+        return self.backend.name if self.backend is not None else "torch"
+
+    def use_onnx(self, backend: OnnxEnsemble) -> Predictor:
+        """Run the forward passes through ``backend`` (the same ensemble exported); returns ``self``."""
+        self.backend = backend
+        return self
 
     def prepare(self, images: list[Image.Image]) -> np.ndarray:
         """Images as the training cache stored them: ``uint8 [N, S, S, 3]``."""
@@ -228,6 +243,13 @@ class Predictor:
         out = []
         with torch.inference_mode():
             for start in range(0, n, PREDICT_BATCH):
+                if self.backend is not None:
+                    # Every view of the chunk in one run of the graph, then averaged here as below.
+                    chunk = torch.cat([v[start : start + PREDICT_BATCH] for v in views]).permute(0, 3, 1, 2)
+                    raw = torch.from_numpy(self.backend.ensemble_probs(chunk.numpy()))
+                    out.append(scale_probs_torch(raw.view(len(views), -1, raw.shape[-1]).mean(dim=0),
+                                                 self.temperature))
+                    continue
                 probs = torch.stack([
                     self.model(normalize_batch(v[start : start + PREDICT_BATCH], self.preprocess, self.device)).float()
                     for v in views
@@ -269,12 +291,18 @@ class Predictor:
         return self.rank(self.predict_proba(images, tta), top_k)
 
 
-def load_predictor(path: Path, device: str | None = None) -> Predictor:
+def load_predictor(
+    path: Path, device: str | None = None, *, runtime: str = "torch", threads: int | None = None
+) -> Predictor:
     """Load a model folder written by ``save_artifact``.
 
     Args:
         path: the model folder.
         device: ``cpu``, ``cuda``...; ``None`` or ``auto`` picks a GPU when there is one.
+        runtime: ``torch``, or ``onnxruntime`` (on the CPU): the ensemble exported to ONNX on first
+            load, cached in the model folder (``models.onnx_runtime.cached_onnx``). On a GPU the
+            torch runtime is used whatever this says.
+        threads: intra-op threads of the onnxruntime session (``None``: all cores).
 
     Returns:
         A ``Predictor`` in eval mode.
@@ -312,6 +340,12 @@ def load_predictor(path: Path, device: str | None = None) -> Predictor:
     temperature = manifest.get("temperature", 1.0)  # models saved before calibration: none
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
         raise ArtifactError(f"{path / MANIFEST_FILE}: temperature must be a positive number, got {temperature!r}")
+    check_name("predict runtime", runtime, PREDICT_RUNTIMES)
     dev = resolve_device(device)
     model.to(dev).eval()
-    return Predictor(model, list(manifest["classes"]), preprocess, manifest, dev, float(temperature))
+    predictor = Predictor(model, list(manifest["classes"]), preprocess, manifest, dev, float(temperature))
+    if runtime == "onnxruntime" and dev.type == "cpu":
+        from .onnx_runtime import OnnxEnsemble, cached_onnx
+
+        predictor.use_onnx(OnnxEnsemble(cached_onnx(predictor, path, (MANIFEST_FILE, WEIGHTS_FILE)), threads=threads))
+    return predictor

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# What runs a served model's forward passes (``models.artifact.load_predictor``).
+PREDICT_RUNTIMES = ("torch", "onnxruntime")
+
 
 def resolve_device(device: str | None) -> torch.device:
     """``None`` or ``auto``: the first CUDA GPU if there is one, else the CPU; otherwise as given."""

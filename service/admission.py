@@ -106,12 +106,15 @@ def admit(settings: Settings, enqueue: Enqueue, tenant: str | None = None) -> li
                 .order_by(JobRow.created_at, JobRow.id).limit(free)
             ))
             if ids:
-                ids = list(s.scalars(
+                # RETURNING comes in no promised order (neither PostgreSQL's nor SQLite's): keep
+                # the SELECT's oldest-first order, less the jobs that stopped waiting meanwhile.
+                marked = set(s.scalars(
                     update(JobRow).where(JobRow.id.in_(ids), is_waiting())
                     .values(enqueued_at=utcnow(), progress={"stage": QUEUED_STAGE})
                     .returning(JobRow.id)
                     .execution_options(synchronize_session=False)
                 ))
+                ids = [job_id for job_id in ids if job_id in marked]
                 for job_id in ids:
                     append_event(s, job_id, STAGE, {"stage": QUEUED_STAGE})
         for job_id in ids:

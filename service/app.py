@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from service.api import api_router
 from service.api.gate import ApiKeyGate
 from service.api.openapi import finish_schema
+from service.api.request_id import RequestId
 from service.api.routes import health
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
@@ -25,6 +26,7 @@ from service.db import get_engine
 from service.errors import ServiceError
 from service.event_hub import EventHub
 from service.limits import BodySizeLimit, RefuseNulInUrl
+from service.metrics import instrument
 from service.models_store import PredictorCache
 from service.problems import field_errors, problem_response, validation_detail
 
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
-        get_engine(settings)  # create tables, fail fast on a bad URL
+        get_engine(settings)  # upgrade or check the schema (service.schema), fail fast on a bad URL
         for path in sweep_stale_uploads(settings):
             log.warning("removed a stale partial upload left by a killed process: %s", path)
         try:
@@ -52,7 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Fine-tune ImageNet backbones from the timm zoo on your images, and serve the ensembles.",
         lifespan=lifespan,
     )
-    app.state.predictors = PredictorCache(settings.model_cache_size, device=settings.device)
+    app.state.predictors = PredictorCache(
+        settings.model_cache_size, device=settings.device, runtime=settings.predict_runtime,
+        threads=settings.predict_threads,
+    )
     # Forward passes run on the batcher's one inference thread, which applies predict_threads
     # (torch is imported there, on the first prediction, not when the API starts).
     app.state.batcher = MicroBatcher(
@@ -64,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every error answer is a problem document (service.problems), whoever raises it.
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return problem_response(exc.status, exc.message, **exc.details)
+        return problem_response(exc.status, exc.message, headers=exc.headers(), **exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,10 +120,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.predict_max_bytes + slack
         return slack
 
-    # The last added runs first: NUL check, then the API key, then the body cap; none reads the body.
+    # The last added runs first: request id (and access log), HTTP metrics, NUL check, then the API
+    # key, then the body cap; none reads the body.
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.add_middleware(ApiKeyGate, settings=settings)
     app.add_middleware(RefuseNulInUrl)
+    instrument(app, settings)  # GET /metrics, and the HTTP metrics' middleware
+    app.add_middleware(RequestId)
     app.include_router(health.router)
     app.include_router(api_router)
     mount_console(app)

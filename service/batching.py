@@ -25,6 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from service.errors import ServiceError, Unavailable
+from service.metrics import PREDICT_BATCH_IMAGES, PREDICT_BATCH_SECONDS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +75,11 @@ def _forward(predictor: Predictor, parts: list[list[torch.Tensor]]) -> np.ndarra
     import torch
 
     return predictor.predict_proba_views([torch.cat([p[v] for p in parts]) for v in range(len(parts[0]))])
+
+
+def _timed_forward(predictor: Predictor, parts: list[list[torch.Tensor]]) -> np.ndarray:
+    with PREDICT_BATCH_SECONDS.time():  # failed passes too: a slow failure is slow
+        return _forward(predictor, parts)
 
 
 def _failure(exc: BaseException | None, images: int) -> ServiceError:
@@ -249,8 +255,9 @@ class MicroBatcher:
                 1, thread_name_prefix="zoofit-inference",
                 initializer=_start_inference_thread, initargs=(self.threads,),
             )
+        PREDICT_BATCH_IMAGES.observe(size)
         try:
-            running = loop.run_in_executor(self._executor, _forward, key[0], [item.views for item in batch])
+            running = loop.run_in_executor(self._executor, _timed_forward, key[0], [item.views for item in batch])
         except Exception as exc:  # a broken executor (its initializer raised): try a new one next time
             self._executor = None
             log.error("cannot start a forward pass of %d image(s)", size, exc_info=exc)

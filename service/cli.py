@@ -1,9 +1,8 @@
-"""The ``zoofit`` command: serve, api, worker, keys, demo, and the client (login, datasets, jobs, models)."""
+"""The ``zoofit`` command: serve, api, worker, db, keys, demo, and the client (login, datasets, jobs, models)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -12,13 +11,20 @@ import time
 from models.runtime import available_cpus
 from service.client import commands as client_commands
 from service.config import get_settings
+from service.logs import configure_logging
 from service.processes import start_worker_process, stop_process
-from service.queue import TRAIN_QUEUE, get_celery
+from service.queue import WORKER_QUEUES, get_celery
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def check_schema(command: str) -> None:
+    """Exit with the reason when this process may not run on the database's schema (``service.schema``)."""
+    from service.db import get_engine
+    from service.schema import SchemaError
+
+    try:
+        get_engine(get_settings())
+    except SchemaError as exc:
+        sys.exit(f"zoofit {command}: {exc}")
 
 
 def run_api(host: str | None = None, port: int | None = None) -> None:
@@ -27,16 +33,21 @@ def run_api(host: str | None = None, port: int | None = None) -> None:
     from service.app import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    check_schema("api")
+    # log_config=None: uvicorn's lines go through the root handler (service.logs); the app writes
+    # its own access lines, with the request id (service.api.request_id).
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info",
+                log_config=None, access_log=False)
 
 
 def run_worker(extra: list[str] | None = None) -> None:
     settings = get_settings()
     settings.ensure_dirs()
+    check_schema("worker")
     argv = [
         "worker",
         "--loglevel=INFO",
-        f"--queues={TRAIN_QUEUE}",
+        f"--queues={','.join(WORKER_QUEUES)}",
         f"--concurrency={settings.worker_concurrency}",
         "--pool=prefork",
         "--without-gossip",
@@ -63,6 +74,7 @@ def split_threads(cores: int, concurrency: int = 1) -> tuple[int, int]:
 def serve(host: str | None, port: int | None) -> None:
     """The API and a worker subprocess on one machine; unless configured, they split the cores."""
     settings = get_settings()
+    check_schema("serve")
     if settings.torch_threads is None and settings.predict_threads is None:
         cores = available_cpus()
         api, worker_threads = split_threads(cores, settings.worker_concurrency)
@@ -74,6 +86,34 @@ def serve(host: str | None, port: int | None) -> None:
         run_api(host, port)
     finally:
         stop_process(worker, signal.SIGTERM)
+
+
+def db_command(args: argparse.Namespace) -> None:
+    from service.db import Base, make_engine
+    from service.schema import SchemaError, current_revision, head_revision, upgrade
+
+    settings = get_settings()
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)  # not get_engine: that one checks the schema first
+    try:
+        if args.db_command == "upgrade":
+            before, after = upgrade(engine, Base.metadata)
+            if before == after:
+                print(f"database schema at revision {after} (head): nothing to do")
+            else:
+                print(f"database schema upgraded: {before or 'none'} -> {after}")
+        elif args.db_command == "current":
+            head = head_revision()
+            with engine.connect() as conn:
+                current = current_revision(conn)
+            state = "head" if current == head else f"behind: head is {head}; run `zoofit db upgrade`"
+            print(f"{current or 'none'} ({state})")
+    except SchemaError as exc:
+        sys.exit(f"zoofit db {args.db_command}: {exc}")
+    finally:
+        engine.dispose()
 
 
 def keys_command(args: argparse.Namespace) -> None:
@@ -114,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)
     sub.add_parser("worker", help="a Celery training worker (queue 'train')")
+    db = sub.add_parser("db", help="the database schema (migrations)")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="upgrade the schema to this release's (also stamps a pre-migration database)")
+    dbsub.add_parser("current", help="the schema revision of the database, and whether it is this release's")
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="issue a key for a tenant (printed once)")
@@ -132,13 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in client_commands.CLIENT_COMMANDS:
         sys.exit(client_commands.run(args))
 
-    _configure_logging()
+    configure_logging(get_settings().log_format)
     if args.command == "serve":
         serve(args.host, args.port)
     elif args.command == "api":
         run_api(args.host, args.port)
     elif args.command == "worker":
         run_worker(extra)
+    elif args.command == "db":
+        db_command(args)
     elif args.command == "keys":
         keys_command(args)
     elif args.command == "demo":

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     predict_decode_wait_s: float = Field(
         30.0, gt=0, description="how long a predict image may wait for a decoding slot before the request is a 503"
     )
+    # dataset thumbnails (the console): decoded apart from predict's slots, then kept in memory
+    thumbnail_slots: int = Field(
+        1, ge=1, description="most dataset thumbnails decoding at once in the API process (not predict's slots)"
+    )
+    thumbnail_wait_s: float = Field(
+        1.0, gt=0, description="how long a thumbnail may wait for its decoding slot before it is a 503 (Retry-After)"
+    )
+    thumbnail_cache_max_bytes: int = Field(
+        32 * 1024**2, ge=0, description="thumbnails kept in the API process's memory, least recently used dropped first"
+    )
     decoded_cache_max_bytes: int = Field(
         8 * 1024**3, ge=0,
         description="decoded-image cache under data_dir/cache: most bytes kept, least recently used removed first",
@@ -119,6 +129,11 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1, description="a job's decoded dataset: images x side^2 x 3 bytes; more is 422"
     )
     max_classes: int = Field(1000, ge=2, description="classes of a dataset, at upload and at job submission")
+    predict_runtime: Literal["torch", "onnxruntime"] = Field(
+        "onnxruntime",
+        description="what runs predict's forward passes on the CPU: onnxruntime (the ensemble exported to ONNX on "
+        "first load, cached in the model folder; measured faster here, see BENCHMARKS.md) or torch eager",
+    )
 
     # job event streams (GET /v1/jobs/{id}/events; service.event_hub)
     events_poll_s: float = Field(
@@ -137,6 +152,27 @@ class Settings(BaseSettings):
         100, ge=1, description="open event streams of one tenant per API process; one more is a 429"
     )
 
+    # schema migrations (service.schema; `zoofit db upgrade`)
+    db_auto_upgrade: bool | None = Field(
+        None, description="the API and workers upgrade the database schema themselves at start; "
+        "default: yes on SQLite (embedded), no on PostgreSQL (run `zoofit db upgrade`; they refuse to start if behind)",
+    )
+
+    # observability (service.metrics, service.logs)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text (for a terminal) or as JSON objects (for a log collector)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="if set, GET /metrics needs 'Authorization: Bearer <token>'; "
+        "unset: /metrics is open (scrape it on the private network only)",
+    )
+    worker_metrics_port: int = Field(
+        9540, ge=0, le=65535, description="a worker serves its Prometheus metrics on this port (0: not at all)"
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="address of the worker's metrics server (0.0.0.0 for a scraper on another host)"
+    )
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:
@@ -146,6 +182,12 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_db_auto_upgrade(self) -> bool:
+        if self.db_auto_upgrade is not None:
+            return self.db_auto_upgrade
+        return self.resolved_database_url.startswith("sqlite")
 
     @property
     def embedded_broker(self) -> bool:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 import time
 import uuid
+from collections import OrderedDict
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -217,34 +220,91 @@ def stored_image(row: DatasetRow, file_path: str) -> Path:
     return path
 
 
+class ThumbnailCache:
+    """Thumbnail bytes kept in memory, at most ``max_bytes`` of them, least recently used dropped first.
+
+    Keyed by ``(dataset id, file, side, the file's mtime in ns)``: a file replaced under the same name
+    misses; a deleted dataset's entries are never asked for again and age out.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._items: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, int, int]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, str, int, int], data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.size -= len(old)
+            self._items[key] = data
+            self.size += len(data)
+            while self.size > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.size -= len(dropped)
+
+
+@cache
+def thumbnail_cache(max_bytes: int) -> ThumbnailCache:
+    """The process's thumbnail cache (one per size asked for: one per process in practice)."""
+    return ThumbnailCache(max_bytes)
+
+
+@cache
+def thumbnail_slots(n: int) -> threading.BoundedSemaphore:
+    """The process's thumbnail decoding slots: apart from predict's, so viewing datasets never starves it."""
+    return threading.BoundedSemaphore(n)
+
+
 def thumbnail(settings: Settings, row: DatasetRow, file_path: str, size: int) -> bytes:
     """A JPEG of one stored image, its longer side at most ``size`` (clamped to 32..256).
 
-    Decoded through ``models.images.open_image`` (pixel cap, allowed formats, JPEG draft) under one
-    of the process's decoding slots, as prediction's images are.
+    Served from the process's ``thumbnail_cache`` when the same file (same mtime) was asked for at
+    the same size; otherwise decoded through ``models.images.open_image`` (pixel cap, allowed
+    formats, JPEG draft) under one of the process's ``thumbnail_slots``, waited for at most
+    ``thumbnail_wait_s``: a console showing many thumbnails queues here, never on predict's slots.
 
     Raises:
         NotFound: not an image the dataset holds (``stored_image``), or it no longer decodes.
-        Unavailable: every decoding slot stayed busy for ``predict_decode_wait_s``.
+        Unavailable: every thumbnail slot stayed busy for ``thumbnail_wait_s`` (Retry-After: 1).
     """
     import io
 
     from models.errors import BadImageError
     from models.images import open_image
-    from service.decoding import decode_slots
 
     path = stored_image(row, file_path)
     side = min(THUMBNAIL_MAX, max(THUMBNAIL_MIN, size))
-    slots = decode_slots(settings.predict_decode_slots)
-    if not slots.acquire(timeout=settings.predict_decode_wait_s):
-        raise Unavailable("the server is busy decoding other images; retry the request")
+    try:
+        key = (row.id, file_path, side, path.stat().st_mtime_ns)
+    except OSError:
+        raise NotFound(f"dataset {row.id!r} has no image {file_path!r}") from None
+    cached = thumbnail_cache(settings.thumbnail_cache_max_bytes)
+    data = cached.get(key)
+    if data is not None:
+        return data
+    slots = thumbnail_slots(settings.thumbnail_slots)
+    if not slots.acquire(timeout=settings.thumbnail_wait_s):
+        raise Unavailable("the server is busy making other thumbnails; retry the request", retry_after=1)
     try:
         img = open_image(path, file_path, max_pixels=settings.max_image_pixels, min_side=side)
         img.thumbnail((side, side))
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=80)
-        return out.getvalue()
     except BadImageError as exc:
         raise NotFound(f"dataset {row.id!r}: image {file_path!r} does not decode: {exc.reason}") from None
     finally:
         slots.release()
+    data = out.getvalue()
+    cached.put(key, data)
+    return data

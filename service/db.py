@@ -1,4 +1,4 @@
-"""Persistence: datasets, jobs and trained models (SQLAlchemy 2; SQLite or PostgreSQL).
+"""Persistence: datasets, jobs, trained models and their exports (SQLAlchemy 2; SQLite or PostgreSQL).
 
 The database is the source of truth for a job's state; the broker only carries the id.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, Result
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings, get_settings
@@ -120,7 +120,8 @@ class ModelRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")
     # One model per job, held by the database too (a worker that lost its job must not add a
-    # second). ``create_all`` adds the constraint to new databases only.
+    # second). Revision 0001 has it; databases of releases before it was added fail the check of
+    # ``zoofit db upgrade`` (service.schema) until it is added by hand.
     job_id: Mapped[str] = mapped_column(String(32), index=True, unique=True)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     classes: Mapped[list[Any]] = mapped_column(JSON)
@@ -128,6 +129,27 @@ class ModelRow(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRow(Base):
+    """A model exported as a bundle (``service.exports``); one per model, format and quantization."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("model_id", "format", "quantization"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default="default")
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str] = mapped_column(String(16), default="none")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ApiKeyRow(Base):
@@ -189,35 +211,36 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def create_tables(engine: Engine, attempts: int = 5) -> None:
-    """``create_all`` that survives another process creating the same tables at the same moment.
-
-    The API and a worker started together on a fresh database both check, both find no table, and
-    the second ``CREATE TABLE`` fails; the retry sees the other's tables and creates only the rest.
-    """
-    for attempt in range(attempts):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            text = str(exc.orig).lower()
-            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
 @lru_cache
 def _engine_for(url: str) -> Engine:
-    engine = make_engine(url)
-    create_tables(engine)
-    return engine
+    return make_engine(url)
+
+
+# URLs whose schema this process has upgraded or checked (service.schema.prepare_schema).
+_schema_ready: set[str] = set()
+_schema_lock = threading.Lock()
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
+    """The engine of the configured database, its schema upgraded or checked on first use.
+
+    Raises:
+        service.schema.SchemaError: the database is not at this release's schema and this process
+            may not upgrade it (``db_auto_upgrade``); the message names ``zoofit db upgrade``.
+    """
     settings = settings or get_settings()
-    if settings.resolved_database_url.startswith("sqlite"):
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return _engine_for(settings.resolved_database_url)
+    engine = _engine_for(url)
+    if url not in _schema_ready:
+        from service.schema import prepare_schema
+
+        with _schema_lock:
+            if url not in _schema_ready:
+                prepare_schema(engine, Base.metadata, auto_upgrade=settings.resolved_db_auto_upgrade)
+                _schema_ready.add(url)
+    return engine
 
 
 @lru_cache

@@ -7,6 +7,7 @@ from typing import Any
 
 class ServiceError(Exception):
     status = 400
+    retry_after: int | None = None  # seconds, sent as Retry-After (every 503 has one)
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -16,6 +17,11 @@ class ServiceError(Exception):
     def with_status(self, status: int) -> ServiceError:
         self.status = status
         return self
+
+    def headers(self) -> dict[str, str] | None:
+        """The answer's headers: ``Retry-After`` on a 503 (5 s unless the error says otherwise)."""
+        retry = self.retry_after if self.retry_after is not None else (5 if self.status == 503 else None)
+        return None if retry is None else {"Retry-After": str(retry)}
 
 
 class NotFound(ServiceError):
@@ -47,4 +53,10 @@ class TooManyRequests(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """Busy or away for a moment: retry after ``retry_after`` seconds."""
+
     status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 5, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after

@@ -21,18 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.config import Settings
 from service.errors import TooManyRequests, Unavailable
-from service.events import JobEvent, last_event_id, read_events
+from service.events import DONE, JobEvent, last_event_id, read_events
 
 log = logging.getLogger("zoofit.events")
 
 # Events read in one poll at most; a poll that gets this many polls again at once.
 POLL_LIMIT = 500
+# While the database is away a poller waits twice as long after each failed poll, up to this.
+MAX_BACKOFF_S = 10.0
+# ... and the process says so in its log at most once in this many seconds (not once per job per poll).
+WARN_EVERY_S = 60.0
 
 Reader = Callable[[Settings, str, int, int | None], list[JobEvent]]
 Latest = Callable[[Settings, str], int]
@@ -81,7 +87,7 @@ class Subscription:
             event = await self._queue.get()
             if event is None:
                 return
-            if event.id <= self.last:  # already in the replay
+            if event.id <= self.last and event.type != DONE:  # already in the replay
                 continue
             self.last = event.id
             yield event
@@ -105,6 +111,8 @@ class EventHub:
         self._feeds: dict[str, _Feed] = {}
         self._tenants: Counter[str] = Counter()
         self.polls = 0  # poll queries made, for tests and benchmarks
+        self._warned_at: float | None = None  # when a failed poll was last logged as a warning
+        self._unlogged = 0  # failed polls since then, not logged
 
     @property
     def streams(self) -> int:
@@ -139,7 +147,12 @@ class EventHub:
             feed.task = loop.create_task(self._poll(feed), name=f"zoofit-events-{job_id}")
         feed.subscribers.add(sub)  # before the replay is read: see the module's docstring
         try:
-            await asyncio.shield(feed.start)
+            newest = await asyncio.shield(feed.start)
+            if after > newest:
+                # Maybe past the job's newest event (an id of another database, a wiped data dir,
+                # a made-up header): nothing after the job's newest can have been seen, and
+                # counting from there would skip the job's events, ``done`` included, for good.
+                after = sub.last = min(after, await asyncio.to_thread(self._latest, s, job_id))
             sub.replay = await asyncio.to_thread(self._read, s, job_id, after, None)
         except BaseException:
             self.close(sub)
@@ -162,11 +175,26 @@ class EventHub:
             sub.end()
 
     async def aclose(self) -> None:
-        """End every stream and poller (the app shuts down)."""
+        """End every stream and poller (the app shuts down); returns once the pollers have stopped."""
+        tasks: list[asyncio.Future[Any]] = []
         for feed in list(self._feeds.values()):
             for sub in list(feed.subscribers):
                 sub.end()
+            tasks += [t for t in (feed.task, feed.start) if t is not None]
             self._stop(feed)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _poll_failed(self, job_id: str, exc: Exception, retry_s: float) -> None:
+        """Log a failed poll: a warning at most every ``WARN_EVERY_S`` for the whole process."""
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_EVERY_S:
+            self._unlogged += 1
+            log.debug("job %s: reading its events failed (%s); retrying in %.1f s", job_id, exc, retry_s)
+            return
+        more = f" ({self._unlogged} more failed polls since the last warning)" if self._unlogged else ""
+        log.warning("job %s: reading its events failed (%s); retrying in %.1f s, backing off up to %.0f s%s",
+                    job_id, exc, retry_s, MAX_BACKOFF_S, more)
+        self._warned_at, self._unlogged = now, 0
 
     def _stop(self, feed: _Feed) -> None:
         if self._feeds.get(feed.job_id) is feed:
@@ -182,16 +210,23 @@ class EventHub:
         except Exception:
             return  # the subscribers' ``open`` raises it
         interval = self.settings.events_poll_s
+        wait, failures = interval, 0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
+            wait = interval
             while True:
                 try:
                     events = await asyncio.to_thread(self._read, self.settings, feed.job_id, last, POLL_LIMIT)
-                except Exception as exc:  # the database is away: keep the streams, try again
-                    log.warning("job %s: reading its events failed (%s); retrying", feed.job_id, exc)
+                except Exception as exc:  # the database is away: keep the streams, try again, less often
+                    failures += 1
+                    wait = min(MAX_BACKOFF_S, interval * 2 ** min(failures, 30))
+                    self._poll_failed(feed.job_id, exc, wait)
                     break
                 finally:
                     self.polls += 1
+                if failures:
+                    log.info("job %s: reading its events again after %d failed polls", feed.job_id, failures)
+                    failures = 0
                 if events:
                     last = events[-1].id
                     for sub in list(feed.subscribers):

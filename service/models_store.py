@@ -9,13 +9,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
 from models.report import Report
-from service.db import ModelRow, commit, page
+from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
+from service.metrics import MODEL_CACHE_HITS, MODEL_CACHE_MISSES
 
 if TYPE_CHECKING:
     from models.artifact import Predictor
@@ -115,6 +116,7 @@ def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant:
     row = get_model(session, model_id, tenant)
     path = Path(row.path)
     session.delete(row)
+    session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in the folder
     commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
     shutil.rmtree(path, ignore_errors=True)
@@ -127,9 +129,13 @@ class PredictorCache:
     its requests answer 404, so a deleted model never comes back into the cache.
     """
 
-    def __init__(self, capacity: int, device: str | None = None) -> None:
+    def __init__(
+        self, capacity: int, device: str | None = None, *, runtime: str = "torch", threads: int | None = None
+    ) -> None:
         self.capacity = capacity
         self.device = device
+        self.runtime = runtime  # ``models.runtime.PREDICT_RUNTIMES``
+        self.threads = threads  # onnxruntime intra-op threads (torch's are set on the inference thread)
         self._items: OrderedDict[str, Predictor] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -145,13 +151,16 @@ class PredictorCache:
         with self._lock:
             if model_id in self._items:
                 self._items.move_to_end(model_id)
+                MODEL_CACHE_HITS.inc()
                 return self._items[model_id]
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         with load_lock:
             with self._lock:
                 if model_id in self._items:
+                    MODEL_CACHE_HITS.inc()  # another request loaded it meanwhile
                     return self._items[model_id]
                 evictions = self._evictions.get(model_id, 0)
+            MODEL_CACHE_MISSES.inc()
             try:
                 predictor = self._load(model_id, path)
             except BaseException:
@@ -178,7 +187,7 @@ class PredictorCache:
         from models.artifact import load_predictor
 
         try:
-            return load_predictor(path, device=self.device)
+            return load_predictor(path, device=self.device, runtime=self.runtime, threads=self.threads)
         except ArtifactError as exc:
             if not Path(path).exists():
                 raise NotFound(f"model {model_id!r} not found (it was deleted)") from exc

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 TRAIN_QUEUE = "train"
 TRAIN_TASK = "zoofit.train_job"
+# Exports (``service.exports``) have a queue of their own, which the same workers serve: the
+# reconciler counts the train queue's messages against queued jobs, and an export message there
+# would hide a lost job's.
+EXPORT_QUEUE = "export"
+EXPORT_TASK = "zoofit.export_model"
+WORKER_QUEUES = (TRAIN_QUEUE, EXPORT_QUEUE)
 # Imported by a worker process at start-up (named, not imported: the API never loads them).
 WORKER_MODULES = ("workers.tasks",)
 # The hard time limit kills the process running a job this long after the soft limit, which the
@@ -35,9 +41,9 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("zoofit", broker=settings.resolved_broker_url, include=list(WORKER_MODULES))
     hard_limit = settings.job_time_limit_s + HARD_TIME_LIMIT_GRACE_S
     app.conf.update(
-        task_queues=(Queue(TRAIN_QUEUE),),
+        task_queues=tuple(Queue(q) for q in WORKER_QUEUES),
         task_default_queue=TRAIN_QUEUE,
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -71,6 +77,11 @@ def get_celery() -> Celery:
 def enqueue(job_id: str) -> None:
     """Send the job id to the ``train`` queue."""
     get_celery().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def enqueue_export(export_id: str) -> None:
+    """Send the export id to the ``export`` queue (a worker builds the bundle)."""
+    get_celery().send_task(EXPORT_TASK, args=[export_id], queue=EXPORT_QUEUE)
 
 
 def broker_backlog() -> int | None:

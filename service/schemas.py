@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from models.report import Report, ReportSummary
 from models.spec import BackboneName, TrainSpec, WeightSource
@@ -202,6 +202,52 @@ class PredictQuery(BaseModel):
 
     top_k: int = Field(5, ge=1, description="labels per image (at most the class count)")
     tta: TTAMode = Field("none", description="test-time augmentation, averaged with the ensemble")
+
+
+ExportFormatName = Literal["onnx", "torchscript", "safetensors"]  # models.export.EXPORT_FORMATS (a test checks)
+QuantizationName = Literal["none", "int8_dynamic", "int8_static"]  # models.export.QUANTIZATIONS
+
+
+class ExportCreate(BaseModel):
+    """What to export: a format, and for ONNX an optional int8 quantization."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: ExportFormatName = Field(description="onnx, torchscript or safetensors")
+    quantization: QuantizationName = Field(
+        "none", description="ONNX only: int8_dynamic, or int8_static calibrated on the training images; refused "
+        "(the export fails) when validation top-1 drops more than 1 point",
+    )
+
+    @model_validator(mode="after")
+    def _onnx_only(self) -> ExportCreate:
+        if self.quantization != "none" and self.format != "onnx":
+            raise ValueError(f"quantization applies to onnx exports only, not {self.format}")
+        return self
+
+
+class ExportPublic(BaseModel):
+    """An export of a model: its status and, once succeeded, where to download the bundle."""
+
+    id: str
+    model_id: str
+    format: ExportFormatName
+    quantization: QuantizationName
+    status: JobStatusName
+    error: str | None = Field(description="why it failed, in one line")
+    size_bytes: int | None
+    details: dict[str, Any] = Field(
+        description="what the export measured: fidelity (max_abs_diff, top1_agreement against the service), int8 "
+        "(validation top-1 before and after, delta_points), files (sha256 of each)"
+    )
+    download: str | None = Field(description="the bundle's route, once succeeded")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ExportsPublic(BaseModel):
+    data: list[ExportPublic]
+    count: int
 
 
 class ReportPublic(Report):

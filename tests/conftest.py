@@ -88,11 +88,16 @@ def client(settings: Settings, enqueued: list[str]) -> Iterator:
 
 
 @contextmanager
-def pg_database(prefix: str = "zoofit_test") -> Iterator[str]:
-    """A fresh database on the test PostgreSQL server, dropped afterwards."""
+def pg_database(prefix: str = "zoofit_test", *, migrated: bool = True) -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server, dropped afterwards.
+
+    ``migrated``: at this release's schema (``zoofit db upgrade``), as a deployment has it before
+    the API and the workers start (on PostgreSQL they do not upgrade it themselves); else empty.
+    """
     from sqlalchemy import create_engine, text
 
-    from service.db import _engine_for
+    from service.db import Base, _engine_for, make_engine
+    from service.schema import upgrade
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
@@ -103,6 +108,10 @@ def pg_database(prefix: str = "zoofit_test") -> Iterator[str]:
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {exc}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
+        if migrated:
+            engine = make_engine(url)
+            upgrade(engine, Base.metadata)
+            engine.dispose()
         yield url
     finally:
         _engine_for(url).dispose()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.config import Settings
 
@@ -20,7 +24,11 @@ def _compose_required() -> bool:
     return os.environ.get(REQUIRE_COMPOSE, "").strip().lower() not in ("", "0", "false", "no")
 
 
-SECRETS = {"POSTGRES_PASSWORD": "pg-s3cret-for-the-test", "REDIS_PASSWORD": "redis-s3cret-for-the-test"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-s3cret-for-the-test",
+    "REDIS_PASSWORD": "redis-s3cret-for-the-test",
+    "MINIO_ROOT_PASSWORD": "minio-s3cret-for-the-test",
+}
 
 
 def _config(*files: str, env: dict[str, str] | None = None) -> str:
@@ -88,3 +96,76 @@ def test_compose_takes_its_secrets_from_an_env_file_and_redis_needs_a_password()
         assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr + missing.stdout
     example = (ROOT / ".env.example").read_text()
     assert set(SECRETS) <= {line.split("=")[0] for line in example.splitlines() if "=" in line}
+
+
+def _services(*files: str) -> dict:
+    return yaml.safe_load(_config(*files))["services"]
+
+
+def test_compose_upgrades_the_schema_once_before_the_api_and_the_workers_start():
+    for files, workers in ((("docker-compose.yml",), ("worker",)),
+                           (("docker-compose.yml", "docker-compose.cpu.yml"), ("worker", "worker-cpu"))):
+        services = _services(*files)
+        migrate = services["migrate"]
+        assert migrate["command"] == ["zoofit", "db", "upgrade"] and migrate["restart"] == "no"
+        assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert migrate["environment"]["ZOOFIT_DATABASE_URL"] == services["api"]["environment"]["ZOOFIT_DATABASE_URL"]
+        for name in ("api", *workers):
+            assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+            assert services[name]["environment"]["ZOOFIT_LOG_FORMAT"] == "json", name
+        for name in workers:  # scraped over the compose network
+            assert services[name]["environment"]["ZOOFIT_WORKER_METRICS_HOST"] == "0.0.0.0"
+            assert "9540" in [str(p) for p in services[name]["expose"]]
+
+
+def test_compose_has_minio_with_its_bucket_made_at_start_and_credentials_from_the_env_file():
+    services = _services("docker-compose.yml")
+    minio, bucket = services["minio"], services["minio-bucket"]
+    assert minio["image"].startswith("minio/minio") and "healthcheck" in minio
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == SECRETS["MINIO_ROOT_PASSWORD"]
+    assert bucket["image"].startswith("minio/mc") and bucket["restart"] == "no"
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(bucket["command"])
+    assert bucket["environment"]["MINIO_ROOT_PASSWORD"] == SECRETS["MINIO_ROOT_PASSWORD"]
+    assert "minio-data" in yaml.safe_load(_config("docker-compose.yml"))["volumes"]
+    if shutil.which("docker-compose"):
+        env = {k: v for k, v in SECRETS.items() if k != "MINIO_ROOT_PASSWORD"}
+        missing = _run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], env)
+        assert missing.returncode != 0 and "MINIO_ROOT_PASSWORD" in missing.stderr + missing.stdout
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_the_image_installs_the_dependencies_in_a_layer_before_the_code():
+    steps = _dockerfile()
+    copies = [(i, args) for i, (word, args) in enumerate(steps) if word in ("COPY", "ADD")]
+    deps = [i for i, (word, args) in enumerate(steps) if word == "RUN" and "pip install -r" in args]
+    project = [i for i, (word, args) in enumerate(steps) if word == "RUN" and "pip install --no-deps ." in args]
+    assert len(deps) == 1 and len(project) == 1, steps
+    before = [args for i, args in copies if i < deps[0]]
+    assert before == ["pyproject.toml ./"], before  # nothing else, or every code change re-installs torch
+    code = [i for i, args in copies if any(d in args.split()[:-1] for d in ("models", "service", "workers", "."))]
+    assert code and deps[0] < min(code) < project[0]
+    # the deps layer installs exactly pyproject's dependencies
+    snippet = re.search(r'python -c "(.*?)"', steps[deps[0]][1])
+    assert snippet is not None
+    listed = subprocess.run([sys.executable, "-c", snippet.group(1)], capture_output=True, text=True, cwd=ROOT,
+                            check=True)
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert listed.stdout.split() == expected
+    # the demo's sample-data packages stay out of the production image
+    text = (ROOT / "Dockerfile").read_text()
+    assert "pip install" not in re.sub(r"#.*", "", text).split("--no-deps .")[1]
+    for name in ("animal-mnist", "animal_mnist", "foolbox"):
+        assert name not in re.sub(r"#.*", "", text), name

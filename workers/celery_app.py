@@ -1,18 +1,48 @@
 """The worker's entry point: the Celery app ``celery -A workers.celery_app`` uses.
 
 The app itself (queue, task name, configuration) is built in ``service.queue``; this module
-adds what only a worker process does: at start-up it removes what its previous run left on disk
+adds what only a worker process does: before the pool starts it checks the database schema
+(``service.schema``: it refuses to start on one that is behind) and starts its metrics server
+(``workers.metrics``); once ready it removes what its previous run left on disk
 (``workers.leftovers``) and begins reconciling lost jobs.
 """
 
 from __future__ import annotations
 
-from celery.signals import worker_ready
+from typing import Any
+
+from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from service.config import get_settings
 from service.queue import enqueue, get_celery
 
 app = get_celery()
+
+_metrics_dir: list[str | None] = [None]
+
+
+@worker_init.connect
+def _before_the_pool_starts(**_kwargs: Any) -> None:
+    from service.db import get_engine
+    from workers.metrics import serve_worker_metrics
+
+    get_engine(get_settings())  # raises SchemaError (naming `zoofit db upgrade`) on a database behind
+    _metrics_dir[0] = serve_worker_metrics(get_settings())
+
+
+@worker_process_shutdown.connect
+def _pool_process_exited(pid: int | None = None, **_kwargs: Any) -> None:
+    from workers.metrics import pool_process_exited
+
+    if pid is not None:
+        pool_process_exited(pid)
+
+
+@worker_shutdown.connect
+def _stopped(**_kwargs: Any) -> None:
+    from workers.metrics import stop_worker_metrics
+
+    stop_worker_metrics(_metrics_dir[0])
 
 
 @worker_ready.connect

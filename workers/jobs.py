@@ -42,8 +42,10 @@ from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 from service.events import EPOCH, RESTART, STAGE, TRIAL, append_event, append_status, stage_data
+from service.logs import log_context, tenant_var
 from workers.lease import JobLost, Lease
 from workers.leftovers import feature_spill_dir, owner_tag
+from workers.metrics import observe_epoch, observe_queue_wait, worker_metrics
 from workers.reconcile import WORKER_STOPPED, heartbeat_cutoff
 
 if TYPE_CHECKING:
@@ -87,11 +89,17 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             log.warning("job %s does not exist; dropping its message", job_id)
             return None
         if job.cancel_requested and job.status == JobStatus.QUEUED:
-            job.status = JobStatus.CANCELLED
-            job.finished_at = utcnow()
-            job.progress = {"stage": "cancelled"}
-            append_event(s, job_id, STAGE, {"stage": "cancelled"})
-            append_status(s, job_id, JobStatus.CANCELLED, job.attempts)
+            # Guarded like the claims below: of two deliveries cancelling at once, one writes
+            # the row and its events; the other finds the job cancelled.
+            res = s.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.QUEUED).values(
+                    status=JobStatus.CANCELLED, finished_at=utcnow(), progress={"stage": "cancelled"},
+                ).execution_options(synchronize_session=False)
+            )
+            if rowcount(res):
+                append_event(s, job_id, STAGE, {"stage": "cancelled"})
+                append_status(s, job_id, JobStatus.CANCELLED, job.attempts)
+            s.refresh(job)
         if job.status in JobStatus.TERMINAL:
             # E.g. cancelled through the API while re-queued after its worker died: the
             # checkpoint that worker left is of no use any more.
@@ -133,6 +141,8 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             if attempt is not None:
                 append_status(s, job_id, JobStatus.RUNNING, attempt, worker=worker)
                 append_event(s, job_id, STAGE, stage_data(values["progress"]))
+                if attempt == 1:
+                    observe_queue_wait(job.created_at, now)
     if gave_up:
         log.error("job %s failed: gave up after %d attempts (%s)", job_id, job.attempts, cause)
         shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
@@ -253,10 +263,12 @@ class JobReporter:
         }
         if epoch is not None:
             info.update(epoch=epoch.epoch + 1, val_loss=epoch.val_loss, val_acc=epoch.val_acc, lr=epoch.lr)
+            _observe_epoch(epoch)
         finished = [(TRIAL, record.to_dict())] if sweep is not None and record.status != "running" else []
         self.stage("sweep", *finished, **info)
 
     def on_epoch(self, rec: EpochRecord) -> None:
+        _observe_epoch(rec)
         with session_scope(self.settings) as s:
             job = s.get(JobRow, self.job_id)
             if not self.lease.holds(job):
@@ -288,16 +300,25 @@ class JobReporter:
         return self._cancelled
 
 
+def _observe_epoch(rec: EpochRecord) -> None:
+    throughput = rec.extra.get("train_images_per_s")
+    observe_epoch(rec.seconds, float(throughput) if throughput is not None else None)
+
+
 def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
             settings: Settings | None = None) -> str | None:
     """Claim and run one training job. Returns the final status, or None if not claimed (or lost)."""
     settings = settings or get_settings()
     settings.ensure_dirs()
-    attempt = claim_job(job_id, worker, redelivered=redelivered, settings=settings)
-    if attempt is None:
-        return None
-    with Lease(job_id, attempt, settings, worker) as lease:  # the heartbeat beats until the job ends here
-        return _run_claimed(lease)
+    with log_context(job_id=job_id, tenant=None):
+        attempt = claim_job(job_id, worker, redelivered=redelivered, settings=settings)
+        if attempt is None:
+            return None
+        started = time.monotonic()
+        with Lease(job_id, attempt, settings, worker) as lease:  # the heartbeat beats until the job ends here
+            status = _run_claimed(lease)
+        worker_metrics().job_duration.labels(status=status or "lost").observe(time.monotonic() - started)
+        return status
 
 
 def _run_claimed(lease: Lease) -> str | None:
@@ -319,6 +340,7 @@ def _run_claimed(lease: Lease) -> str | None:
         assert job is not None
         dataset = s.get(DatasetRow, job.dataset_id)
         spec_dict = dict(job.spec)
+    tenant_var.set(job.tenant)  # for this attempt's log lines (run_job's log_context resets it)
     spec = TrainSpec.model_validate(spec_dict)
     reporter = JobReporter(lease, spec.epochs, spec.ensemble.members)
     model_id = new_id()

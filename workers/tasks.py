@@ -11,8 +11,9 @@ from celery.exceptions import TimeLimitExceeded
 
 from service.admission import admit
 from service.config import get_settings
-from service.queue import TRAIN_TASK, enqueue
+from service.queue import EXPORT_TASK, TRAIN_TASK, enqueue
 from workers.celery_app import app
+from workers.exports import run_export
 from workers.jobs import fail_timed_out, run_job
 
 log = logging.getLogger("zoofit.worker")
@@ -43,3 +44,9 @@ def train_job(self: Task, job_id: str) -> str | None:
             admit(get_settings(), enqueue)
         except Exception:
             log.exception("admitting waiting jobs after job %s failed; the reconciler will", job_id)
+
+
+@app.task(name=EXPORT_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def export_model(export_id: str) -> str | None:
+    """Build the export with this id (safe to run twice: only a queued export is built)."""
+    return run_export(export_id)

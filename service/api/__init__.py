@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Depends
 
 from service.api.deps import get_principal
-from service.api.routes import backbones, datasets, jobs, keys, models, presets
+from service.api.routes import backbones, datasets, exports, jobs, keys, models, presets
 from service.problems import problem_responses
 
 # Every /v1 route needs a valid API key (unless ZOOFIT_AUTH_ENABLED=false).
@@ -10,5 +10,6 @@ from service.problems import problem_responses
 api_router = APIRouter(
     prefix="/v1", dependencies=[Depends(get_principal)], responses=problem_responses(400, 401, 413, 422, 503)
 )
-for _r in (datasets.router, jobs.router, models.router, backbones.router, presets.router, keys.router):
+for _r in (datasets.router, jobs.router, models.router, exports.router, backbones.router, presets.router,
+           keys.router):
     api_router.include_router(_r)

@@ -15,9 +15,10 @@ from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.db import commit, new_session
 from service.event_hub import EventHub
+from service.exports import EnqueueExport
 from service.jobs import Enqueue
 from service.models_store import PredictorCache
-from service.queue import enqueue
+from service.queue import enqueue, enqueue_export
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -91,10 +92,15 @@ def get_enqueue() -> Enqueue:
     return enqueue
 
 
+def get_enqueue_export() -> EnqueueExport:
+    return enqueue_export
+
+
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
 EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
+EnqueueExportDep = Annotated[EnqueueExport, Depends(get_enqueue_export)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
 # Bounded: an offset past 2**63 overflowed the database driver into a 500 (found by schemathesis).

@@ -47,24 +47,43 @@ async def _events(sub: Subscription, finished: dict[str, Any] | None) -> AsyncIt
     # it reconnects with Last-Event-ID and its replay catches up.
 
 
-class JobEventStream(EventSourceResponse):
-    """The stream of ``sub``; the subscription goes back to ``hub`` however the response ends."""
+async def _nothing() -> AsyncIterator[ServerSentEvent]:
+    return
+    yield
 
-    def __init__(self, hub: EventHub, sub: Subscription, job: JobRow, ping_s: float) -> None:
-        finished = None
-        if job.status in JobStatus.TERMINAL:
-            finished = done_data(job.status, job.model_id, job.error, job.metrics)
+
+class JobEventStream(EventSourceResponse):
+    """The stream of ``job`` after event ``after``; its ``hub`` subscription lives while the response is sent.
+
+    The subscription is opened when the response starts (``__call__``), not by the endpoint: an
+    answer that is never sent (its request failed or went away in between) then holds no stream
+    slot and no poller. Its errors (``TooManyRequests``, ``Unavailable``, the database's) come
+    before the first byte, so the app's handlers still answer them as problem documents.
+    """
+
+    def __init__(self, hub: EventHub, job: JobRow, tenant: str, after: int, ping_s: float) -> None:
         super().__init__(
-            _events(sub, finished),
+            _nothing(),
             ping=ping_s,
             ping_message_factory=lambda: ServerSentEvent(comment="ping"),
             send_timeout=SEND_TIMEOUT_S,
         )
         self._hub = hub
-        self._sub = sub
+        self._job = job
+        self._tenant = tenant
+        self._after = after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"].upper() == "HEAD":
+            await super().__call__(scope, receive, send)  # headers only: nothing to subscribe to
+            return
+        job = self._job
+        finished = None
+        if job.status in JobStatus.TERMINAL:
+            finished = done_data(job.status, job.model_id, job.error, job.metrics)
+        sub = await self._hub.open(job.id, self._tenant, self._after)
         try:
+            self.body_iterator = _events(sub, finished)
             await super().__call__(scope, receive, send)
         finally:
-            self._hub.close(self._sub)
+            self._hub.close(sub)

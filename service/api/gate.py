@@ -18,6 +18,7 @@ from service.auth import Principal, authenticate
 from service.config import Settings
 from service.db import new_session
 from service.errors import ServiceError, Unavailable
+from service.logs import tenant_var
 from service.problems import send_problem
 
 # request.state attribute holding the gate's Principal
@@ -45,10 +46,10 @@ class ApiKeyGate:
         try:
             principal = await anyio.to_thread.run_sync(self._authenticate, authorization)
         except ServiceError as exc:
-            retry = {"Retry-After": "5"} if exc.status == 503 else None  # as the app's database-down 503
-            await send_problem(send, exc.status, exc.message, headers=retry, **exc.details)
+            await send_problem(send, exc.status, exc.message, headers=exc.headers(), **exc.details)
             return
         scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
+        tenant_var.set(principal.tenant)  # for the log lines of the rest of the request
         await self.app(scope, receive, send)
 
     def _authenticate(self, authorization: str | None) -> Principal:

@@ -149,3 +149,31 @@ class Zoofit:
             files = [("files", (Path(p).name, stack.enter_context(Path(p).open("rb")))) for p in images]
             return dict(self._json("POST", f"/models/{model_id}/predict", files=files,
                                    params={"top_k": top_k, "tta": tta}))
+
+    # -- exports
+    def create_export(self, model_id: str, fmt: str, quantization: str = "none") -> dict[str, Any]:
+        """Ask for the model's bundle in ``fmt``; the existing export when there is one."""
+        return dict(self._json("POST", f"/models/{model_id}/exports",
+                               json={"format": fmt, "quantization": quantization}))
+
+    def exports(self, model_id: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/models/{model_id}/exports"))
+
+    def export(self, model_id: str, export_id: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/models/{model_id}/exports/{export_id}"))
+
+    def download_export(self, model_id: str, export_id: str, dest: str | Path) -> Path:
+        """Stream the export's zip into ``dest`` (written to a temporary name, then renamed)."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.part")
+        with self.http.stream("GET", f"/v1/models/{model_id}/exports/{export_id}/download",
+                              headers=self.headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise_for_error(r)
+            with tmp.open("wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+        tmp.replace(dest)
+        return dest
+

@@ -7,10 +7,12 @@ stderr, and an error exits with status 1 after printing the API's one-line messa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,41 @@ def models_predict(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
+def models_export(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
+    export = zf.create_export(args.id, args.format, args.quantization)
+    deadline = time.monotonic() + args.timeout
+    with io.err.status(f"building the {args.format} export", spinner="dots") if io.err.is_terminal \
+            else contextlib.nullcontext():
+        while export["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                io.note(f"export {export['id']} is still {export['status']} after {args.timeout:g} s")
+                return 1
+            time.sleep(args.poll)
+            export = zf.export(args.id, export["id"])
+    if export["status"] != "succeeded":
+        io.note(f"export {export['id']} failed: {export.get('error')}")
+        if args.json:
+            io.json(export)
+        return 1
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    q = "" if export["quantization"] == "none" else f"-{export['quantization']}"
+    path = zf.download_export(args.id, export["id"], folder / f"zoofit-{args.id}-{export['format']}{q}.zip")
+    if args.json:
+        io.json({**export, "saved": str(path)})
+    else:
+        io.out.print(str(path), markup=False)
+        fid = (export.get("details") or {}).get("fidelity")
+        if fid:
+            io.note(f"checked against the service: max |p difference| {fid['max_abs_diff']:.1e}, "
+                    f"top-1 agreement {100 * fid['top1_agreement']:.0f}%")
+        q8 = (export.get("details") or {}).get("int8")
+        if q8:
+            io.note(f"int8 validation top-1: {100 * q8['fp32_top1']:.1f}% -> {100 * q8['int8_top1']:.1f}% "
+                    f"({q8['delta_points']:+.2f} points)")
+    return 0
+
+
 def presets_ls(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     body = zf.presets()
     io.json(body) if args.json else io.out.print(render.presets_table(body))
@@ -240,6 +277,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     pr.add_argument("images", nargs="+")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--tta", default="none", help="test-time augmentation: none, hflip or five_crop")
+
+    ex = leaf(md, "export", models_export, "export a model as a zip bundle (waits for the build, then downloads)",
+              [common, as_json])
+    ex.add_argument("id")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    ex.add_argument("--quantization", default="none", choices=["none", "int8_dynamic", "int8_static"],
+                    help="ONNX only; int8_static is calibrated on the training images")
+    ex.add_argument("-o", "--output", default=".", metavar="DIR", help="where the zip goes (default: here)")
+    ex.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the build")
+    ex.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
 
     leaf(sub, "presets", presets_ls, "named starting recipes", [common, as_json])
 

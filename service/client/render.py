@@ -1,4 +1,9 @@
-"""Tables of the API's answers for people (``--json`` prints the answers themselves for scripts)."""
+"""Tables of the API's answers for people (``--json`` prints the answers themselves for scripts).
+
+Every cell and title goes in as ``rich.text.Text`` (``row``, ``_table``): class, dataset and file
+names and error messages are anyone's strings, and rich would read ``[/b]`` or ``[link=…]`` in a
+plain ``str`` as markup (a MarkupError, vanished text, a hyperlink).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 
 def num(value: Any, digits: int = 3) -> str:
@@ -16,8 +22,13 @@ def when(value: Any) -> str:
     return str(value)[:16].replace("T", " ") if value else "-"
 
 
+def row(table: Table, *cells: str) -> None:
+    """Add a row of plain text (no markup) to ``table``."""
+    table.add_row(*(Text(c) for c in cells))
+
+
 def _table(*columns: str, title: str | None = None) -> Table:
-    table = Table(title=title, show_edge=False, pad_edge=False)
+    table = Table(title=None if title is None else Text(title), show_edge=False, pad_edge=False)
     for c in columns:
         table.add_column(c, no_wrap=c in ("id", "model", "dataset", "job", "status", "created", "val acc"),
                          overflow="fold")
@@ -31,16 +42,16 @@ def _val_acc(row: dict[str, Any]) -> str:
 def datasets_table(body: dict[str, Any]) -> Table:
     t = _table("id", "name", "images", "classes", "created", title=f"{body['count']} datasets")
     for d in body["data"]:
-        t.add_row(d["id"], d["name"], str(d["num_images"]), str(len(d["classes"])), when(d["created_at"]))
+        row(t, d["id"], d["name"], str(d["num_images"]), str(len(d["classes"])), when(d["created_at"]))
     return t
 
 
 def dataset_table(d: dict[str, Any]) -> Table:
     t = _table("class", "images", title=f"dataset {d['id']} ({d['name']}): {d['num_images']} images")
     for name in d["classes"]:
-        t.add_row(name, str(d["counts"].get(name, 0)))
+        row(t, name, str(d["counts"].get(name, 0)))
     for s in d.get("skipped") or []:
-        t.add_row(f"skipped {s['file']}", s["reason"])
+        row(t, f"skipped {s['file']}", s["reason"])
     return t
 
 
@@ -48,16 +59,16 @@ def jobs_table(body: dict[str, Any]) -> Table:
     # Ids are 32 characters: a list keeps to one of them per row to fit a terminal (show has the rest).
     t = _table("id", "status", "stage", "val acc", "created", title=f"{body['count']} jobs")
     for j in body["data"]:
-        t.add_row(j["id"], j["status"], str(j["progress"].get("stage", "-")), _val_acc(j), when(j["created_at"]))
+        row(t, j["id"], j["status"], str(j["progress"].get("stage", "-")), _val_acc(j), when(j["created_at"]))
     return t
 
 
 def _fields(title: str, rows: list[tuple[str, Any]]) -> Table:
-    t = Table(title=title, show_header=False, show_edge=False, pad_edge=False)
+    t = Table(title=Text(title), show_header=False, show_edge=False, pad_edge=False)
     t.add_column("", style="bold", no_wrap=True)
     t.add_column("", overflow="fold")
     for k, v in rows:
-        t.add_row(k, v if isinstance(v, str) else json.dumps(v))
+        row(t, k, v if isinstance(v, str) else json.dumps(v))
     return t
 
 
@@ -86,7 +97,7 @@ def job_table(j: dict[str, Any]) -> Table:
 def models_table(body: dict[str, Any]) -> Table:
     t = _table("id", "classes", "members", "val acc", "created", title=f"{body['count']} models")
     for m in body["data"]:
-        t.add_row(m["id"], str(len(m["classes"])), str(len(m["members"])), _val_acc(m), when(m["created_at"]))
+        row(t, m["id"], str(len(m["classes"])), str(len(m["members"])), _val_acc(m), when(m["created_at"]))
     return t
 
 
@@ -114,11 +125,11 @@ def report_table(r: dict[str, Any]) -> Table:
                title=f"model {r['model_id']}: accuracy {num(ev.get('accuracy'))} on {ev['size']} images"
                + (f" ({topk})" if topk else ""))
     for c in ev["per_class"]:
-        t.add_row(c["label"], num(c["precision"]), num(c["recall"]), num(c["f1"]), str(c["support"]))
+        row(t, c["label"], num(c["precision"]), num(c["recall"]), num(c["f1"]), str(c["support"]))
     t.add_section()
     for name in ("macro_avg", "weighted_avg"):
         a = ev[name]
-        t.add_row(name.replace("_", " "), num(a["precision"]), num(a["recall"]), num(a["f1"]), str(ev["size"]))
+        row(t, name.replace("_", " "), num(a["precision"]), num(a["recall"]), num(a["f1"]), str(ev["size"]))
     return t
 
 
@@ -126,12 +137,12 @@ def predictions_table(body: dict[str, Any]) -> Table:
     t = _table("file", "rank", "label", "probability", title=f"model {body['model_id']}")
     for p in body["predictions"]:
         for rank, lp in enumerate(p["top_k"], start=1):
-            t.add_row(p["file"] if rank == 1 else "", str(rank), lp["label"], num(lp["probability"]))
+            row(t, p["file"] if rank == 1 else "", str(rank), lp["label"], num(lp["probability"]))
     return t
 
 
 def presets_table(body: dict[str, Any]) -> Table:
     t = _table("name", "title", "description", title=f"{body['count']} presets")
     for p in body["data"]:
-        t.add_row(p["name"], p["title"], p["description"])
+        row(t, p["name"], p["title"], p["description"])
     return t

@@ -12,8 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from service.client.events import Event
+from service.client.render import row
 
 FINAL_OK = "succeeded"
 
@@ -38,8 +40,8 @@ class Watcher:
         self.console = console
         self.live = console.is_terminal if live is None else live
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}", markup=False), TimeElapsedColumn(),
             console=console, disable=not self.live,
         )
         self.bars: dict[int, TaskID] = {}
@@ -121,22 +123,22 @@ class Watcher:
 def summary_table(job_id: str, done: dict[str, Any]) -> Table:
     """Status, ensemble and member validation accuracy, and the model id of a finished job."""
     status = done.get("status")
-    table = Table(title=f"job {job_id}: {status}", show_header=False)
+    table = Table(title=Text(f"job {job_id}: {status}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("value")
     metrics = done.get("metrics") or {}
     if metrics:
-        table.add_row("ensemble val acc", _num(metrics.get("val_acc")))
+        row(table, "ensemble val acc", _num(metrics.get("val_acc")))
         for i, acc in enumerate(metrics.get("member_val_acc") or [], start=1):
-            table.add_row(f"member {i} val acc", _num(acc))
+            row(table, f"member {i} val acc", _num(acc))
         if metrics.get("val_size") is not None:
-            table.add_row("validation images", str(metrics["val_size"]))
+            row(table, "validation images", str(metrics["val_size"]))
         if metrics.get("seconds") is not None:
-            table.add_row("training time", f"{metrics['seconds']:.1f} s")
+            row(table, "training time", f"{metrics['seconds']:.1f} s")
     if done.get("model_id"):
-        table.add_row("model id", str(done["model_id"]))
+        row(table, "model id", str(done["model_id"]))
     if done.get("error"):
-        table.add_row("error", str(done["error"]))
+        row(table, "error", str(done["error"]))
     return table
 
 

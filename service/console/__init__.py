@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
@@ -36,7 +37,8 @@ class ConsoleAssets(StaticFiles):
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         if Path(path).suffix not in ASSET_TYPES:  # not this package's Python files
-            return PlainTextResponse("Not Found", status_code=404)
+            # As a missing asset: the app's HTTPException handler answers with its problem document.
+            raise HTTPException(status_code=404)
         response = await super().get_response(path, scope)
         if response.status_code in (200, 304):
             response.headers["Cache-Control"] = ASSET_CACHE

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import models
 
-ALLOWED_THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "PIL", "safetensors", "pydantic", "matplotlib"}
+ALLOWED_THIRD_PARTY = {
+    "torch", "torchvision", "timm", "numpy", "PIL", "safetensors", "pydantic", "matplotlib", "onnx", "onnxruntime",
+}
 
 
 def test_package_root_and_spec_do_not_import_torch() -> None:

@@ -27,6 +27,7 @@ PACKAGE = "zoofit_generated_client"
 CONFIG = (
     "post_hooks: []\ncontent_type_overrides:\n"
     "  image/png: application/octet-stream\n  image/jpeg: application/octet-stream\n"
+    "  application/zip: application/octet-stream\n"
 )
 
 

@@ -119,6 +119,34 @@ def test_replay_and_live_meet_without_gap_or_duplicate(settings):
         assert got == [i for i in ids if i > after]
 
 
+def test_a_last_event_id_beyond_the_jobs_newest_still_gets_its_events_and_done(settings):
+    """An id from elsewhere (another database, a wiped data dir, a bogus header) must not hide the job's events."""
+    job_id = new_job(settings)
+    emit(settings, job_id, 2)
+    before = all_ids(settings, job_id)
+
+    async def main() -> list[str]:
+        hub = EventHub(settings)
+        sub = await hub.open(job_id, "alice", 10**12)
+        assert sub.replayed() == []
+        await asyncio.to_thread(emit, settings, job_id, 1)
+        await asyncio.to_thread(finish, settings, job_id)
+        got: list[str] = []
+
+        async def live() -> None:
+            async for e in sub.live():
+                got.append(e.type)
+                if e.type == "done":
+                    return
+
+        await asyncio.wait_for(live(), 5)
+        hub.close(sub)
+        return got
+
+    assert asyncio.run(main()) == ["stage", "status", "done"]
+    assert all_ids(settings, job_id)[:2] == before
+
+
 def test_fifty_subscribers_share_one_query_per_interval(settings):
     job_id = new_job(settings)
     emit(settings, job_id, 3)
@@ -188,6 +216,38 @@ def test_the_poller_stops_with_the_last_subscriber(settings):
         assert hub.polls == polls
 
     asyncio.run(main())
+
+
+def test_a_database_outage_backs_the_pollers_off_and_logs_little(settings, caplog):
+    jobs = [new_job(settings) for _ in range(3)]
+    down = threading.Event()
+
+    def read(settings: Settings, job_id: str, after: int, limit: int | None) -> list:
+        if down.is_set():
+            raise OSError("connection refused")
+        return read_events(settings, job_id, after, limit)
+
+    async def main() -> int:
+        hub = EventHub(settings, read=read)
+        subs = [await hub.open(job_id, "alice", 0) for job_id in jobs]
+        down.set()
+        polls = hub.polls
+        await asyncio.sleep(1.5)
+        polls = hub.polls - polls
+        down.clear()
+        emit(settings, jobs[0])
+        got = await collect(subs[0], all_ids(settings, jobs[0])[-1], timeout=10)  # back once it is
+        assert len(got) == 1
+        tasks = [feed.task for feed in hub._feeds.values()]
+        await hub.aclose()
+        assert all(t is not None and t.done() for t in tasks)  # awaited, not just told to stop
+        return polls
+
+    with caplog.at_level("WARNING", logger="zoofit.events"):
+        polls = asyncio.run(main())
+    # Without backoff: 3 jobs x 1.5 s / 0.05 s = 90 polls, and as many warnings.
+    assert polls <= 3 * 7, polls
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) <= 3
 
 
 def test_stream_limits_per_tenant_and_per_process(make_settings):
@@ -276,6 +336,21 @@ def test_live_events_reach_a_client_and_disconnect_cleans_up(make_settings):
             tail = [(e.event, json.loads(e.data)) for e in source.iter_sse()]
         assert tail == [("status", {"status": "succeeded", "attempt": 1, "error": None, "model_id": "m1"}),
                         ("done", {"status": "succeeded", "model_id": "m1", "error": None, "metrics": None})]
+
+
+def test_a_stream_response_never_sent_holds_no_subscription(settings):
+    """The subscription is opened by the response as it is sent: an answer that never goes out leaks nothing."""
+    from service.api.routes.jobs import job_events
+
+    job_id = new_job(settings)
+
+    async def main() -> None:
+        hub = EventHub(settings)
+        response = await job_events(job_id, settings, "alice", hub, None)
+        assert hub.streams == 0 and hub.watched() == []
+        del response
+
+    asyncio.run(main())
 
 
 def test_pings_keep_an_idle_stream_open(make_settings):

@@ -20,7 +20,7 @@ def loads(monkeypatch: pytest.MonkeyPatch):
 
     state = {"calls": 0, "release": threading.Event(), "started": threading.Event(), "fail": None}
 
-    def fake_load(path: Path, device: str | None = None) -> object:
+    def fake_load(path: Path, device: str | None = None, **_runtime: object) -> object:
         state["calls"] += 1
         state["started"].set()
         assert state["release"].wait(10)

@@ -96,6 +96,30 @@ def test_a_lost_database_is_a_503_problem_to_retry(client):
     assert r.headers["retry-after"] == "5" and "10.1.2.3" not in r.text
 
 
+def test_every_503_service_error_says_when_to_retry(client):
+    from service.errors import ServiceError, Unavailable
+
+    def busy() -> str:  # as the event hub's stream cap answers
+        raise Unavailable("this API process serves 1 event streams already; retry later")
+
+    client.app.dependency_overrides[get_tenant] = busy
+    r = client.get("/v1/datasets")
+    assert problem_of(r, 503)["detail"].startswith("this API process serves")
+    assert r.headers["retry-after"] == "5"
+
+    def other() -> str:
+        raise ServiceError("the broker is away").with_status(503)
+
+    client.app.dependency_overrides[get_tenant] = other
+    r = client.get("/v1/datasets")
+    assert problem_of(r, 503) and r.headers["retry-after"] == "5"
+
+
+def test_a_console_path_that_is_no_asset_is_the_same_404_problem_as_a_missing_one(client):
+    for path in ("/console/__init__.py", "/console/nope.js"):
+        assert problem_of(client.get(path), 404)["title"] == "Not Found"
+
+
 def test_extra_details_ride_along_but_never_replace_the_standard_members():
     from service.problems import problem
 

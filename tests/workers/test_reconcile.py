@@ -74,10 +74,12 @@ def test_a_job_whose_message_the_broker_still_holds_is_not_resent(client, settin
 
 
 def test_the_broker_backlog_is_read_from_the_real_queue(make_settings, redis_url):
-    from service.queue import TRAIN_QUEUE, broker_backlog, get_celery
+    from service.queue import TRAIN_QUEUE, broker_backlog, enqueue_export, get_celery
 
     make_settings(broker_url=redis_url)
     assert broker_backlog() == 0
     for i in range(3):
         get_celery().send_task("zoofit.train_job", args=[f"job-{i}"], queue=TRAIN_QUEUE)
+    assert broker_backlog() == 3
+    enqueue_export("export-1")  # exports have their own queue: they never hide a lost job's message
     assert broker_backlog() == 3

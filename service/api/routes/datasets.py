@@ -88,7 +88,7 @@ _JPEG: dict[int | str, dict[str, Any]] = {
 @router.get(
     "/{dataset_id}/thumbnails/{file_path:path}",
     response_class=Response,
-    responses={**_JPEG, **problem_responses(404)},
+    responses={**_JPEG, **problem_responses(404, 503)},
     operation_id="datasets-thumbnail",
 )
 def dataset_thumbnail(

@@ -91,5 +91,5 @@ async def job_events(
     # A session of its own, closed before the stream opens: a request session would keep its
     # pooled connection while this request waits for the replay, which needs another one.
     job = await run_in_threadpool(jobs.read_job, settings, job_id, tenant)
-    sub = await hub.open(job.id, tenant, last_event_id or 0)
-    return JobEventStream(hub, sub, job, settings.events_ping_s)
+    # Subscribes as it is sent (its 429/503 over the stream limits come from there).
+    return JobEventStream(hub, job, tenant, last_event_id or 0, settings.events_ping_s)

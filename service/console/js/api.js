@@ -32,7 +32,8 @@ export class ApiError extends Error {
 let onUnauthorized = () => {};
 export function whenUnauthorized(fn) { onUnauthorized = fn; }
 
-async function errorOf(res) {
+/** The ApiError of an error answer; a 401 also tells the shell (back to the sign-in form). */
+export async function errorOf(res) {
   let body = null;
   try { body = await res.json(); } catch { /* not JSON */ }
   if (res.status === 401) onUnauthorized();

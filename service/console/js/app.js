@@ -12,6 +12,7 @@ const signout = document.getElementById("signout");
 let needsKey = false;
 let leave = null; // the current page's cleanup (an open event stream)
 let signingIn = false; // a key being tried: its 401 is the sign-in form's to show
+let shown = 0; // counts route() calls: a page that finishes loading after another route() began is not shown
 
 const ROUTES = [
   [/^#\/datasets\/([^/]+)$/, datasetPage],
@@ -51,6 +52,7 @@ function signInPage() {
 }
 
 async function route() {
+  const mine = ++shown;
   if (leave) { leave(); leave = null; }
   signout.hidden = !(needsKey && auth.key);
   if (needsKey && !auth.key) { mount(main, signInPage()); return; }
@@ -62,18 +64,32 @@ async function route() {
     const m = hash.match(re);
     if (!m) continue;
     mount(main, h("p", { class: "muted" }, "Loading…"));
+    let cleanup = null;
     try {
-      leave = (await page(main, ...m.slice(1))) || null;
+      cleanup = (await page(main, ...m.slice(1))) || null;
     } catch (err) {
-      mount(main, h("div", { class: "card" }, h("h1", {}, "Something went wrong"), h("p", { class: "error" }, err.message)));
+      // A 401 has shown the sign-in form already (whenUnauthorized), and a page replaced
+      // meanwhile is not this one's to cover.
+      if (mine === shown && err.status !== 401) {
+        mount(main, h("div", { class: "card" }, h("h1", {}, "Something went wrong"), h("p", { class: "error" }, err.message)));
+      }
+      return;
     }
+    if (mine === shown) leave = cleanup;
+    else if (cleanup) cleanup();  // another route() took over while this page loaded
     return;
   }
   location.hash = "#/datasets";
 }
 
-// A key revoked meanwhile: back to the sign-in form.
-whenUnauthorized(() => { if (needsKey && !signingIn) { auth.clear(); route(); } });
+// Any 401 (a key revoked meanwhile, or the API wanted a key though the probe at load could not
+// tell, e.g. it answered 503): back to the sign-in form.
+whenUnauthorized(() => {
+  if (signingIn) return;
+  needsKey = true;
+  auth.clear();
+  route();
+});
 signout.addEventListener("click", () => { auth.clear(); location.hash = "#/datasets"; route(); });
 window.addEventListener("hashchange", route);
 

@@ -1,11 +1,12 @@
 // The job event stream read with fetch(): EventSource cannot send the Authorization header.
-import { ApiError, auth } from "./api.js";
+import { ApiError, auth, errorOf } from "./api.js";
 
 /**
  * Follow a server-sent event stream until its `done` event or stop().
  * onEvent(type, data, id) gets each event (data parsed as JSON); on a dropped connection it
  * reconnects after a pause, sending Last-Event-ID so that only later events come.
- * onFatal(error) gets an error answer (4xx), after which it stops.
+ * onFatal(error) gets an error answer (4xx), after which it stops; a 401 goes to the shell instead
+ * (the sign-in form), and a 429 (too many streams) or 5xx is retried with backoff.
  */
 export function followEvents(path, { onEvent, onFatal, onState = () => {} }) {
   const abort = new AbortController();
@@ -27,11 +28,7 @@ export function followEvents(path, { onEvent, onFatal, onState = () => {} }) {
     const headers = { ...auth.headers(), Accept: "text/event-stream" };
     if (lastId !== null) headers["Last-Event-ID"] = lastId;
     const res = await fetch(path, { headers, signal: abort.signal });
-    if (!res.ok) {
-      let body = null;
-      try { body = await res.json(); } catch { /* not JSON */ }
-      throw new ApiError(res.status, body);
-    }
+    if (!res.ok) throw await errorOf(res);
     onState("live");
     delay = 1000;
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -64,7 +61,11 @@ export function followEvents(path, { onEvent, onFatal, onState = () => {} }) {
         await once();
       } catch (err) {
         if (abort.signal.aborted) return;
-        if (err instanceof ApiError && err.status >= 400 && err.status < 500) { onFatal(err); return; }
+        if (err instanceof ApiError && err.status === 401) return;  // errorOf showed the sign-in form
+        if (err instanceof ApiError && err.status >= 400 && err.status < 500 && err.status !== 429) {
+          onFatal(err);
+          return;
+        }
       }
       if (finished || abort.signal.aborted) return;
       onState("reconnecting");

@@ -22,7 +22,7 @@ from tests.utils.server import serve
 @pytest.fixture
 def api(make_settings, enqueued, monkeypatch, tmp_path):
     """(url, key, settings) of a live API; the CLI finds both in ZOOFIT_URL / ZOOFIT_API_KEY."""
-    from service.api.deps import get_enqueue
+    from service.api.deps import get_enqueue, get_enqueue_export
     from service.app import create_app
     from service.config import get_settings
 
@@ -30,12 +30,25 @@ def api(make_settings, enqueued, monkeypatch, tmp_path):
     app = create_app(settings)
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_enqueue] = lambda: enqueued.append
+    app.dependency_overrides[get_enqueue_export] = lambda: _export_worker(settings)
     key = issue_key(settings, "alice")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     with serve(app) as url:
         monkeypatch.setenv("ZOOFIT_URL", url)
         monkeypatch.setenv("ZOOFIT_API_KEY", key)
         yield url, key, settings
+
+
+def _export_worker(settings):
+    """What a worker does with a queued export: build it (here in a thread of the test)."""
+    import threading
+
+    from workers.exports import run_export
+
+    def send(export_id: str) -> None:
+        threading.Thread(target=run_export, args=(export_id,), kwargs={"settings": settings}, daemon=True).start()
+
+    return send
 
 
 def zoofit(capsys, *argv: str) -> tuple[int, str, str]:
@@ -187,3 +200,27 @@ def test_zip_folder_streams_in_chunks(tmp_path):
     assert len(chunks) > 6 and max(map(len, chunks)) <= CHUNK + 1024  # never a whole file at once
     with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as zf:
         assert {n: zf.read(n) for n in zf.namelist()} == {f"big/{n}": d for n, d in blobs.items()}
+
+
+def test_models_export_waits_for_the_build_and_downloads_the_bundle(api, capsys, tmp_path):
+    from workers.jobs import run_job
+
+    _url, _key, settings = api
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(animals_zip(6, 3))
+    ds_id = json.loads(zoofit(capsys, "datasets", "upload", str(archive), "--json")[1])["id"]
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({**TINY_JOB, "dataset_id": ds_id}))
+    job = json.loads(zoofit(capsys, "jobs", "submit", "-f", str(recipe), "--json")[1])
+    assert run_job(job["id"], settings=settings) == JobStatus.SUCCEEDED
+    model_id = json.loads(zoofit(capsys, "jobs", "show", job["id"], "--json")[1])["model_id"]
+
+    code, out, err = zoofit(capsys, "models", "export", model_id, "--format", "onnx", "-o", str(tmp_path / "out"),
+                            "--poll", "0.2")
+    assert code == 0, err
+    path = tmp_path / "out" / f"zoofit-{model_id}-onnx.zip"
+    assert out.strip() == str(path) and "top-1 agreement 100%" in err
+    names = set(zipfile.ZipFile(path).namelist())
+    assert names == {"model.onnx", "labels.json", "preprocess.json", "README.md", "SHA256SUMS"}
+    code, _out, err = zoofit(capsys, "models", "export", "nope", "--format", "onnx", "-o", str(tmp_path))
+    assert code == 1 and "not found" in err

@@ -64,9 +64,21 @@ export async function datasetPage(main, id) {
       location.hash = "#/datasets";
     } catch (err) { error.textContent = err.message; }
   });
-  const grid = samples.data.map((c) => h("div", {},
+  // The first classes only until asked: a 1000-class dataset is a long page (its thumbnails load
+  // as they scroll into view anyway, see thumbnail()).
+  const classSamples = (c) => h("div", {},
     h("h2", {}, `${c.label} `, h("span", { class: "muted" }, `(${c.count})`)),
-    h("div", { class: "thumbs" }, c.files.map((f) => thumbnail(id, f, 96)))));
+    h("div", { class: "thumbs" }, c.files.map((f) => thumbnail(id, f, 96))));
+  const grid = h("div", { "data-testid": "samples" }, samples.data.slice(0, CLASSES_SHOWN).map(classSamples));
+  if (samples.data.length > CLASSES_SHOWN) {
+    const more = h("button", { type: "button", "data-testid": "show-all-classes" },
+      `Show all ${samples.data.length} classes`);
+    more.addEventListener("click", () => {
+      more.remove();
+      grid.append(...samples.data.slice(CLASSES_SHOWN).map(classSamples));
+    });
+    grid.append(more);
+  }
   mount(main,
     h("h1", {}, ds.name, " ", h("span", { class: "muted" }, `${ds.num_images} images, ${ds.classes.length} classes`)),
     h("p", {}, h("a", { class: "button", href: `#/new/${id}` }, "Train a model on it"), " ", del, error),
@@ -80,12 +92,46 @@ export async function datasetPage(main, id) {
         : h("p", { class: "muted" }, "None: every file was a usable image.")));
 }
 
-/** One stored image of a dataset as a thumbnail; a grey placeholder if it cannot be had (dataset deleted). */
+// Classes whose samples the dataset page shows before "Show all".
+const CLASSES_SHOWN = 24;
+// Thumbnails fetched at once (each is a request with the key, as a blob: <img loading="lazy">
+// cannot send the header); the others wait until one is done, and until they scroll into view.
+const LOADS_AT_ONCE = 4;
+let loading = 0;
+const waiting = [];
+
+function pump() {
+  while (loading < LOADS_AT_ONCE && waiting.length) {
+    const load = waiting.shift();
+    loading += 1;
+    load().finally(() => { loading -= 1; pump(); });
+  }
+}
+
+const inView = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (!e.isIntersecting) continue;
+    inView.unobserve(e.target);
+    waiting.push(e.target.zoofitLoad);
+    pump();
+  }
+}, { rootMargin: "200px" });
+
+/** One stored image of a dataset as a thumbnail, fetched once it nears the viewport; a grey placeholder if it cannot be had. */
 export function thumbnail(datasetId, file, size, alt = file) {
   const img = h("img", { alt, title: file, class: "thumb" });
   const path = `/v1/datasets/${datasetId}/thumbnails/${file.split("/").map(encodeURIComponent).join("/")}?size=${size}`;
-  imageUrl(path).then((url) => { img.src = url; }, () => {
-    img.replaceWith(h("div", { class: "thumb", title: `${file} (not available)` }));
-  });
+  img.zoofitLoad = async (tries = 0) => {
+    try {
+      img.src = await imageUrl(path);
+    } catch (err) {
+      if (err.status === 503 && tries < 5) {  // the server's thumbnail slots are busy: Retry-After 1
+        await new Promise((r) => setTimeout(r, 1000 * (tries + 1)));
+        return img.zoofitLoad(tries + 1);
+      }
+      img.replaceWith(h("div", { class: "thumb", title: `${file} (not available)` }));
+    }
+  };
+  inView.observe(img);
   return img;
 }

@@ -39,7 +39,7 @@ export async function jobPage(main, id) {
   const job = await api(`/v1/jobs/${id}`);
   const state = {
     status: job.status, error: job.error, modelId: job.model_id, stage: job.progress.stage || "",
-    progress: { ...job.progress }, epochs: [], trials: [...(job.progress.sweep?.trials || [])], stream: "connecting",
+    progress: { ...job.progress }, epochs: [], trials: [], stream: "connecting",
   };
   const eta = new EtaClock();
   const view = {
@@ -90,18 +90,24 @@ export async function jobPage(main, id) {
       state.stage = "training";
       state.progress = { ...state.progress, ...data };
       state.epochs = [...state.epochs.filter((r) => !(r.member === data.member && r.epoch === data.epoch)), epochRecord(data)];
-    } else if (type === "trial") state.trials = [...state.trials, data];
+    } else if (type === "trial") {
+      // One row per trial: a worker that takes the job over during the sweep runs it again.
+      const same = (t) => t.round === data.round && t.rung === data.rung && t.trial === data.trial;
+      state.trials = [...state.trials.filter((t) => !same(t)), data];
+    }
     else if (type === "restart") {
       state.epochs = (data.history || []).map(epochRecord);
       eta.gaps = [];
     } else if (type === "done") {
       Object.assign(state, { status: data.status, error: data.error, modelId: data.model_id });
+      // A job from before event streams has no trial events: its progress still lists them.
+      if (!state.trials.length) state.trials = [...(job.progress.sweep?.trials || [])];
     }
     render();
   }
 
-  // The stream replays the job from its first event: start the curves from nothing.
-  state.epochs = [];
+  // The stream replays the job from its first event (trials and epochs included): state.epochs and
+  // state.trials start empty, not from job.progress, or each would show twice.
   const stream = followEvents(`/v1/jobs/${id}/events`, {
     onEvent,
     onState: (s) => { state.stream = s; render(); },

@@ -1,0 +1,106 @@
+"""What an export task does: claim the record, build the bundle (``models.bundle``), record the outcome.
+
+Safe to run twice: only a ``queued`` export is claimed, so a redelivered message finds it running
+or finished and does nothing. The bundle is checked (and, for int8, its validation accuracy change
+measured) on the model's own validation split, rebuilt from its dataset with the job's seed; int8
+static quantization is calibrated on the training split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from service.config import Settings, get_settings
+from service.db import DatasetRow, ExportRow, JobStatus, ModelRow, rowcount, session_scope, utcnow
+from service.exports import bundle_path
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("zoofit.worker")
+
+
+def _claim(export_id: str, settings: Settings) -> bool:
+    with session_scope(settings) as s:
+        claimed = s.execute(
+            update(ExportRow).where(ExportRow.id == export_id, ExportRow.status == JobStatus.QUEUED)
+            .values(status=JobStatus.RUNNING, started_at=utcnow())
+        )
+        return rowcount(claimed) == 1
+
+
+def _finish(export_id: str, settings: Settings, **values: Any) -> bool:
+    with session_scope(settings) as s:
+        done = s.execute(
+            update(ExportRow).where(ExportRow.id == export_id, ExportRow.status == JobStatus.RUNNING)
+            .values(finished_at=utcnow(), **values)
+        )
+        return rowcount(done) == 1
+
+
+def _splits(
+    dataset: DatasetRow | None, manifest: dict[str, Any], settings: Settings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Validation images and labels, and training images, as the job split them (None: dataset gone)."""
+    if dataset is None or not Path(dataset.path).is_dir():
+        return None
+    from models.data import load_folder, stratified_split
+
+    pre, spec = manifest["preprocess"], manifest.get("spec") or {}
+    data = load_folder(
+        Path(dataset.path), list(manifest["classes"]), int(pre["image_size"]), str(pre["interpolation"]),
+        settings.cache_dir, cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
+    )
+    train_idx, val_idx = stratified_split(data.labels, float(spec.get("val_fraction", 0.2)), int(spec.get("seed", 0)))
+    return data.images[val_idx], data.labels[val_idx], data.images[train_idx]
+
+
+def run_export(export_id: str, *, settings: Settings | None = None) -> str | None:
+    """Build the export with this id; its final status, or None when it was not queued (nothing done)."""
+    from models.bundle import build_bundle
+    from models.errors import ZooError
+    from models.manifest import read_manifest
+    from models.runtime import available_cpus, torch_threads
+
+    settings = settings or get_settings()
+    if not _claim(export_id, settings):
+        return None
+    with session_scope(settings) as s:
+        row = s.get(ExportRow, export_id)
+        assert row is not None
+        model = s.get(ModelRow, row.model_id)
+        dataset = s.get(DatasetRow, model.dataset_id) if model is not None else None
+        fmt, quantization = row.format, row.quantization
+        model_path = Path(model.path) if model is not None else None
+    dest = bundle_path(model_path, export_id) if model_path is not None else None
+    try:
+        if model_path is None or dest is None:
+            raise ZooError("the model no longer exists")
+        manifest = read_manifest(model_path)
+        splits = _splits(dataset, manifest, settings) if fmt != "safetensors" else None
+        if quantization != "none" and splits is None:
+            raise ZooError("int8 needs the model's dataset (calibration and the accuracy check); it was deleted")
+        val_x, val_y, train_x = splits if splits is not None else (None, None, None)
+        with torch_threads(settings.torch_threads or available_cpus()):
+            record = build_bundle(model_path, dest, fmt=fmt, quantization=quantization, val_images=val_x,
+                                  val_labels=val_y, calibration=train_x, threads=settings.torch_threads)
+    except (ZooError, ValueError) as exc:
+        log.warning("export %s failed: %s", export_id, exc)
+        _finish(export_id, settings, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
+                details=getattr(exc, "details", {}))
+        return JobStatus.FAILED
+    except Exception as exc:
+        log.exception("export %s crashed", export_id)
+        _finish(export_id, settings, status=JobStatus.FAILED, error=f"internal error ({type(exc).__name__}); "
+                "the worker log has the cause")
+        return JobStatus.FAILED
+    if not _finish(export_id, settings, status=JobStatus.SUCCEEDED, path=str(dest), size_bytes=record["size_bytes"],
+                   details=record):
+        dest.unlink(missing_ok=True)  # the model (and its export record) was deleted meanwhile
+        return None
+    log.info("export %s succeeded: %s %s, %d bytes", export_id, fmt, quantization, record["size_bytes"])
+    return JobStatus.SUCCEEDED
