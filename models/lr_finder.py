@@ -10,9 +10,10 @@ suggestions come from the curve:
   there, but not yet unstable), the pick;
 * ``steepest``: where the smoothed loss falls fastest against log(lr), recorded for comparison.
 
-The pick is capped at ``max_lr`` (0.1 for SGD-like optimizers, 0.01 for adaptive ones): on a few
-hundred images the training loss of a new head keeps falling up to absurd rates (it memorises),
-which the validation loss would not thank.
+The pick is capped at ``max_lr`` (``max_lr_for``: for a linear probe 0.1 for SGD-like optimizers,
+0.01 for adaptive ones; once backbone layers train, 0.02 and 0.003): on a few hundred images the
+training loss of a new head keeps falling up to absurd rates (it memorises), which the validation
+loss would not thank, and a fine-tune at a linear probe's rate wrecks the pretrained features.
 
 The test runs on the layers that will train, with the member's own optimizer type and parameter
 groups (the backbone's groups keep their lr ratio to the head's); the weights and the optimizer
@@ -39,6 +40,22 @@ DIVERGE_FACTOR = 4.0
 PICK_BOUNDS = (1e-5, 0.5)
 MAX_LR_SGD = 0.1
 MAX_LR_ADAPTIVE = 0.01
+# Once backbone layers train, the pretrained features must survive the first epochs: docs/techniques.md
+# and the demo fine-tune the top stages with Nesterov at 0.02; 0.1 is for a new linear head alone.
+MAX_LR_SGD_FINE_TUNE = 0.02
+MAX_LR_ADAPTIVE_FINE_TUNE = 0.003
+
+
+def max_lr_for(optimizer: str, *, fine_tune: bool) -> float:
+    """The largest lr the range test may pick for ``optimizer``.
+
+    Args:
+        optimizer: ``OptimizerSpec.name``.
+        fine_tune: backbone layers train too (anything but a linear probe).
+    """
+    if optimizer in ("sgd", "momentum", "nesterov"):
+        return MAX_LR_SGD_FINE_TUNE if fine_tune else MAX_LR_SGD
+    return MAX_LR_ADAPTIVE_FINE_TUNE if fine_tune else MAX_LR_ADAPTIVE
 
 
 @dataclass

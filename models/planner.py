@@ -55,6 +55,8 @@ MEASURE_SHARE = 0.15  # measurement stops adding sizes once it has used this sha
 SETUP_S = 1.0  # building a member (weights, cache allocation) before its first batch
 RESERVE_SHARE = 0.04  # of the budget, kept for the ensemble's evaluation and saving after the deadline
 RESERVE_MIN_S = 0.5
+# Plan for this share of the measured speed: a shared machine gets busier after measuring (issue #14).
+THROUGHPUT_SAFETY = 0.6
 HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
 
 
@@ -168,6 +170,8 @@ def plan_recipe(
     """
     per_class = w.n_train / max(w.classes, 1)
     why: list[str] = []
+    full_s = train_s
+    train_s = train_s * THROUGHPUT_SAFETY
     if depth is None:
         rule_depth, reason = depth_for(per_class)
         why.append(reason)
@@ -193,9 +197,9 @@ def plan_recipe(
             one = SETUP_S + cache_s + target * epoch_s
             budget_one = train_s * (1.0 if members == 1 else FIRST_MEMBER_SHARE)
             e = target
-            if one > budget_one and epochs is None:
-                # fewer epochs at this size, down to the floor
-                e = int((budget_one - SETUP_S - cache_s) // max(epoch_s, 1e-9))
+            if one + lr_s > budget_one and epochs is None:
+                # fewer epochs at this size, down to the floor; one member may then take all the time
+                e = min(target, int((train_s - lr_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
                 if e < floor:
                     continue
             one = SETUP_S + cache_s + e * epoch_s
@@ -203,19 +207,20 @@ def plan_recipe(
                 continue
             fits.append(Choice(size, d, e, 1, augment, cache_s, epoch_s, lr_s, one + lr_s))
         if fits:
-            # The largest size that still trains the target epochs; failing that, the most epochs.
-            full = [c for c in fits if c.epochs == (epochs or target)]
+            # The largest size whose member trains the target epochs within its share (room for more
+            # members); then the largest that trains them at all; failing that, the most epochs.
+            share = [c for c in fits if c.epochs == (epochs or target) and c.seconds <= train_s * FIRST_MEMBER_SHARE]
+            full = share or [c for c in fits if c.epochs == (epochs or target)]
             choice = max(full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
             if d != ladder[0]:
                 why.append(f"the rule's depth does not fit {train_s:.0f} s even at the smallest size: {d} instead")
             break
     if choice is None:
-        # Nothing fits: the cheapest there is; the deadline ends it in time with what it reached.
-        cheapest = min(
-            (t for t in table if (sizes is None or t.size in allowed) and t.depth in ladder),
-            key=lambda t: sum(member_seconds(t, w, 1, False)),
-            default=table[0],
-        )
+        # Nothing fits: the simplest recipe (a linear probe, unless a depth is kept) at its cheapest;
+        # the deadline ends it in time with what it reached.
+        rows = [t for t in table if (sizes is None or t.size in allowed) and t.depth in ladder]
+        simplest = [t for t in rows if t.depth == ladder[-1]] or rows or table[:1]
+        cheapest = min(simplest, key=lambda t: sum(member_seconds(t, w, 1, False)))
         cache_s, epoch_s = member_seconds(cheapest, w, 1, False)
         e = epochs or max(1, int((train_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
         total = SETUP_S + cache_s + e * epoch_s
@@ -227,13 +232,17 @@ def plan_recipe(
     else:
         why.append(
             f"{choice.size} px: the largest measured size at which one member trains {choice.epochs} epochs "
-            f"in at most {FIRST_MEMBER_SHARE:.0%} of the {train_s:.0f} s for training "
-            f"(cache {choice.cache_s:.1f} s, {choice.epoch_s:.2f} s an epoch)"
+            f"in the {train_s:.0f} s planned for ({THROUGHPUT_SAFETY:.0%} of the measured speed over the "
+            f"{full_s:.0f} s for training: a shared machine slows down; cache {choice.cache_s:.1f} s, "
+            f"{choice.epoch_s:.2f} s an epoch)"
         )
     per_member = SETUP_S + choice.cache_s + choice.epochs * choice.epoch_s
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
+    elif choice.epochs < (PROBE_EPOCHS if choice.depth == "linear_probe" else TARGET_EPOCHS):
+        choice.members = 1
+        why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
     else:
         left = train_s - choice.seconds
         extra = int(max(left, 0.0) // per_member)

@@ -30,7 +30,7 @@ from .data import ImageArray, check_trainable, stratified_split
 from .errors import TrainingCancelled, TrainingError
 from .freezing import FreezeReport, apply_freeze, gradual_freeze, set_train_mode
 from .lbfgs import train_lbfgs_member
-from .lr_finder import MAX_LR_ADAPTIVE, MAX_LR_SGD, LrFinderResult, lr_range_test
+from .lr_finder import LrFinderResult, lr_range_test, max_lr_for
 from .member import Best, MemberSetup, finished_member, rebuild_optimizer, setup_member, state_copy
 from .optim import cycle_ends
 from .prefix import (
@@ -387,7 +387,7 @@ class _Run:
                 rng=np.random.default_rng(m.seed + 104729),
                 base_lr=spec.optimizer.lr_value(),
                 should_stop=self.check_stop,
-                max_lr=MAX_LR_SGD if spec.optimizer.name in ("sgd", "momentum", "nesterov") else MAX_LR_ADAPTIVE,
+                max_lr=max_lr_for(spec.optimizer.name, fine_tune=spec.freeze.mode != "linear_probe"),
             )
             del cache
             self.log(
@@ -503,8 +503,31 @@ class _MemberLoop:
             run.members.append(finished_member(run, m, self.best.state, self.best, self.epochs_run, self.best.kind))
             run.member_probs.append(self.best.probs)
         if not self.snapshot:
+            if self.cut_short():
+                return
             run.members.append(finished_member(run, m, self.best.state, self.best, self.epochs_run, self.best.kind))
             run.member_probs.append(self.best.probs)
+
+    def cut_short(self) -> bool:
+        """Whether the deadline cut this member short of being worth its place in the ensemble.
+
+        A member the deadline stopped is left out when another member is kept and it finished no
+        epoch, or its best validation accuracy is below theirs: averaging in a half-trained member
+        (still at a high lr) makes the ensemble worse than the members it has.
+        """
+        run, m = self.run_, self.m
+        if "stopped_by_deadline" not in m.applied or not run.members:
+            return False
+        kept = max(member.val_acc for member in run.members)
+        acc = self.best.acc
+        if self.epochs_run > 0 and acc >= kept:
+            return False
+        m.applied["left_out"] = (
+            f"stopped by the deadline after {self.epochs_run} epoch(s) at validation accuracy {acc:.3f}, "
+            f"below the kept members' {kept:.3f}"
+        )
+        run.log(f"member {m.index + 1}: {m.applied['left_out']}: left out")
+        return True
 
     def _unfreeze(self, epoch: int) -> FreezeReport:
         """The gradual-unfreezing depth of ``epoch`` (other strategies keep theirs)."""

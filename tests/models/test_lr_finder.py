@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.data import ImageArray
-from models.lr_finder import PICK_BOUNDS, suggest
+from models.lr_finder import PICK_BOUNDS, max_lr_for, suggest
 from models.plots import render_figure
 from models.spec import TrainSpec
 from models.training import train
@@ -52,3 +52,19 @@ def test_lr_finder_on_a_tiny_real_model(lfw_data: ImageArray, tiny_spec: Callabl
     assert report["applied"]["members"][0]["param_groups"][0]["lr"] == pytest.approx(lf["lr"])
     assert report["applied"]["members"][0]["lr_finder"]["lr"] == lf["lr"]
     assert render_figure("lr_finder", report).startswith(b"\x89PNG")
+
+
+def test_the_cap_is_lower_once_backbone_layers_train() -> None:
+    # 0.1 suits a new linear head alone; SGD at 0.1 on the top stage wrecked animal-mnist (issue #14).
+    assert max_lr_for("nesterov", fine_tune=False) == 0.1
+    assert max_lr_for("nesterov", fine_tune=True) <= 0.02
+    assert max_lr_for("adamw", fine_tune=True) <= max_lr_for("adamw", fine_tune=False) <= 0.01
+
+
+def test_a_fine_tune_trains_at_most_at_the_fine_tune_cap(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec]
+) -> None:
+    torch.set_num_threads(1)
+    spec = tiny_spec(epochs=1, optimizer={"name": "nesterov", "lr": "auto"}, freeze={"mode": "first_n", "stages": 2})
+    report = train(lfw_data, spec, device="cpu").report()
+    assert report["lr_finder"]["lr"] <= max_lr_for("nesterov", fine_tune=True)

@@ -13,10 +13,16 @@ from models.data import load_folder
 from models.planner import (
     DEPTHS,
     MAX_MEMBERS,
+    MIN_EPOCHS,
+    PROBE_EPOCHS,
+    SETUP_S,
+    TARGET_EPOCHS,
+    THROUGHPUT_SAFETY,
     Throughput,
     Workload,
     depth_for,
     fit_budgeted,
+    member_seconds,
     plan_recipe,
 )
 from models.plots import render_figure
@@ -121,3 +127,35 @@ def test_budgeted_job_ends_in_time_with_its_plan(lfw_root: Path) -> None:
     # optimizer.lr was planned as 'auto': the finder ran and its figure renders.
     assert report["lr_finder"]["lr"] == planned.optimizer.lr or report["lr_finder"]["lr"] > 0
     assert render_figure("lr_finder", report).startswith(b"\x89PNG")
+
+
+def _seconds_on(choice, t: list[Throughput], w: Workload) -> float:
+    """What ``choice`` takes on a device whose speeds are ``t`` (the lr finder's steps included)."""
+    row = next(r for r in t if (r.size, r.depth) == (choice.size, choice.depth))
+    cache_s, epoch_s = member_seconds(row, w, choice.epochs, choice.augment)
+    return 60 * 32 / row.train_img_s + choice.members * (SETUP_S + cache_s + choice.epochs * epoch_s)
+
+
+@pytest.mark.parametrize("train_s", [20.0, 60.0, 180.0])
+def test_a_plan_fits_when_the_device_runs_slower_than_measured(train_s: float) -> None:
+    # Measured on a busy machine that then gets busier (animal-mnist's plain job, issue #14): the plan
+    # must still end within its time at 60% of the measured speed, not leave the deadline to cut it.
+    w = workload(40)
+    choice, why = plan_recipe(table(), w, train_s)
+    assert _seconds_on(choice, table(speed=THROUGHPUT_SAFETY), w) <= train_s * 1.01
+    assert any("of the measured speed" in line for line in why)
+
+
+@pytest.mark.parametrize("train_s", [5.0, 10.0, 20.0, 40.0, 80.0])
+def test_members_only_when_each_trains_its_full_epochs(train_s: float) -> None:
+    choice, _ = plan_recipe(table(), workload(40), train_s)
+    if choice.members > 1:
+        assert choice.epochs == (PROBE_EPOCHS if choice.depth == "linear_probe" else TARGET_EPOCHS)
+    if choice.depth != "linear_probe":
+        assert choice.epochs >= MIN_EPOCHS  # a fine-tune of one epoch is worse than a probe
+
+
+def test_when_nothing_fits_the_simplest_recipe_trains() -> None:
+    choice, why = plan_recipe(table(), workload(40), 0.5)
+    assert choice.depth == "linear_probe" and choice.members == 1
+    assert any("nothing fits" in line for line in why)
