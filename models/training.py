@@ -72,7 +72,8 @@ class TrainHooks:
         deadline: a ``time.perf_counter()`` instant (a time budget): once it has passed, training
             stops between two batches and keeps the best weights so far: the member in training
             ends with its best epoch, later members are not trained. It is armed once the first
-            member has finished one epoch, so a run always has a model to serve.
+            member has finished one epoch past its warm-up, so a run always has a model to serve
+            that trained at its learning rate (a warm-up epoch alone leaves a random head).
     """
 
     on_epoch: Callable[[EpochRecord], None] | None = None
@@ -474,7 +475,10 @@ class _MemberLoop:
             self.last_val_loss = record.val_loss
             self.epochs_run = epoch + 1
             self.offer_best(record)
-            run.deadline_armed = True
+            # Armed once the member has trained an epoch past its warm-up: a warm-up epoch starts near
+            # lr 0, and weights from it alone are a random head (below chance; issue #14).
+            if self.epochs_run > min(spec.schedule.warmup_epochs, spec.epochs - 1):
+                run.deadline_armed = True
             record.seconds = time.perf_counter() - t0
             if self.snapshot and epoch in self.ends:
                 self.take_snapshot(record)
