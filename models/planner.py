@@ -10,7 +10,9 @@
    pretrained features), more data fine-tunes more (the top stage, then most of it, then all).
    Then the largest image size whose one member fits ``FIRST_MEMBER_SHARE`` of the budget at
    ``TARGET_EPOCHS`` epochs; what is left buys more members (an averaged ensemble), up to
-   ``MAX_MEMBERS``. When even the smallest size does not fit, fewer epochs, then a deeper freeze;
+   ``MAX_MEMBERS``, and only once one member trains its full epochs. It plans for
+   ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets busier after measuring). When
+   even the smallest size does not fit, fewer epochs, then a deeper freeze, then a linear probe;
 3. for a linear probe, **compares heads** on validation: a linear probe on the last stage's
    pooled features against one on several stages' features joined (``head_features``), both
    from one pass over the frozen pretrained network, and keeps the better;
