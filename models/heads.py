@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.loss import SoftTargetCrossEntropy
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from .errors import ZooError
@@ -37,6 +38,7 @@ from .zoo import create_backbone
 logger = logging.getLogger(__name__)
 
 HEAD_POOLS: tuple[str, ...] = ("avg", "fractional_max")
+HEAD_FEATURES: tuple[str, ...] = ("last", "multi_stage")
 
 # Graham's fractional max pooling: 2x2 regions, each side shrinks by sqrt(2).
 FMP_KERNEL = 2
@@ -74,23 +76,31 @@ class HeadConfig:
         drop_connect: probability of dropping each classifier weight (0 keeps ``nn.Linear``).
         drop_path: stochastic depth rate of the deepest block (timm scales it down towards the stem).
         pool: global pooling before the classifier, one of ``HEAD_POOLS``.
+        features: what the classifier reads, one of ``HEAD_FEATURES``: ``last`` (the last stage's
+            pooled features) or ``multi_stage`` (``MultiStageEfficientNet``: several stages pooled, joined).
     """
 
     drop_rate: float = 0.0
     drop_connect: float = 0.0
     drop_path: float = 0.0
     pool: str = "avg"
+    features: str = "last"
 
     def __post_init__(self) -> None:
         for name in ("drop_rate", "drop_connect", "drop_path"):
             object.__setattr__(self, name, _rate(name, getattr(self, name)))
         check_name("head pool", self.pool, HEAD_POOLS)
+        check_name("head features", self.features, HEAD_FEATURES)
 
     @classmethod
     def from_spec(cls, spec: TrainSpec) -> HeadConfig:
         """The head a job asks for (``head_dropout``, ``drop_connect``, ``drop_path``, ``head_pool``)."""
         return cls(
-            drop_rate=spec.head_dropout, drop_connect=spec.drop_connect, drop_path=spec.drop_path, pool=spec.head_pool
+            drop_rate=spec.head_dropout,
+            drop_connect=spec.drop_connect,
+            drop_path=spec.drop_path,
+            pool=spec.head_pool,
+            features=spec.head_features,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +118,7 @@ class HeadConfig:
         Raises:
             ValueError: a rate outside ``[0, 1)``; ``UnknownNameError`` for an unknown pool.
         """
-        known = {k: d[k] for k in ("drop_rate", "drop_connect", "drop_path", "pool") if k in d}
+        known = {k: d[k] for k in ("drop_rate", "drop_connect", "drop_path", "pool", "features") if k in d}
         return cls(**known)
 
 
@@ -226,6 +236,76 @@ class FractionalMaxAvgPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, output_ratio={self.output_ratio:.4f}, flatten={self.flatten}"
 
 
+class MultiStageEfficientNet(EfficientNet):
+    """An EfficientNet whose classifier reads features pooled from several stages, joined.
+
+    ImageNet's last-stage features are the most ImageNet-specific; for little data from another
+    domain (grayscale, sketches, tiny images) a linear classifier on the global average of several
+    stages' outputs, concatenated, often does better. ``tap_blocks`` are the block stages tapped
+    (their outputs are averaged over space), and the last stage's pooled ``conv_head`` features are
+    always included. Only the forward pass and the classifier's width change: parameter names,
+    ``group_matcher`` and ``get_classifier`` are the plain model's, so freezing, optimizer groups
+    and saved weights work as for any timm EfficientNet. ``multi_stage_features`` is the whole
+    feature extractor, one step for ``models.prefix.model_steps`` (cached when frozen).
+    """
+
+    tap_blocks: tuple[int, ...] = ()
+
+    def multi_stage_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv_stem(x))
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.tap_blocks:
+                taps.append(x.mean(dim=(2, 3)))
+        x = self.bn2(self.conv_head(x))
+        taps.append(x.mean(dim=(2, 3)))
+        return torch.cat(taps, dim=1)
+
+    def multi_stage_head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return cast(torch.Tensor, self.classifier(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.multi_stage_head(self.multi_stage_features(x))
+
+
+def multi_stage_taps(n_blocks: int) -> tuple[int, ...]:
+    """Block stages tapped by ``multi_stage``: from a third of the way down to the last."""
+    return tuple(range(n_blocks // 3, n_blocks))
+
+
+def make_multi_stage(model: nn.Module, num_classes: int, *, name: str) -> nn.Module:
+    """Turn a timm EfficientNet into a ``MultiStageEfficientNet`` in place (a new, wider classifier).
+
+    Raises:
+        UnsupportedHeadError: not an EfficientNet.
+    """
+    if isinstance(model, MultiStageEfficientNet):
+        return model
+    if not isinstance(model, EfficientNet):
+        raise UnsupportedHeadError(name, "head_features='multi_stage'", "only EfficientNets are supported")
+    taps = multi_stage_taps(len(model.blocks))
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 32, 32)
+        x = model.bn1(model.conv_stem(x))
+        width = 0
+        was_training = model.training
+        model.eval()
+        for i, block in enumerate(model.blocks):
+            x = block(x)
+            if i in taps:
+                width += x.shape[1]
+        model.train(was_training)
+    width += int(model.num_features)
+    model.__class__ = MultiStageEfficientNet
+    cast(Any, model).tap_blocks = taps
+    old = cast(Any, model).get_classifier()
+    model.classifier = nn.Linear(width, num_classes).to(old.weight.device)  # type: ignore[assignment]
+    return model
+
+
 # --------------------------------------------------------------------------- the classifier
 
 
@@ -328,6 +408,10 @@ def create_classifier(
     )
     if head.drop_path > 0 and not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
         raise UnsupportedHeadError(name, f"drop_path={head.drop_path}", "it has no stochastic-depth blocks")
+    if head.features == "multi_stage":
+        if head.pool != "avg":
+            raise UnsupportedHeadError(name, "head_features='multi_stage'", "it averages every stage; use pool 'avg'")
+        make_multi_stage(model, num_classes, name=name)
     return apply_head(model, head, name=name)
 
 

@@ -200,20 +200,7 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
     model.to(ctx.device)
     if ctx.cuda:
         model.to(memory_format=torch.channels_last)
-    head_group = 0
-    scheduler: Any = None
-    if optimizer is not None:
-        head_params = {id(p) for p in cast(Any, model).get_classifier().parameters()}
-        head_group = next(
-            (g for g, group in enumerate(optimizer.param_groups) if any(id(p) in head_params for p in group["params"])),
-            0,
-        )
-        if spec.ensemble.snapshot:
-            scheduler = create_snapshot_scheduler(
-                optimizer, spec.schedule, epochs=spec.epochs, cycles=spec.ensemble.members
-            )
-        else:
-            scheduler = create_scheduler(optimizer, spec.schedule, epochs=spec.epochs)
+    head_group, scheduler = _head_group_and_schedule(model, optimizer, spec)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
     ema = polyak(model, spec.ensemble.ema_decay) if spec.ensemble.ema else None
     augment = augment_transform(spec.augment, pre) if spec.augment.enabled else None
@@ -253,6 +240,43 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
     )
     member.applied = _applied(ctx, member, why, plan)
     return member
+
+
+def _head_group_and_schedule(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, spec: TrainSpec
+) -> tuple[int, Any]:
+    """The optimizer group holding the classifier, and the lr schedule (None for L-BFGS)."""
+    if optimizer is None:
+        return 0, None
+    head_params = {id(p) for p in cast(Any, model).get_classifier().parameters()}
+    head_group = next(
+        (g for g, group in enumerate(optimizer.param_groups) if any(id(p) in head_params for p in group["params"])),
+        0,
+    )
+    if spec.ensemble.snapshot:
+        return head_group, create_snapshot_scheduler(
+            optimizer, spec.schedule, epochs=spec.epochs, cycles=spec.ensemble.members
+        )
+    return head_group, create_scheduler(optimizer, spec.schedule, epochs=spec.epochs)
+
+
+def rebuild_optimizer(ctx: RunContext, m: MemberSetup) -> None:
+    """A fresh optimizer and schedule for ``m`` from ``ctx.spec`` (after the lr finder set the lr)."""
+    spec, fs = ctx.spec, m.transfer
+    # Gradual unfreezing: the optimizer holds every parameter that ever trains (see setup_member).
+    flags = [p.requires_grad for p in m.model.parameters()]
+    if fs.mode == "gradual":
+        apply_freeze(m.model, mode="first_n", stages=fs.stages, train_bn=fs.train_bn)
+    m.optimizer = create_optimizer(
+        m.model, spec.optimizer, backbone_lr_mult=fs.backbone_lr_mult, layer_decay=fs.layer_decay
+    )
+    for p, flag in zip(m.model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
+    m.head_group, m.scheduler = _head_group_and_schedule(m.model, m.optimizer, spec)
+    m.applied["param_groups"] = [
+        {"lr": float(g["lr"]), "params": len(g["params"]), "weight_decay": float(g.get("weight_decay", 0))}
+        for g in m.optimizer.param_groups
+    ]
 
 
 def _applied(ctx: RunContext, m: MemberSetup, why: str, plan: CachePlan) -> dict[str, Any]:

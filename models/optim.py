@@ -64,7 +64,7 @@ def optimizer_kwargs(spec: OptimizerSpec) -> dict[str, Any]:
             "on cached features (models.lbfgs.LbfgsProbe / fit_linear_lbfgs)"
         )
     timm_info = get_optimizer_info(info.timm_name)
-    kwargs: dict[str, Any] = {"opt": info.timm_name, "lr": spec.lr, "weight_decay": spec.weight_decay}
+    kwargs: dict[str, Any] = {"opt": info.timm_name, "lr": spec.lr_value(), "weight_decay": spec.weight_decay}
     nesterov_default = bool((timm_info.defaults or {}).get("nesterov", False))
     if info.uses_momentum:
         kwargs["momentum"] = spec.momentum
@@ -170,7 +170,7 @@ def create_optimizer(
             return None
         scale = 1.0 if role == HEAD else float(g.get("lr_scale", 1.0)) * backbone_lr_mult
         keys = {k: v for k, v in g.items() if k != "params"}
-        lrs = {"lr_scale": scale, "initial_lr": spec.lr, "lr": spec.lr * scale}
+        lrs = {"lr_scale": scale, "initial_lr": spec.lr_value(), "lr": spec.lr_value() * scale}
         return {**keys, "params": members, "group": role, **lrs}
 
     split_groups = [s for role in (HEAD, BACKBONE) for g in groups if (s := split(g, role)) is not None]

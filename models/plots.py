@@ -2,7 +2,8 @@
 
 ``curves`` (loss, accuracy and learning rate per epoch and member), ``confusion`` (the
 validation confusion matrix) and ``reliability`` (reliability diagrams before and after
-temperature scaling). Figures are drawn from the stored report alone, with matplotlib's
+temperature scaling) and ``lr_finder`` (the learning-rate range test). Figures are drawn
+from the stored report alone, with matplotlib's
 object API on the Agg canvas: no pyplot, so no global figure state and no backend switch,
 and rendering is safe from the API's worker threads.
 
@@ -161,10 +162,34 @@ def reliability_figure(report: dict[str, Any]) -> Figure:
     return fig
 
 
+def lr_finder_figure(report: dict[str, Any]) -> Figure:
+    """The learning-rate range test: loss (raw and smoothed) against lr, with the picks marked."""
+    lf = report.get("lr_finder")
+    if not lf or not lf.get("lrs"):
+        raise ReportMissingError("the report has no learning-rate finder (the job's lr was not 'auto')")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    lrs = _nan(lf["lrs"])
+    ax.plot(lrs, _nan(lf["losses"]), color="C0", alpha=0.35, label="loss")
+    ax.plot(lrs, _nan(lf["smoothed"]), color="C0", label="smoothed")
+    for value, style, name in (
+        (lf.get("lr_min_div10"), ":", "minimum / 10"),
+        (lf.get("lr_steepest"), "--", "steepest"),
+        (lf.get("lr"), "-", "picked"),
+    ):
+        if value:
+            ax.axvline(value, color="C3" if name == "picked" else "C7", linestyle=style, label=f"{name} {value:.2g}")
+    ax.set_xscale("log")
+    ax.set(title=f"learning-rate range test ({lf.get('iterations', len(lrs))} steps)", xlabel="lr", ylabel="loss")
+    ax.legend(fontsize="small")
+    return fig
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "curves": curves_figure,
     "confusion": confusion_figure,
     "reliability": reliability_figure,
+    "lr_finder": lr_finder_figure,
 }
 
 

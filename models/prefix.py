@@ -76,9 +76,16 @@ def model_steps(model: nn.Module) -> list[Step] | None:
     from timm.models.mobilenetv3 import MobileNetV3
     from timm.models.resnet import ResNet
 
+    from .heads import MultiStageEfficientNet
+
     m = cast(Any, model)
     steps: list[Step] = []
-    if isinstance(model, EfficientNet | MobileNetV3):
+    if isinstance(model, MultiStageEfficientNet):
+        # The taps cross every stage: the features are one step (cached whole when all of it is frozen).
+        backbone = (m.conv_stem, m.bn1, m.blocks, m.conv_head, m.bn2, m.global_pool)
+        steps.append(Step("multi_stage_features", model.multi_stage_features, backbone))
+        steps.append(Step("classifier", model.multi_stage_head, (m.classifier,)))
+    elif isinstance(model, EfficientNet | MobileNetV3):
         steps.append(Step("conv_stem+bn1", lambda x: m.bn1(m.conv_stem(x)), (m.conv_stem, m.bn1)))
         steps += [Step(f"blocks.{i}", b, (b,)) for i, b in enumerate(m.blocks)]
         if isinstance(model, EfficientNet):

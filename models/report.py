@@ -225,6 +225,49 @@ class Applied(_Section):
     snapshot: SnapshotApplied | None = None
 
 
+class LrFinder(_Section):
+    """The learning-rate range test of ``optimizer.lr: "auto"`` (``models.lr_finder``)."""
+
+    lrs: list[Metric] = Field(description="lr of each step (exponentially increasing)")
+    losses: list[Metric] = Field(description="training loss of each step")
+    smoothed: list[Metric] = Field(description="the losses smoothed (EMA with bias correction)")
+    lr_min_div10: float = Field(description="a tenth of the lr with the lowest smoothed loss")
+    lr_steepest: float = Field(description="the lr where the smoothed loss falls fastest")
+    lr: float = Field(description="the lr picked and trained with")
+    method: str
+    iterations: int
+    seconds: float
+    stopped: str = Field(description="why the test ended (all steps, or diverged)")
+
+
+class PlanThroughput(_Section):
+    size: int
+    depth: str = Field(description="linear_probe, top, most or all (what trains)")
+    frozen_groups: int
+    prefix_img_s: float = Field(description="images/s through the frozen prefix (computed once, cached)")
+    train_img_s: float = Field(description="images/s of a training step of the part that trains")
+    eval_img_s: float
+    cached: bool
+
+
+class Plan(_Section):
+    """What the time-budget planner chose and why (``models.planner``)."""
+
+    budget_s: float
+    default_budget: bool = Field(description="the budget was the device's default (the job set no field)")
+    device: str
+    kept: list[str] = Field(description="fields the user set, kept as given")
+    planned: dict[str, Any] = Field(description="the fields the planner set, and their values")
+    why: list[str]
+    throughputs: list[PlanThroughput] = Field(description="measured on this device with the job's images")
+    measure_seconds: float
+    estimate_seconds: float = Field(description="what the plan was expected to take, measurement included")
+    head: dict[str, Any] | None = Field(None, description="linear probes of the last vs several stages' features")
+    spec: dict[str, Any] = Field(default_factory=dict, description="the recipe trained")
+    seconds: float | None = Field(None, description="what the job took up to the end of training")
+    deadline: dict[str, Any] | None = Field(None, description="where the deadline stopped training, if it did")
+
+
 class ValPrediction(_Section):
     """What the served ensemble said about one validation image (fastai's "top losses")."""
 
@@ -274,6 +317,9 @@ class Report(ReportSummary):
         default_factory=Comparison, description="raw, EMA and ensemble validation accuracy side by side"
     )
     sweep: Sweep | None = Field(None, description="the sweep before the final training, if the job had one")
+    plan: Plan | None = Field(None, description="the time-budget plan (budget_s), if the job had one")
+    lr_finder: LrFinder | None = Field(None, description="the learning-rate range test (optimizer.lr 'auto')")
+    deadline: dict[str, Any] | None = Field(None, description="where the time budget's deadline stopped training")
     val_predictions: list[ValPrediction] | None = Field(
         None,
         description="per validation image, highest loss first: file, true and predicted class, confidence, loss "

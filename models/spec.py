@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 
 class UnknownNameError(ValueError):
@@ -68,6 +78,15 @@ BACKBONES: dict[str, BackboneInfo] = {
         ),
     )
 }
+
+def multi_stage_supported(name: str) -> bool:
+    """Whether ``head_features='multi_stage'`` can be built on this backbone (EfficientNet family)."""
+    return "efficientnet" in name
+
+
+# budget_s bounds: below ~5 s nothing but the planning fits; above a day is the job time limit's business.
+MIN_BUDGET_S = 3.0
+MAX_BUDGET_S = 86_400.0
 
 WeightSource = Literal["bundled", "hub", "none"]
 WEIGHT_SOURCES: tuple[WeightSource, ...] = ("bundled", "hub", "none")
@@ -251,12 +270,49 @@ class AugmentSpec(_Strict):
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
+LR_AUTO = "auto"
+
+
+def _learning_rate(value: object) -> float | Literal["auto"]:
+    if value == LR_AUTO:
+        return "auto"
+    # pydantic's own error types, as a plain float field in (0, 10] gives them.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("float_type", "Input should be a valid number or 'auto'")
+    if not float(value) > 0.0:
+        raise PydanticKnownError("greater_than", {"gt": 0.0})
+    if not float(value) <= 10.0:
+        raise PydanticKnownError("less_than_equal", {"le": 10.0})
+    return float(value)
+
+
 class OptimizerSpec(_Strict):
+    """The optimizer; ``lr: "auto"`` runs a learning-rate range test first (``models.lr_finder``)."""
+
     name: OptimizerName = "nesterov"
-    lr: float = Field(0.01, gt=0.0, le=10.0)
+    # One validator, so a bad value is one error at optimizer.lr; generated clients see "auto" as a
+    # one-value enum (a const branch is not tried before the number).
+    lr: Annotated[
+        float | Literal["auto"],
+        PlainValidator(_learning_rate),
+        WithJsonSchema({"anyOf": [
+            {"type": "number", "exclusiveMinimum": 0.0, "maximum": 10.0},
+            {"title": "LrAuto", "type": "string", "enum": ["auto"]},
+        ]}),
+    ] = Field(
+        0.01,
+        description="learning rate of the new head (the backbone's is a multiple of it), or 'auto': a "
+        "learning-rate range test on the layers that train picks it (the report's lr_finder section)",
+    )
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def lr_value(self) -> float:
+        """``lr`` as a number; ``"auto"`` is resolved (``models.lr_finder``) before anything uses it."""
+        if isinstance(self.lr, str):
+            raise ValueError("optimizer.lr is 'auto': the learning-rate finder resolves it before training")
+        return float(self.lr)
 
 
 class ScheduleSpec(_Strict):
@@ -414,6 +470,24 @@ class TrainSpec(_Strict):
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     sweep: SweepSpec | None = Field(None, description="search hyperparameters first, then train the best")
+    head_features: Literal["last", "multi_stage"] = Field(
+        "last",
+        description="what the classifier reads: the last stage's pooled features, or features pooled from "
+        "several stages and joined (helps little data unlike ImageNet: grayscale, sketches, tiny images)",
+    )
+    budget_s: float | None = Field(
+        None,
+        ge=MIN_BUDGET_S,
+        le=MAX_BUDGET_S,
+        description="time budget in seconds: zoofit measures this hardware on the data and plans image size, "
+        "frozen depth, epochs, members, head and lr for it (fields the request sets are kept), then ends "
+        "within it with the best weights so far; the report's plan section says what and why",
+    )
+    keep: list[str] | None = Field(
+        None,
+        description="fields the planner keeps as given (dotted, e.g. 'ensemble.ema'); the service fills it "
+        "with the fields the request set. A job that sets none and has no budget_s gets the default budget",
+    )
 
     @model_validator(mode="after")
     def _weights_available(self) -> TrainSpec:
@@ -454,6 +528,23 @@ class TrainSpec(_Strict):
             problems.append("L-BFGS runs full batch on cached features; cache.mode must be 'auto'")
         if problems:
             raise ValueError("optimizer 'lbfgs' is a poor fit here: " + "; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _plannable(self) -> TrainSpec:
+        if self.budget_s is not None and self.sweep is not None:
+            raise ValueError("budget_s plans the recipe itself; a sweep cannot run inside it: drop one of them")
+        if self.head_features == "multi_stage":
+            bad = [b for b in self.member_backbones() if not multi_stage_supported(b)]
+            if bad:
+                raise ValueError(
+                    f"head_features='multi_stage' needs an EfficientNet-family backbone "
+                    f"({', '.join(n for n in BACKBONES if multi_stage_supported(n))}), not {', '.join(bad)}"
+                )
+            if self.head_pool != "avg":
+                raise ValueError("head_features='multi_stage' pools every stage by its average: use head_pool='avg'")
+        if self.optimizer.lr == LR_AUTO and self.optimizer.name == "lbfgs":
+            raise ValueError("L-BFGS picks its own steps (line search): lr='auto' does not apply, drop it")
         return self
 
     @model_validator(mode="after")

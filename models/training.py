@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from .data import ImageArray, check_trainable, stratified_split
 from .errors import TrainingCancelled, TrainingError
 from .freezing import FreezeReport, apply_freeze, gradual_freeze, set_train_mode
 from .lbfgs import train_lbfgs_member
-from .member import Best, MemberSetup, finished_member, setup_member, state_copy
+from .lr_finder import LrFinderResult, lr_range_test, max_lr_for
+from .member import Best, MemberSetup, finished_member, rebuild_optimizer, setup_member, state_copy
 from .optim import cycle_ends
 from .prefix import (
     CacheBounds,
@@ -47,11 +48,13 @@ from .prefix import (
 )
 from .results import RunOutcome, TrainedMember, TrainResult, finish_ensemble
 from .runtime import available_cpus, resolve_device, torch_threads
-from .spec import EpochRecord, FreezeSpec, TrainSpec
+from .spec import LR_AUTO, EpochRecord, FreezeSpec, TrainSpec
 from .transforms import augment_batch, normalize_batch, normalize_transform
 from .zoo import Preprocess, preprocess_for
 
 EVAL_BATCH = 128
+# optimizer.lr 'auto': the lr members are built with until the finder has run (never trained with).
+LR_PLACEHOLDER = 0.01
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,22 @@ class TrainHooks:
         checkpoint: called with the ``TrainState`` at the end of every epoch, after ``on_epoch``
             (``models.checkpoint.save_state`` writes it to disk). It must not keep the state's
             tensors: they belong to the live model and optimizer.
+        deadline: a ``time.perf_counter()`` instant (a time budget): once it has passed, training
+            stops between two batches and keeps the best weights so far: the member in training
+            ends with its best epoch, later members are not trained. It is armed once the first
+            member has finished one epoch past its warm-up, so a run always has a model to serve
+            that trained at its learning rate (a warm-up epoch alone leaves a random head).
     """
 
     on_epoch: Callable[[EpochRecord], None] | None = None
     should_stop: Callable[[], bool] | None = None
     log: Callable[[str], None] | None = None
     checkpoint: Callable[[TrainState], None] | None = None
+    deadline: float | None = None
+
+
+class DeadlineReached(Exception):
+    """The time budget's deadline passed (``TrainHooks.deadline``); caught inside ``train``."""
 
 
 def train(
@@ -126,15 +139,22 @@ def train(
             f"{threads} threads), {len(run.train_idx)} train / {len(run.val_idx)} val images, "
             f"{len(data.classes)} classes, {shared.image_size} px"
         )
-        if spec.ensemble.snapshot:
-            if len(run.members) < spec.ensemble.members:
-                run.train_member(0, spec.backbone, shared, run.resume)
-        else:
-            for i, backbone in enumerate(spec.member_backbones()):
-                if i < len(run.members):
-                    continue
-                state = run.resume if run.resume is not None and run.resume.member == i else None
-                run.train_member(i, backbone, shared, state)
+        try:
+            if spec.ensemble.snapshot:
+                if len(run.members) < spec.ensemble.members:
+                    run.train_member(0, spec.backbone, shared, run.resume)
+            else:
+                for i, backbone in enumerate(spec.member_backbones()):
+                    if i < len(run.members):
+                        continue
+                    if run.deadline_hit is not None:
+                        break
+                    state = run.resume if run.resume is not None and run.resume.member == i else None
+                    run.train_member(i, backbone, shared, state)
+        except DeadlineReached:
+            run.note_deadline(len(run.members), None)
+        if run.deadline_hit is not None:
+            run.log(f"time budget's deadline reached: {run.deadline_hit['note']}")
     outcome = RunOutcome(
         classes=list(data.classes),
         labels=data.labels,
@@ -151,7 +171,14 @@ def train(
         names=list(data.names),
     )
     ends = cycle_ends(spec.epochs, spec.ensemble.members) if spec.ensemble.snapshot else None
-    return finish_ensemble(outcome, greedy=spec.ensemble.greedy, snapshot_ends=ends, log=run.log)
+    if ends is not None and len(run.members) < spec.ensemble.members:
+        ends = ends[: len(run.members)]
+    result = finish_ensemble(outcome, greedy=spec.ensemble.greedy, snapshot_ends=ends, log=run.log)
+    if run.lr_found is not None:
+        result.sections["lr_finder"] = run.lr_found.to_dict()
+    if run.deadline_hit is not None:
+        result.sections["deadline"] = run.deadline_hit
+    return result
 
 
 class _Run:
@@ -170,6 +197,16 @@ class _Run:
         self.device = device
         self.on_epoch = hooks.on_epoch
         self.should_stop = hooks.should_stop
+        self.deadline = hooks.deadline
+        # Armed once a member has weights to serve (see TrainHooks.deadline).
+        self.deadline_armed = False
+        self.deadline_hit: dict[str, Any] | None = None
+        # optimizer.lr 'auto': members are built at a placeholder lr, the finder sets the real one.
+        self.lr_auto = spec.optimizer.lr == LR_AUTO
+        if self.lr_auto:
+            spec = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update={"lr": LR_PLACEHOLDER})})
+            self.spec = spec
+        self.lr_found: LrFinderResult | None = None
         self.log: Callable[[str], None] = hooks.log or (lambda _msg: None)
         self.checkpoint = hooks.checkpoint
         self.cache_bounds = cache_bounds
@@ -204,6 +241,18 @@ class _Run:
     def check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise TrainingCancelled("training cancelled")
+        if self.deadline is not None and self.deadline_armed and time.perf_counter() > self.deadline:
+            raise DeadlineReached
+
+    def note_deadline(self, member: int, epoch: int | None) -> None:
+        """Record where the deadline stopped the run (once)."""
+        if self.deadline_hit is None:
+            where = f"in member {member + 1}" + (f", epoch {epoch + 1}" if epoch is not None else "")
+            self.deadline_hit = {
+                "member": member,
+                "epoch": epoch,
+                "note": f"stopped {where}; every member trained so far is kept with its best weights",
+            }
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -294,15 +343,88 @@ class _Run:
 
     def train_member(self, i: int, backbone: str, shared: Preprocess, resume: TrainState | None = None) -> None:
         """Train member ``i`` (or, for a snapshot ensemble, every snapshot) into ``self.members``."""
-        m = setup_member(self, i, backbone, shared, resuming=resume is not None)
         try:
+            m = setup_member(self, i, backbone, shared, resuming=resume is not None)
+        except DeadlineReached:
+            self.note_deadline(i, None)  # nothing of this member trained yet: it is left out
+            return
+        try:
+            if m.optimizer is not None and self.lr_auto and resume is None:
+                self.find_lr(m)
             if m.optimizer is None:
                 train_lbfgs_member(self, m)
             else:
                 _MemberLoop(self, m, resume).run()
+        except DeadlineReached:
+            self.note_deadline(i, None)
+            return
         finally:
             m.close()
         self.applied.append(m.applied)
+
+    def find_lr(self, m: MemberSetup) -> None:
+        """``optimizer.lr: 'auto'``: the range test on member ``m`` (the first), then its real optimizer."""
+        spec = self.spec
+        if self.lr_found is None:
+            assert m.optimizer is not None
+            steps, cache = m.steps, m.cache
+            set_train_mode(m.model, m.freeze)
+            no_grad_to = frozen_prefix(steps) if steps is not None else 0
+            if steps is not None and not m.transfer.train_bn:
+                set_prefix_eval(steps, no_grad_to)
+
+            def step_loss(rows: np.ndarray) -> torch.Tensor:
+                y = self.train_labels[torch.from_numpy(rows).to(self.device)]
+                with self.autocast():
+                    logits = _forward_train(self, m, rows, 0, no_grad_to)
+                return cast(torch.Tensor, m.criterion(logits.float(), y))
+
+            self.lr_found = lr_range_test(
+                m.model,
+                m.optimizer,
+                step_loss,
+                n_train=len(self.train_idx),
+                batch_size=spec.batch_size,
+                rng=np.random.default_rng(m.seed + 104729),
+                base_lr=spec.optimizer.lr_value(),
+                should_stop=self.check_stop,
+                max_lr=max_lr_for(spec.optimizer.name, fine_tune=spec.freeze.mode != "linear_probe"),
+            )
+            del cache
+            self.log(
+                f"lr finder: {self.lr_found.iterations} steps from {self.lr_found.start_lr:g} "
+                f"({self.lr_found.stopped}): lr {self.lr_found.lr:.3g} by {self.lr_found.method}"
+            )
+            self.spec = spec = spec.model_copy(
+                update={"optimizer": spec.optimizer.model_copy(update={"lr": self.lr_found.lr})}
+            )
+        rebuild_optimizer(self, m)
+        m.applied["lr_finder"] = {"lr": self.lr_found.lr, "method": self.lr_found.method}
+
+
+def _forward_train(
+    run: _Run, m: MemberSetup, rows: np.ndarray, view: int, no_grad_to: int, *, mix: bool = False
+) -> Any:
+    """Logits of training ``rows`` (from the feature cache when the member has one); with ``mix``,
+    ``(logits, target)`` after mixup/cutmix."""
+    steps, cache = m.steps, m.cache
+    y = run.train_labels[torch.from_numpy(rows).to(run.device)]
+    target: torch.Tensor = y
+    if cache is not None and steps is not None:
+        h, at = cache.train_batch(view, rows), m.n_cache
+    else:
+        h, at = run.input(run.train_idx[rows], m.pre, m.augment), 0
+        if mix and m.mixer is not None:
+            h, target = m.mixer(h, y)
+    if steps is None:
+        logits = m.model(h)
+    else:
+        if no_grad_to > at:
+            with torch.no_grad():
+                h = forward_steps(steps, h, at, no_grad_to)
+            at = no_grad_to
+        logits = forward_steps(steps, h, at)
+    return (logits, target) if mix else logits
 
 
 class _MemberLoop:
@@ -343,12 +465,20 @@ class _MemberLoop:
     def run(self) -> None:
         run, m, spec = self.run_, self.m, self.spec
         for epoch in range(self.start, spec.epochs):
-            run.check_stop()
             t0 = time.perf_counter()
-            record = self.train_epoch(epoch)
+            try:
+                run.check_stop()
+                record = self.train_epoch(epoch)
+            except DeadlineReached:
+                self.stop_at_deadline(epoch)
+                break
             self.last_val_loss = record.val_loss
             self.epochs_run = epoch + 1
             self.offer_best(record)
+            # Armed once the member has trained an epoch past its warm-up: a warm-up epoch starts near
+            # lr 0, and weights from it alone are a random head (below chance; issue #14).
+            if self.epochs_run > min(spec.schedule.warmup_epochs, spec.epochs - 1):
+                run.deadline_armed = True
             record.seconds = time.perf_counter() - t0
             if self.snapshot and epoch in self.ends:
                 self.take_snapshot(record)
@@ -372,9 +502,36 @@ class _MemberLoop:
                 )
                 break
         m.applied.update(epochs_run=self.epochs_run, best_epoch=self.best.epoch, served=self.best.kind)
-        if not self.snapshot:
+        if self.snapshot and not run.members and self.best.score is not None:
+            # Stopped by the deadline before the first cycle ended: its best weights are the one snapshot.
             run.members.append(finished_member(run, m, self.best.state, self.best, self.epochs_run, self.best.kind))
             run.member_probs.append(self.best.probs)
+        if not self.snapshot:
+            if self.cut_short():
+                return
+            run.members.append(finished_member(run, m, self.best.state, self.best, self.epochs_run, self.best.kind))
+            run.member_probs.append(self.best.probs)
+
+    def cut_short(self) -> bool:
+        """Whether the deadline cut this member short of being worth its place in the ensemble.
+
+        A member the deadline stopped is left out when another member is kept and it finished no
+        epoch, or its best validation accuracy is below theirs: averaging in a half-trained member
+        (still at a high lr) makes the ensemble worse than the members it has.
+        """
+        run, m = self.run_, self.m
+        if "stopped_by_deadline" not in m.applied or not run.members:
+            return False
+        kept = max(member.val_acc for member in run.members)
+        acc = self.best.acc
+        if self.epochs_run > 0 and acc >= kept:
+            return False
+        m.applied["left_out"] = (
+            f"stopped by the deadline after {self.epochs_run} epoch(s) at validation accuracy {acc:.3f}, "
+            f"below the kept members' {kept:.3f}"
+        )
+        run.log(f"member {m.index + 1}: {m.applied['left_out']}: left out")
+        return True
 
     def _unfreeze(self, epoch: int) -> FreezeReport:
         """The gradual-unfreezing depth of ``epoch`` (other strategies keep theirs)."""
@@ -411,21 +568,8 @@ class _MemberLoop:
             run.check_stop()
             y = run.train_labels[torch.from_numpy(rows).to(run.device)]
             target: torch.Tensor = y
-            if cache is not None and steps is not None:
-                h, at = cache.train_batch(view, rows), m.n_cache
-            else:
-                h, at = run.input(run.train_idx[rows], m.pre, m.augment), 0
-                if m.mixer is not None:
-                    h, target = m.mixer(h, y)
             with run.autocast():
-                if steps is None:
-                    logits = m.model(h)
-                else:
-                    if no_grad_to > at:
-                        with torch.no_grad():
-                            h = forward_steps(steps, h, at, no_grad_to)
-                        at = no_grad_to
-                    logits = forward_steps(steps, h, at)
+                logits, target = _forward_train(run, m, rows, view, no_grad_to, mix=True)
             loss = m.criterion(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             if m.scaler is not None:
@@ -463,6 +607,16 @@ class _MemberLoop:
                 "trainable_params": float(freeze.trainable_params),
             },
         )
+
+    def stop_at_deadline(self, epoch: int) -> None:
+        """The deadline passed in ``epoch``: keep the best weights so far (this epoch's if none yet)."""
+        run, m = self.run_, self.m
+        if self.best.score is None:
+            loss, acc, probs = run.evaluate(m.model, m.pre, m.steps, m.cache, m.n_cache)
+            self.probs = probs
+            self.best.offer(epoch, "raw", acc, loss, probs, m.model)
+        m.applied["stopped_by_deadline"] = {"epoch": epoch, "epochs_done": self.epochs_run}
+        run.note_deadline(m.index, epoch)
 
     def offer_best(self, record: EpochRecord) -> None:
         """Keep this epoch's weights (raw or EMA, as served) if they beat the best so far."""

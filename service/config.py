@@ -106,6 +106,15 @@ class Settings(BaseSettings):
         24 * 3600.0, gt=0, description="a job still running after this long fails (Celery's soft time limit)"
     )
 
+    # time budgets (models.planner): a job that sets no training field and no budget_s gets one
+    default_budget_cpu_s: float = Field(
+        75.0, ge=3, le=86_400,
+        description="budget_s of a plain {dataset_id} job on a CPU worker (the planner measures and plans for it)",
+    )
+    default_budget_gpu_s: float = Field(
+        300.0, ge=3, le=86_400, description="budget_s of a plain {dataset_id} job on a GPU worker"
+    )
+
     # quotas and job size caps (service.quotas, service.admission, models.budget)
     tenant_max_running_jobs: int = Field(
         2, ge=1, description="jobs of one tenant in the broker or running at once; its others wait their turn"

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from models.budget import explicit_fields
 from service import auth, events, idempotency, models_store
 from service.admission import QUEUED_STAGE, Enqueue, admit, in_flight, lock_tenant, waiting_progress
 from service.auth import Principal
@@ -52,6 +53,9 @@ def submit_job(
 ) -> JobRow:
     dataset = get_dataset(session, body.dataset_id, tenant)
     spec = body.model_dump(mode="json", exclude={"dataset_id"})
+    # What the request set is kept by the time-budget planner; none set (and no budget_s): the
+    # device's default budget (models.planner.default_budget_applies).
+    spec["keep"] = sorted(set(body.keep or []) | set(explicit_fields(body.model_copy(update={"keep": None}))))
     fingerprint = hashlib.sha256(json.dumps([dataset.id, spec], sort_keys=True).encode()).hexdigest()
     ttl = settings.idempotency_ttl_s
     earlier = idempotency.lookup(session, tenant, "jobs", idempotency_key, fingerprint, ttl)

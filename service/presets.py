@@ -23,57 +23,27 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "fast",
-            "Fast (CPU)",
-            "One EfficientNet-Lite0 at 64 px with its first three groups frozen: the frozen prefix is "
-            "computed once and cached, so a few hundred images train in about a minute on 2 CPU cores.",
-            {
-                "backbone": "tf_efficientnet_lite0",
-                "weights": "bundled",
-                "image_size": 64,
-                "freeze": {"mode": "first_n", "stages": 3},
-                "augment": {"preset": "light"},
-                "optimizer": {"name": "nesterov", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
-                "schedule": {"name": "cosine", "warmup_epochs": 1},
-                "epochs": 6,
-                "patience": 3,
-                "ensemble": {"members": 1},
-            },
+            "Fast (1 minute)",
+            "A 60-second time budget: zoofit measures this machine on your images, then picks the image "
+            "size, how much of EfficientNet-Lite0 trains (little data: only a new classifier or the top stage; "
+            "more data: more of the network), the epochs and the learning rate (a range test), and stops in "
+            "time with the best weights. The report's plan section says what it chose and why.",
+            {"budget_s": 60},
         ),
         Preset(
             "balanced",
-            "Balanced",
-            "Three EfficientNet-Lite0 members at 96 px sharing a frozen prefix, averaged into an "
-            "ensemble: a few points above 'fast' for about three times its time.",
-            {
-                "backbone": "tf_efficientnet_lite0",
-                "weights": "bundled",
-                "image_size": 96,
-                "freeze": {"mode": "first_n", "stages": 3},
-                "augment": {"preset": "light"},
-                "optimizer": {"name": "nesterov", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
-                "schedule": {"name": "cosine", "warmup_epochs": 1},
-                "epochs": 10,
-                "patience": 4,
-                "ensemble": {"members": 3},
-            },
+            "Balanced (3 minutes)",
+            "A 180-second time budget, planned the same way: the extra time buys a larger image size "
+            "and more ensemble members (averaged), usually a few points above 'fast'.",
+            {"budget_s": 180},
         ),
         Preset(
             "best",
-            "Best accuracy",
-            "Five EfficientNet-Lite0 members at 128 px, fewer groups frozen, standard augmentation and "
-            "Polyak (EMA) weights, greedy member selection: the most accurate, and the slowest (a GPU helps).",
-            {
-                "backbone": "tf_efficientnet_lite0",
-                "weights": "bundled",
-                "image_size": 128,
-                "freeze": {"mode": "first_n", "stages": 2},
-                "augment": {"preset": "standard"},
-                "optimizer": {"name": "nesterov", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4},
-                "schedule": {"name": "cosine", "warmup_epochs": 1},
-                "epochs": 15,
-                "patience": 5,
-                "ensemble": {"members": 5, "ema": True, "greedy": True},
-            },
+            "Best accuracy (10 minutes)",
+            "A 600-second time budget with Polyak (EMA) weights and greedy selection of the ensemble's "
+            "members on validation: the planner fills the time with the largest size and the most members "
+            "that fit. The most accurate, and the slowest (a GPU finishes sooner: it plans for the same time).",
+            {"budget_s": 600, "ensemble": {"ema": True, "greedy": True}},
         ),
     )
 }

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
+from models.budget import default_budget_applies, job_cost
 from models.spec import EpochRecord, TrainSpec
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from models.checkpoint import TrainState
     from models.data import ImageArray
     from models.prefix import CacheBounds
+    from models.results import TrainResult
     from models.sweep import SweepResult, TrialRecord
 
 log = logging.getLogger("zoofit.worker")
@@ -345,51 +347,56 @@ def _run_claimed(lease: Lease) -> str | None:
     dest = settings.models_dir / model_id
     ckpt = checkpoint_dir(settings, job_id)
     bounds = _cache_bounds(settings, lease.worker)
+    started = time.perf_counter()
     try:
         if dataset is None:
             raise ZooError(f"dataset {job.dataset_id} no longer exists")
-        pre = preprocess_for(spec.backbone, spec.image_size)
-        reporter.stage("decoding images", images=dataset.num_images, image_size=pre.image_size)
-        data = load_folder(
-            Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir,
-            cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
-        )
-        sweep = None
-        job_spec = spec
-        if spec.sweep is not None:
-            sweep = _sweep(job_id, data, spec, reporter, settings, ckpt, bounds)
-            assert sweep.final_spec is not None
-            spec = sweep.final_spec  # the recipe trained, checkpointed and saved from here on
-        resume = _resume_state(job_id, ckpt, data, spec, reporter)
-        if sweep is not None:
-            lease.check()
-            _save_sweep(ckpt, sweep, data, job_spec)
-        member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
-        reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
+        budget_s, default_budget = _budget(spec, settings)
+        if budget_s is not None:
+            result, spec = _train_budgeted(lease, spec, dataset, reporter, budget_s, default_budget, bounds, started)
+        else:
+            pre = preprocess_for(spec.backbone, spec.image_size)
+            reporter.stage("decoding images", images=dataset.num_images, image_size=pre.image_size)
+            data = load_folder(
+                Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir,
+                cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
+            )
+            sweep = None
+            job_spec = spec
+            if spec.sweep is not None:
+                sweep = _sweep(job_id, data, spec, reporter, settings, ckpt, bounds)
+                assert sweep.final_spec is not None
+                spec = sweep.final_spec  # the recipe trained, checkpointed and saved from here on
+            resume = _resume_state(job_id, ckpt, data, spec, reporter)
+            if sweep is not None:
+                lease.check()
+                _save_sweep(ckpt, sweep, data, job_spec)
+            member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
+            reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
 
-        def checkpoint(state: TrainState) -> None:
-            lease.check()  # the checkpoint folder is the new owner's once the job is lost
-            save_state(state, ckpt)  # raises DiskFullError on a full disk
+            def checkpoint(state: TrainState) -> None:
+                lease.check()  # the checkpoint folder is the new owner's once the job is lost
+                save_state(state, ckpt)  # raises DiskFullError on a full disk
 
-        hooks = TrainHooks(
-            on_epoch=reporter.on_epoch,
-            should_stop=reporter.should_stop,
-            log=lambda msg: log.info("job %s: %s", job_id, msg),
-            checkpoint=checkpoint,
-        )
-        result = train(
-            data,
-            spec,
-            hooks=hooks,
-            device=settings.device,
-            num_threads=settings.torch_threads,
-            resume=resume,
-            cache=bounds,
-        )
-        if reporter.should_stop():
-            raise TrainingCancelled("cancelled after training")
-        if sweep is not None:
-            result = with_sweep(result, sweep)  # the report's "sweep" section
+            hooks = TrainHooks(
+                on_epoch=reporter.on_epoch,
+                should_stop=reporter.should_stop,
+                log=lambda msg: log.info("job %s: %s", job_id, msg),
+                checkpoint=checkpoint,
+            )
+            result = train(
+                data,
+                spec,
+                hooks=hooks,
+                device=settings.device,
+                num_threads=settings.torch_threads,
+                resume=resume,
+                cache=bounds,
+            )
+            if reporter.should_stop():
+                raise TrainingCancelled("cancelled after training")
+            if sweep is not None:
+                result = with_sweep(result, sweep)  # the report's "sweep" section
         reporter.stage("saving model")
         try:
             # all or nothing: a temporary folder (named after this worker) renamed into place
@@ -463,6 +470,74 @@ def _run_claimed(lease: Lease) -> str | None:
         log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)
         return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=_internal_error(exc, settings),
                          progress={"stage": "failed", **reporter.sticky})
+
+
+def _budget(spec: TrainSpec, settings: Settings) -> tuple[float | None, bool]:
+    """The job's time budget, if it has one, and whether it is the device's default."""
+    if spec.budget_s is not None:
+        return float(spec.budget_s), False
+    if default_budget_applies(spec):
+        cuda = settings.device == "cuda" or (settings.device == "auto" and _cuda_available())
+        return (settings.default_budget_gpu_s if cuda else settings.default_budget_cpu_s), True
+    return None, False
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _train_budgeted(
+    lease: Lease, spec: TrainSpec, dataset: DatasetRow, reporter: JobReporter, budget_s: float,
+    default_budget: bool, bounds: CacheBounds, started: float,
+) -> tuple[TrainResult, TrainSpec]:
+    """Plan the job for its budget (``models.planner``), then train the plan with a deadline.
+
+    No checkpoint: a budgeted job is short, and one that a new worker takes over plans and
+    trains again within the same budget.
+    """
+    from models.data import load_folder
+    from models.planner import Plan, fit_budgeted
+    from models.training import TrainHooks
+    from models.zoo import preprocess_for
+
+    settings = lease.settings
+    job_id = lease.job_id
+    reporter.stage("planning", budget_s=budget_s)
+
+    def decode(size: int) -> ImageArray:
+        pre = preprocess_for(spec.backbone, size)
+        reporter.stage("decoding images", images=dataset.num_images, image_size=size, budget_s=budget_s)
+        return load_folder(
+            Path(dataset.path), list(dataset.classes), size, pre.interpolation, settings.cache_dir,
+            cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
+        )
+
+    def on_plan(planned: TrainSpec, plan: Plan) -> None:
+        reporter.total_epochs, reporter.members = planned.epochs, planned.ensemble.members
+        reporter.sticky["plan"] = {"budget_s": budget_s, "planned": plan.planned, "kept": plan.kept}
+        reporter.start_over()
+        reporter.stage("training", member=1, members=planned.ensemble.members, epoch=0, epochs=planned.epochs)
+
+    hooks = TrainHooks(
+        on_epoch=reporter.on_epoch,
+        should_stop=reporter.should_stop,
+        log=lambda msg: log.info("job %s: %s", job_id, msg),
+    )
+    result, planned = fit_budgeted(
+        decode, spec, budget_s, default_budget=default_budget, device=settings.device,
+        num_threads=settings.torch_threads, hooks=hooks, cache=bounds,
+        max_pixel_epochs=settings.job_max_pixel_epochs, started=started, on_plan=on_plan,
+    )
+    # The admission cap binds what the planner chose (it plans within it; this is the proof).
+    cost = job_cost(planned, dataset.num_images)
+    if cost.pixel_epochs > settings.job_max_pixel_epochs:
+        raise ValueError(
+            f"the plan trained {cost.pixel_epochs} pixel-epochs, over the cap of {settings.job_max_pixel_epochs} "
+            "(ZOOFIT_JOB_MAX_PIXEL_EPOCHS): the fields the job kept do not fit it"
+        )
+    return result, planned
 
 
 def _conclude(

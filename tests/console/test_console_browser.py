@@ -152,6 +152,9 @@ def test_console_end_to_end(server, tmp_path) -> None:
             shot(page, "new-job")
             page.fill("input[name='optimizer.lr']", "0.02")
             page.fill("input[name=epochs]", "2")
+            # the preset's budget plans what is left; these keep the planner's measuring and training short
+            page.fill("input[name=image_size]", "64")
+            page.fill("input[name='ensemble.members']", "1")
             page.click("button:has-text('Start training')")
 
             expect(page.get_by_test_id("job-status")).to_be_visible()

@@ -16,11 +16,14 @@ def test_every_preset_is_a_valid_job(name):
             assert getattr(spec, key) == value, key  # nothing silently dropped or coerced
 
 
-def test_presets_grow_in_cost():
+def test_presets_are_budgets_that_grow():
     fast, balanced, best = (JobCreate.model_validate({"dataset_id": "x", **PRESETS[n].job})
                             for n in ("fast", "balanced", "best"))
-    assert fast.image_size < balanced.image_size < best.image_size
-    assert fast.ensemble.members < balanced.ensemble.members < best.ensemble.members
+    assert fast.budget_s is not None and balanced.budget_s is not None and best.budget_s is not None
+    assert fast.budget_s < balanced.budget_s < best.budget_s
+    assert best.ensemble.ema and best.ensemble.greedy
+    for p in PRESETS.values():
+        assert str(int(p.job["budget_s"])) in p.description  # each says what it does
 
 
 def test_presets_route_lists_them_and_one_submits(client, enqueued):
@@ -32,4 +35,6 @@ def test_presets_route_lists_them_and_one_submits(client, enqueued):
     ds = upload(client, animals_zip(per_class=4)).json()
     r = client.post("/v1/jobs", json={"dataset_id": ds["id"], **body["data"][0]["job"]})
     assert r.status_code == 202, r.text
-    assert r.json()["spec"]["image_size"] == 64
+    spec = r.json()["spec"]
+    assert spec["budget_s"] == 60
+    assert spec["keep"] == []  # the planner plans every field

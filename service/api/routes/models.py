@@ -58,7 +58,7 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPub
     return ModelPublic.model_validate(models_store.model_public(row, with_report=True))
 
 
-_FIGURES = ("curves", "confusion", "reliability")
+_FIGURES = ("curves", "confusion", "reliability", "lr_finder")
 _PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG image"},
     **problem_responses(404),
@@ -71,7 +71,11 @@ def get_report(model_id: str, session: SessionDep, tenant: TenantDep, request: R
     """Evaluation report: per-class metrics, confusion matrix, top-k accuracy, calibration, curves."""
     row = models_store.get_model(session, model_id, tenant)
     report = models_store.model_report(row)
-    figures = {name: request.url_for(f"report_{name}_png", model_id=model_id).path for name in _FIGURES}
+    figures = {
+        name: request.url_for(f"report_{name}_png", model_id=model_id).path
+        for name in _FIGURES
+        if name != "lr_finder" or report.get("lr_finder")  # only a job with lr 'auto' has one
+    }
     return ReportPublic.model_validate({**report, "model_id": model_id, "figures": figures})
 
 
@@ -99,6 +103,13 @@ def report_confusion_png(model_id: str, session: SessionDep, tenant: TenantDep) 
 def report_reliability_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
     """Reliability diagrams before and after temperature scaling, with ECE and NLL."""
     return _figure(model_id, session, tenant, "reliability")
+
+
+@router.get("/{model_id}/report/lr_finder.png", response_class=Response, responses=_PNG,
+            name="report_lr_finder_png", operation_id="models-report-lr-finder")
+def report_lr_finder_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    """The learning-rate range test of a job with lr 'auto': loss against lr, the pick marked (404 otherwise)."""
+    return _figure(model_id, session, tenant, "lr_finder")
 
 
 @router.delete("/{model_id}", status_code=204, operation_id="models-delete", responses=problem_responses(404))

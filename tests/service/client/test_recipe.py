@@ -38,15 +38,15 @@ def test_deep_merge_keeps_inputs_and_merges_nested():
 
 def test_preset_then_file_then_set(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("epochs: 2\noptimizer:\n  momentum: 0.8\ndataset_id: from-file\n")
-    fast = PRESETS["fast"].job
-    job = build_job(fast, load_recipe(recipe), ["optimizer.lr=0.005", "ensemble.members=2"], dataset_id="ds1")
+    recipe.write_text("epochs: 2\noptimizer:\n  momentum: 0.8\ndataset_id: from-file\nensemble:\n  ema: false\n")
+    best = PRESETS["best"].job
+    job = build_job(best, load_recipe(recipe), ["optimizer.lr=0.005", "ensemble.members=2"], dataset_id="ds1")
     assert job["dataset_id"] == "ds1"
     assert job["epochs"] == 2  # the file over the preset
-    assert job["optimizer"] == {**fast["optimizer"], "momentum": 0.8, "lr": 0.005}  # merged, not replaced
-    assert job["ensemble"] == {"members": 2}
-    assert job["image_size"] == fast["image_size"] and job["freeze"] == fast["freeze"]
-    assert PRESETS["fast"].job["optimizer"]["lr"] == 0.02  # the preset itself untouched
+    assert job["optimizer"] == {"momentum": 0.8, "lr": 0.005}
+    assert job["ensemble"] == {**best["ensemble"], "ema": False, "members": 2}  # merged, not replaced
+    assert job["budget_s"] == best["budget_s"]
+    assert PRESETS["best"].job["ensemble"] == {"ema": True, "greedy": True}  # the preset itself untouched
 
 
 def test_json_recipe_and_errors(tmp_path):

@@ -57,6 +57,9 @@ function readValue(el, schema) {
   }
   if (raw === "") return schema.nullable ? null : undefined;
   if (schema.type === "integer" || schema.type === "number") return Number(raw);
+  // a number or a word (optimizer.lr: a number or "auto"): a numeric entry is sent as a number
+  const numeric = (schema.anyOf || []).some((s) => s.type === "number" || s.type === "integer");
+  if (numeric && raw !== "" && Number.isFinite(Number(raw))) return Number(raw);
   return raw;
 }
 

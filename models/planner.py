@@ -1,0 +1,715 @@
+"""The best model a time budget can buy: measure this hardware on the data, plan the recipe, train.
+
+``budget_s`` on a job hands the recipe to the planner. It
+
+1. **measures** the throughput of the device on a batch of the real images (resized), for each
+   candidate image size and each candidate frozen depth: the frozen prefix's inference speed (it is
+   computed once, into the feature cache), the trainable part's training step, and its evaluation;
+2. **plans** (``plan_recipe``, pure: unit-tested on synthetic tables) by the lecture's rule, in
+   training images per class: little data trains less of the network (a linear probe on the
+   pretrained features), more data fine-tunes more (the top stage, then most of it, then all).
+   Then the largest image size whose one member fits ``FIRST_MEMBER_SHARE`` of the budget at
+   ``TARGET_EPOCHS`` epochs; what is left buys more members (an averaged ensemble), up to
+   ``MAX_MEMBERS``, and only once one member trains its full epochs. It plans for
+   ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets busier after measuring). When
+   even the smallest size does not fit, fewer epochs, then a deeper freeze, then a linear probe;
+3. for a linear probe, **compares heads** on validation: a linear probe on the last stage's
+   pooled features against one on several stages' features joined (``head_features``), both
+   from one pass over the frozen pretrained network, and keeps the better;
+4. **trains** with ``optimizer.lr: "auto"`` (``models.lr_finder``) and a deadline inside training
+   (``TrainHooks.deadline``): whatever the estimate said, it stops in time with the best weights.
+
+Fields the user set (``TrainSpec.keep``, or the fields set on the spec) are kept as given; the
+planner plans only the rest and says so. Every choice, the measured table and the estimate go to
+the report's ``plan`` section. The admission cap on pixel-epochs (``models.budget.job_cost``)
+binds the plan too: ``max_pixel_epochs`` trims members, then epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .budget import _kept, explicit_fields
+from .spec import BACKBONES, LR_AUTO, TrainSpec, multi_stage_supported
+
+# The rule, in training images per class (the lecture's: the less data, the less of the network trains).
+PROBE_BELOW = 20  # below: linear probe on the pretrained features
+TOP_STAGE_BELOW = 150  # below: fine-tune the top stage only
+MOST_BELOW = 500  # below: freeze the first MOST_FROZEN groups; from here on: fine-tune everything
+MOST_FROZEN = 3
+DEPTHS = ("linear_probe", "top", "most", "all")
+
+CANDIDATE_SIZES = (64, 96, 128, 160, 192, 224, 256)
+TARGET_EPOCHS = 12
+MIN_EPOCHS = 4
+PROBE_EPOCHS = 30
+MAX_MEMBERS = 5
+FIRST_MEMBER_SHARE = 0.5  # the first member may take this share of the training time at most
+AUGMENT_FROM = 150  # training images per class from which light augmentation pays (cached views)
+MEASURE_BATCH = 16
+MEASURE_SHARE = 0.15  # measurement stops adding sizes once it has used this share of the budget
+SETUP_S = 1.0  # building a member (weights, cache allocation) before its first batch
+RESERVE_SHARE = 0.04  # of the budget, kept for the ensemble's evaluation and saving after the deadline
+RESERVE_MIN_S = 0.5
+# Plan for this share of the measured speed: a shared machine gets busier after measuring (issue #14).
+THROUGHPUT_SAFETY = 0.6
+HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Measured speed at one image size and frozen depth, in images per second.
+
+    Attributes:
+        size: image side in pixels.
+        depth: one of ``DEPTHS``.
+        frozen_groups: parameter groups frozen at this depth.
+        prefix_img_s: inference through the frozen prefix (computed once per image and view).
+        train_img_s: a training step (forward, backward, update) of the part that trains.
+        eval_img_s: inference through the part that trains (validation, every epoch).
+        cached: whether the frozen prefix is cached (else every step runs the whole network).
+    """
+
+    size: int
+    depth: str
+    frozen_groups: int
+    prefix_img_s: float
+    train_img_s: float
+    eval_img_s: float
+    cached: bool = True
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The data and fixed choices a plan is for."""
+
+    n_train: int
+    n_val: int
+    classes: int
+    native: int
+    views: int = 4
+
+
+def member_seconds(t: Throughput, w: Workload, epochs: int, augment: bool) -> tuple[float, float]:
+    """``(cache seconds, seconds per epoch)`` of one member at ``t``."""
+    views = w.views if augment and t.cached else 1
+    cache_s = (w.n_train * views + w.n_val) / t.prefix_img_s if t.cached and t.prefix_img_s > 0 else 0.0
+    epoch_s = w.n_train / t.train_img_s + w.n_val / t.eval_img_s
+    return cache_s, epoch_s
+
+
+def depth_for(per_class: float) -> tuple[str, str]:
+    """The lecture's rule: the frozen depth for ``per_class`` training images per class, and why."""
+    if per_class < PROBE_BELOW:
+        return "linear_probe", (
+            f"{per_class:.0f} training images per class (< {PROBE_BELOW}): only a new linear classifier trains on "
+            "the pretrained features; anything more would overfit"
+        )
+    if per_class < TOP_STAGE_BELOW:
+        return "top", (
+            f"{per_class:.0f} training images per class ({PROBE_BELOW}-{TOP_STAGE_BELOW - 1}): the top stage "
+            "and the classifier train, the rest keeps its pretrained weights"
+        )
+    if per_class < MOST_BELOW:
+        return "most", (
+            f"{per_class:.0f} training images per class ({TOP_STAGE_BELOW}-{MOST_BELOW - 1}): all but the "
+            f"first {MOST_FROZEN} groups fine-tune"
+        )
+    return "all", f"{per_class:.0f} training images per class (>= {MOST_BELOW}): the whole network fine-tunes"
+
+
+@dataclass
+class Choice:
+    """One planned recipe and its estimated seconds."""
+
+    size: int
+    depth: str
+    epochs: int
+    members: int
+    augment: bool
+    cache_s: float
+    epoch_s: float
+    lr_finder_s: float
+    seconds: float
+
+
+def plan_recipe(
+    table: list[Throughput],
+    w: Workload,
+    train_s: float,
+    *,
+    sizes: list[int] | None = None,
+    depth: str | None = None,
+    epochs: int | None = None,
+    members: int | None = None,
+    max_pixel_epochs: int | None = None,
+    images: int | None = None,
+) -> tuple[Choice, list[str]]:
+    """Choose size, depth, epochs and members for ``train_s`` seconds of training (pure).
+
+    Args:
+        table: measured throughputs (every size x depth considered).
+        w: the data.
+        train_s: seconds available for training (budget minus measurement and reserve).
+        sizes: allowed sizes (a kept ``image_size``: one); default: every size in ``table``.
+        depth: a kept depth; default: the rule's (``depth_for``), made deeper if it cannot fit.
+        epochs: kept epochs.
+        members: kept members.
+        max_pixel_epochs: the admission cap (``job_cost``) the plan must stay under.
+        images: images in the dataset (for the cap).
+
+    Returns:
+        The choice and one line per decision, saying why.
+    """
+    per_class = w.n_train / max(w.classes, 1)
+    why: list[str] = []
+    full_s = train_s
+    train_s = train_s * THROUGHPUT_SAFETY
+    if depth is None:
+        rule_depth, reason = depth_for(per_class)
+        why.append(reason)
+        ladder = list(DEPTHS[: DEPTHS.index(rule_depth) + 1])[::-1]  # the rule's, then ever less training
+    else:
+        ladder = [depth]
+        why.append(f"frozen depth kept as set: {depth}")
+    by_key = {(t.size, t.depth): t for t in table}
+    allowed = sorted({t.size for t in table} if sizes is None else set(sizes))
+    choice: Choice | None = None
+    for d in ladder:
+        probe = d == "linear_probe"
+        target = epochs or (PROBE_EPOCHS if probe else TARGET_EPOCHS)
+        floor = epochs or (PROBE_EPOCHS // 3 if probe else MIN_EPOCHS)
+        augment = per_class >= AUGMENT_FROM and not probe
+        fits: list[Choice] = []
+        for size in allowed:
+            t = by_key.get((size, d))
+            if t is None:
+                continue
+            cache_s, epoch_s = member_seconds(t, w, target, augment)
+            lr_s = 60 * 32 / t.train_img_s  # the range test: ~60 steps of 32
+            one = SETUP_S + cache_s + target * epoch_s
+            budget_one = train_s * (1.0 if members == 1 else FIRST_MEMBER_SHARE)
+            e = target
+            if one + lr_s > budget_one and epochs is None:
+                # fewer epochs at this size, down to the floor; one member may then take all the time
+                e = min(target, int((train_s - lr_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
+                if e < floor:
+                    continue
+            one = SETUP_S + cache_s + e * epoch_s
+            if one + lr_s > train_s:
+                continue
+            fits.append(Choice(size, d, e, 1, augment, cache_s, epoch_s, lr_s, one + lr_s))
+        if fits:
+            # The largest size whose member trains the target epochs within its share (room for more
+            # members); then the largest that trains them at all; failing that, the most epochs.
+            share = [c for c in fits if c.epochs == (epochs or target) and c.seconds <= train_s * FIRST_MEMBER_SHARE]
+            full = share or [c for c in fits if c.epochs == (epochs or target)]
+            choice = max(full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
+            if d != ladder[0]:
+                why.append(f"the rule's depth does not fit {train_s:.0f} s even at the smallest size: {d} instead")
+            break
+    if choice is None:
+        # Nothing fits: the simplest recipe (a linear probe, unless a depth is kept) at its cheapest;
+        # the deadline ends it in time with what it reached.
+        rows = [t for t in table if (sizes is None or t.size in allowed) and t.depth in ladder]
+        simplest = [t for t in rows if t.depth == ladder[-1]] or rows or table[:1]
+        cheapest = min(simplest, key=lambda t: sum(member_seconds(t, w, 1, False)))
+        cache_s, epoch_s = member_seconds(cheapest, w, 1, False)
+        e = epochs or max(1, int((train_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
+        total = SETUP_S + cache_s + e * epoch_s
+        choice = Choice(cheapest.size, cheapest.depth, e, 1, False, cache_s, epoch_s, 0.0, total)
+        why.append(
+            f"nothing fits {train_s:.0f} s at {MIN_EPOCHS} epochs: the cheapest recipe ({choice.size} px, "
+            f"{choice.depth}), the deadline stops it in time"
+        )
+    else:
+        why.append(
+            f"{choice.size} px: the largest measured size at which one member trains {choice.epochs} epochs "
+            f"in the {train_s:.0f} s planned for ({THROUGHPUT_SAFETY:.0%} of the measured speed over the "
+            f"{full_s:.0f} s for training: a shared machine slows down; cache {choice.cache_s:.1f} s, "
+            f"{choice.epoch_s:.2f} s an epoch)"
+        )
+    per_member = SETUP_S + choice.cache_s + choice.epochs * choice.epoch_s
+    if members is not None:
+        choice.members = members
+        why.append(f"members kept as set: {members}")
+    elif choice.epochs < (PROBE_EPOCHS if choice.depth == "linear_probe" else TARGET_EPOCHS):
+        choice.members = 1
+        why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
+    else:
+        left = train_s - choice.seconds
+        extra = int(max(left, 0.0) // per_member)
+        choice.members = max(1, min(MAX_MEMBERS, 1 + extra))
+        why.append(
+            f"{choice.members} member(s): each takes about {per_member:.1f} s, and an averaged ensemble is worth "
+            f"more than a longer run once the epochs are enough (at most {MAX_MEMBERS})"
+        )
+    if max_pixel_epochs is not None and images is not None:
+        def pixel_epochs(c: Choice) -> int:
+            return images * c.size * c.size * c.epochs * c.members
+
+        while pixel_epochs(choice) > max_pixel_epochs and (choice.members > 1 or choice.epochs > 1):
+            if choice.members > 1 and members is None:
+                choice.members -= 1
+            elif epochs is None and choice.epochs > 1:
+                choice.epochs -= 1
+            else:
+                break
+        if pixel_epochs(choice) > max_pixel_epochs:
+            why.append("the admission cap on pixel-epochs binds: the plan is over it with what the user kept")
+        else:
+            why.append(f"within the admission cap of {max_pixel_epochs:.3g} pixel-epochs ({pixel_epochs(choice):.3g})")
+    choice.seconds = choice.lr_finder_s + choice.members * (SETUP_S + choice.cache_s + choice.epochs * choice.epoch_s)
+    return choice, why
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def freeze_of(depth: str, n_groups: int) -> dict[str, Any]:
+    """The ``freeze`` section of a depth."""
+    if depth == "linear_probe":
+        return {"mode": "linear_probe"}
+    if depth == "top":
+        return {"mode": "first_n", "stages": max(n_groups - 2, 0)}
+    if depth == "most":
+        return {"mode": "first_n", "stages": min(MOST_FROZEN, max(n_groups - 2, 0)), "backbone_lr_mult": 0.3}
+    return {"mode": "none", "backbone_lr_mult": 0.3}
+
+
+def measure_throughput(
+    images: np.ndarray,
+    backbone: str,
+    head_features: str,
+    num_classes: int,
+    sizes: list[int],
+    depths: list[str],
+    *,
+    device: str | None = None,
+    time_cap_s: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Throughput]:
+    """Time a batch of ``images`` (uint8 ``[N, S, S, 3]``, resized) at each size and depth.
+
+    Sizes are measured in increasing order and measurement stops once ``time_cap_s`` is spent
+    (larger sizes would not fit the budget anyway). Random weights: speed does not depend on them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .freezing import apply_freeze, parameter_groups
+    from .heads import HeadConfig, create_classifier
+    from .prefix import model_steps
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    t_start = time.perf_counter()
+    head = HeadConfig(features=head_features)
+    model = create_classifier(backbone, weights="none", num_classes=num_classes, head=head).to(dev)
+    steps = model_steps(model)
+    n_groups = len(parameter_groups(model))
+    batch = torch.from_numpy(np.ascontiguousarray(images[:MEASURE_BATCH])).permute(0, 3, 1, 2).float().to(dev)
+    batch = batch / 127.5 - 1.0
+    y = torch.arange(len(batch), device=dev) % num_classes
+    table: list[Throughput] = []
+
+    def timed(fn: Callable[[], Any], reps: int = 2) -> float:
+        fn()  # warm-up (allocations, kernels)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    for size in sorted(sizes):
+        if time_cap_s is not None and table and time.perf_counter() - t_start > time_cap_s:
+            if log:
+                log(f"planner: throughput measurement stopped before {size} px (its time share is spent)")
+            break
+        x = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        for depth in depths:
+            fs = freeze_of(depth, n_groups)
+            apply_freeze(model, mode=fs["mode"], stages=fs.get("stages", 0), train_bn=False)
+            prefix_s, train_s, eval_s, cached = _time_depth(model, steps, x, y, timed)
+            n = len(x)
+            table.append(
+                Throughput(
+                    size=size,
+                    depth=depth,
+                    frozen_groups=int(fs.get("stages", n_groups - 1 if depth == "linear_probe" else 0)),
+                    prefix_img_s=round(n / prefix_s, 2) if prefix_s > 0 else 0.0,
+                    train_img_s=round(n / max(train_s, 1e-9), 2),
+                    eval_img_s=round(n / max(eval_s, 1e-9), 2),
+                    cached=cached,
+                )
+            )
+    return table
+
+
+def _time_depth(
+    model: Any, steps: Any, x: Any, y: Any, timed: Callable[[Callable[[], Any]], float]
+) -> tuple[float, float, float, bool]:
+    """Seconds a batch takes: frozen prefix (inference), training step and evaluation of the rest."""
+    import torch
+    import torch.nn.functional as F
+
+    from .prefix import forward_steps, frozen_prefix
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    k = frozen_prefix(steps) if steps is not None else 0
+    model.eval()
+    with torch.no_grad():
+        h = forward_steps(steps, x, 0, k) if steps is not None else x
+        prefix_s = timed(lambda: forward_steps(steps, x, 0, k)) if k > 0 else 0.0
+        eval_s = timed(lambda: forward_steps(steps, h, k) if steps is not None else model(x))
+
+    def train_step() -> None:
+        model.train()
+        logits = forward_steps(steps, h, k) if steps is not None else model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return prefix_s, timed(train_step), eval_s, k > 0
+
+
+# --------------------------------------------------------------------------- head comparison
+
+
+def _probe_acc(train_x: Any, train_y: Any, val_x: Any, val_y: Any, classes: int) -> tuple[float, float]:
+    """Validation accuracy and loss of an L2-regularised linear probe fitted by L-BFGS on features."""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6
+    xt, xv = (train_x - mean) / std, (val_x - mean) / std
+    lin = torch.nn.Linear(xt.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+    wd = 1e-3
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(xt), train_y) + wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        logits = lin(xv)
+        return float((logits.argmax(1) == val_y).float().mean()), float(F.cross_entropy(logits, val_y))
+
+
+def compare_heads(
+    images: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    backbone: str,
+    weights: str,
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]],
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Linear probes on the last stage's features against several stages' joined, on validation."""
+    import torch
+
+    from .heads import HeadConfig, create_classifier
+    from .runtime import resolve_device
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    classes = int(labels.max()) + 1
+    model: Any = create_classifier(
+        backbone, weights=weights, num_classes=classes, head=HeadConfig(features="multi_stage")
+    ).to(dev).eval()
+    mean = torch.tensor(mean_std[0], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(mean_std[1], device=dev).view(1, 3, 1, 1)
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 128):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + 128])).to(dev)
+            x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            feats.append(model.multi_stage_features(x).float().cpu())
+    f = torch.cat(feats)
+    last_width = int(model.num_features)
+    y = torch.from_numpy(labels).long()
+    tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    results = {}
+    for name, cols in (("last", slice(f.shape[1] - last_width, None)), ("multi_stage", slice(None))):
+        acc, loss = _probe_acc(f[tr][:, cols], y[tr], f[va][:, cols], y[va], classes)
+        results[name] = {"val_acc": round(acc, 4), "val_loss": round(loss, 4), "features": int(f[:, cols].shape[1])}
+    better = results["multi_stage"]["val_acc"] >= results["last"]["val_acc"] + HEAD_MARGIN or (
+        results["multi_stage"]["val_acc"] >= results["last"]["val_acc"]
+        and results["multi_stage"]["val_loss"] < results["last"]["val_loss"]
+    )
+    choice = "multi_stage" if better else "last"
+    return {
+        "choice": choice,
+        "probes": results,
+        "why": (
+            f"linear probes on validation: last stage {results['last']['val_acc']:.3f}, several stages joined "
+            f"{results['multi_stage']['val_acc']:.3f}: {choice}"
+        ),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """What the planner chose and why (the report's ``plan`` section)."""
+
+    budget_s: float
+    default_budget: bool
+    device: str
+    kept: list[str]
+    planned: dict[str, Any]
+    why: list[str]
+    throughputs: list[Throughput]
+    measure_seconds: float
+    estimate_seconds: float
+    head: dict[str, Any] | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    deadline: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["throughputs"] = [asdict(t) for t in self.throughputs]
+        return d
+
+
+def _candidate_sizes(spec: TrainSpec, keep: list[str]) -> list[int]:
+    native = BACKBONES[spec.backbone].input_size
+    if _kept(keep, "image_size") and spec.image_size:
+        return [spec.image_size]
+    sizes = [s for s in CANDIDATE_SIZES if s <= native]
+    return sizes or [native]
+
+
+def plan_job(
+    images: np.ndarray,
+    labels: np.ndarray,
+    spec: TrainSpec,
+    budget_s: float,
+    *,
+    default_budget: bool = False,
+    device: str | None = None,
+    max_pixel_epochs: int | None = None,
+    log: Callable[[str], None] | None = None,
+    started: float | None = None,
+) -> tuple[TrainSpec, Plan]:
+    """Measure and plan: the recipe to train (a validated ``TrainSpec``) and the plan.
+
+    Args:
+        images: the dataset decoded at any size (a batch is resized to each candidate).
+        labels: its labels.
+        spec: the job; its explicit fields are kept.
+        budget_s: seconds for the whole job.
+        default_budget: the budget is the device's default (the job set none).
+        device: where training will run.
+        max_pixel_epochs: the admission cap.
+        log: progress lines.
+        started: ``time.perf_counter()`` when the job's clock started (default: now).
+    """
+    from .data import stratified_split
+    from .freezing import parameter_groups
+    from .heads import HeadConfig, create_classifier
+    from .runtime import resolve_device
+
+    t0 = started if started is not None else time.perf_counter()
+    say = log or (lambda _m: None)
+    keep = explicit_fields(spec)
+    classes = int(labels.max()) + 1
+    train_idx, val_idx = stratified_split(labels, spec.val_fraction, spec.seed)
+    w = Workload(n_train=len(train_idx), n_val=len(val_idx), classes=classes,
+                 native=BACKBONES[spec.backbone].input_size, views=spec.cache.views)
+    per_class = w.n_train / classes
+    sizes = _candidate_sizes(spec, keep)
+    n_groups = len(parameter_groups(
+        create_classifier(spec.backbone, weights="none", num_classes=classes, head=HeadConfig())
+    ))
+    kept_depth: str | None = None
+    if _kept(keep, "freeze"):
+        f = spec.freeze
+        partial = "most" if f.stages < n_groups - 2 else "top"
+        kept_depth = {"linear_probe": "linear_probe", "none": "all"}.get(f.mode, partial)
+    rule, _ = depth_for(per_class)
+    depths = [kept_depth] if kept_depth else list(DEPTHS[: DEPTHS.index(rule) + 1])
+    head_features = spec.head_features if _kept(keep, "head_features") else "last"
+    reserve = max(RESERVE_MIN_S, RESERVE_SHARE * budget_s)
+    table = measure_throughput(
+        images, spec.backbone, head_features, classes, sizes, depths, device=device,
+        time_cap_s=MEASURE_SHARE * budget_s, log=say,
+    )
+    measured = time.perf_counter() - t0
+    train_s = max(budget_s - measured - reserve, 0.0)
+    choice, why = plan_recipe(
+        table, w, train_s,
+        sizes=None,
+        depth=kept_depth,
+        epochs=spec.epochs if _kept(keep, "epochs") else None,
+        members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
+        max_pixel_epochs=max_pixel_epochs,
+        images=len(labels),
+    )
+    d = spec.model_dump(mode="json")
+    planned: dict[str, Any] = {}
+
+    def put(path: str, value: Any) -> None:
+        if _kept(keep, path):
+            return
+        node = d
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+        planned[path] = value
+
+    put("image_size", choice.size)
+    if not _kept(keep, "freeze"):
+        d["freeze"] = {**d["freeze"], **freeze_of(choice.depth, n_groups)}
+        planned["freeze"] = freeze_of(choice.depth, n_groups)
+    put("epochs", choice.epochs)
+    put("patience", max(3, choice.epochs // 3))
+    put("ensemble.members", choice.members)
+    if not _kept(keep, "augment"):
+        d["augment"] = {"preset": "light" if choice.augment else "none"}
+        planned["augment"] = d["augment"]
+        why.append(
+            "light augmentation (cached views)" if choice.augment
+            else f"no augmentation: under {AUGMENT_FROM} images a class the cache stays exact and epochs cheap"
+        )
+    put("head_dropout", 0.0 if choice.depth == "linear_probe" else 0.2)
+    put("schedule.name", "cosine")
+    put("schedule.warmup_epochs", 1)
+    if d["optimizer"]["name"] != "lbfgs":
+        put("optimizer.lr", LR_AUTO)
+    if not _kept(keep, "head_features"):
+        put("head_features", "last")
+    plan = Plan(
+        budget_s=budget_s,
+        default_budget=default_budget,
+        device=str(resolve_device(device)),
+        kept=keep,
+        planned=planned,
+        why=why,
+        throughputs=table,
+        measure_seconds=round(measured, 2),
+        estimate_seconds=round(measured + choice.seconds, 1),
+    )
+    return TrainSpec.model_validate(d), plan
+
+
+def choose_head(
+    data: Any, spec: TrainSpec, plan: Plan, budget_left_s: float, *, device: str | None = None
+) -> TrainSpec:
+    """For a planned linear probe: the better of the last-stage and multi-stage heads on validation."""
+    from .data import stratified_split
+    from .zoo import preprocess_for
+
+    if spec.freeze.mode != "linear_probe" or _kept(plan.kept, "head_features"):
+        return spec
+    if not multi_stage_supported(spec.backbone) or spec.ensemble.backbones:
+        plan.why.append("head: last stage (the multi-stage head needs an EfficientNet)")
+        return spec
+    # One pass over the data: skip it when it would take a large share of what is left.
+    est = next((len(data.labels) / t.prefix_img_s for t in plan.throughputs
+                if t.size == spec.image_size and t.depth == "linear_probe" and t.prefix_img_s > 0), math.inf)
+    if est > 0.25 * budget_left_s:
+        plan.why.append(f"head: last stage (comparing heads would take ~{est:.0f} s of {budget_left_s:.0f} s left)")
+        return spec
+    train_idx, val_idx = stratified_split(data.labels, spec.val_fraction, spec.seed)
+    pre = preprocess_for(spec.backbone, spec.image_size)
+    plan.head = compare_heads(
+        data.images, data.labels, train_idx, val_idx, spec.backbone, spec.weights, (pre.mean, pre.std), device=device
+    )
+    plan.why.append(plan.head["why"])
+    plan.planned["head_features"] = plan.head["choice"]
+    return spec.model_copy(update={"head_features": plan.head["choice"]})
+
+
+def fit_budgeted(
+    decode: Callable[[int], Any],
+    spec: TrainSpec,
+    budget_s: float,
+    *,
+    default_budget: bool = False,
+    device: str | None = None,
+    num_threads: int | None = None,
+    hooks: Any = None,
+    cache: Any = None,
+    max_pixel_epochs: int | None = None,
+    started: float | None = None,
+    on_plan: Callable[[TrainSpec, Plan], None] | None = None,
+) -> tuple[Any, TrainSpec]:
+    """Plan ``spec`` for ``budget_s`` seconds, train it, and end in time: ``(TrainResult, trained spec)``.
+
+    Args:
+        decode: the dataset decoded at a given side (``ImageArray``), e.g. ``models.data.load_folder``.
+        spec: the job.
+        budget_s: seconds for everything from ``started`` on (measuring, planning, training, evaluating).
+        default_budget: the budget is the device's default (for the report).
+        device, num_threads, cache: as for ``models.training.train``.
+        hooks: ``TrainHooks`` (its ``deadline`` is set here).
+        max_pixel_epochs: the admission cap the plan must respect.
+        started: ``time.perf_counter()`` when the job's clock started (default: now).
+        on_plan: called with the planned spec and the plan before training starts.
+    """
+    from dataclasses import replace
+
+    from .runtime import torch_threads
+    from .training import TrainHooks, train
+
+    t0 = started if started is not None else time.perf_counter()
+    hooks = hooks or TrainHooks()
+    say = hooks.log or (lambda _m: None)
+    sizes = _candidate_sizes(spec, explicit_fields(spec))
+    first = decode(min(sizes))
+    with torch_threads(num_threads or 0) if num_threads else _nullcontext():
+        planned, plan = plan_job(
+            first.images, first.labels, spec, budget_s, default_budget=default_budget, device=device,
+            max_pixel_epochs=max_pixel_epochs, log=say, started=t0,
+        )
+        data = first if planned.image_size == min(sizes) else decode(int(planned.image_size or min(sizes)))
+        reserve = max(RESERVE_MIN_S, RESERVE_SHARE * budget_s)
+        deadline = t0 + budget_s - reserve
+        planned = choose_head(data, planned, plan, deadline - time.perf_counter(), device=device)
+    plan.spec = planned.model_dump(mode="json")
+    say(
+        f"plan for {budget_s:.0f} s: {planned.image_size} px, freeze {planned.freeze.mode}"
+        f"{'' if planned.freeze.mode != 'first_n' else f' {planned.freeze.stages}'}, {planned.epochs} epochs, "
+        f"{planned.ensemble.members} member(s), head {planned.head_features}; estimated {plan.estimate_seconds:.0f} s"
+    )
+    if on_plan is not None:
+        on_plan(planned, plan)
+    result = train(
+        data, planned, hooks=replace(hooks, deadline=deadline), device=device, num_threads=num_threads, cache=cache
+    )
+    plan.seconds = round(time.perf_counter() - t0, 2)
+    plan.deadline = result.sections.get("deadline")
+    result.sections["plan"] = plan.to_dict()
+    return result, planned
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
