@@ -10,7 +10,8 @@ from pathlib import Path
 import models
 
 ALLOWED_THIRD_PARTY = {
-    "torch", "torchvision", "timm", "numpy", "PIL", "safetensors", "pydantic", "matplotlib", "onnx", "onnxruntime",
+    "torch", "torchvision", "timm", "numpy", "PIL", "safetensors", "pydantic", "pydantic_core", "matplotlib",
+    "onnx", "onnxruntime",
 }
 
 

@@ -297,7 +297,7 @@ def test_a_model_with_every_head_option_saves_and_predicts_the_same(
     )
     result = train(pre_data, spec, device="cpu")
     assert result.members[0].head == {"drop_rate": 0.2, "drop_connect": 0.3, "drop_path": 0.1,
-                                      "pool": "fractional_max"}
+                                      "pool": "fractional_max", "features": "last"}
     predictor = load_predictor(save_artifact(result, spec, tmp_path / "m"), device="cpu")
     x = normalize_batch(pre_data.images[:6], result.preprocess)
     with torch.inference_mode():

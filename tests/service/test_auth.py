@@ -99,3 +99,15 @@ def test_idempotency_key_returns_the_first_result(client, enqueued):
     assert client.post("/v1/jobs", json={**body, "epochs": 3},
                        headers={"Idempotency-Key": "job-1"}).status_code == 422
     assert client.get("/v1/jobs").json()["count"] == 1
+
+
+def test_the_same_sample_archive_is_the_same_bytes_across_a_clock_tick(monkeypatch):
+    # The idempotency test above compares two uploads of "the same" archive by their bytes; zip
+    # entries carried the current time, so a 2-second tick between them made it a different request.
+    import time as time_module
+
+    first = animals_zip(3, 2)
+    real = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real() + 3600)
+    monkeypatch.setattr(time_module, "localtime", lambda t=None: time_module.gmtime(real() + 3600))
+    assert animals_zip(3, 2) == first
