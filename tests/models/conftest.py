@@ -47,3 +47,14 @@ def lfw_data(lfw_root: Path) -> ImageArray:
     """The LFW subset decoded at the tiny recipe's size."""
     pre = preprocess_for(TINY["backbone"], TINY["image_size"])
     return load_folder(lfw_root, LFW_CLASSES, pre.image_size, pre.interpolation, cache_dir=None)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Torch on two threads for the test, as the machine's CI has; the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

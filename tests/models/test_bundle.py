@@ -23,11 +23,8 @@ from models.training import train
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def _threads(two_torch_threads):
+    """Every test here runs on two torch threads."""
 
 
 @pytest.fixture(scope="module")

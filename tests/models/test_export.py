@@ -25,11 +25,8 @@ SIZE = 32
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def _threads(two_torch_threads):
+    """Every test here runs on two torch threads."""
 
 
 def _check(predictor, tmp_path: Path) -> dict[str, dict]:

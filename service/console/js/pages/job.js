@@ -57,7 +57,9 @@ export async function jobPage(main, id) {
   function render() {
     mount(view.status, statusBadge(state.status));
     view.stage.textContent = state.stage ? ` ${state.stage}` : "";
-    view.stream.textContent = { live: "live", reconnecting: "reconnecting…", connecting: "" }[state.stream] || "";
+    // "live" only while there is more to come: a finished job's stream has ended.
+    view.stream.textContent = FINISHED.has(state.status) ? ""
+      : { live: "live", reconnecting: "reconnecting…", connecting: "" }[state.stream] || "";
     cancel.hidden = FINISHED.has(state.status);
     const p = state.progress;
     const rows = [];
