@@ -151,7 +151,8 @@ def test_login_checks_the_key_and_stores_it(api, capsys, monkeypatch):
     assert json.loads(out) == {"data": [], "count": 0}
 
 
-def test_report_figures_and_predict(api, capsys, tmp_path):
+def _model_trained_through_the_cli(api, capsys, tmp_path) -> str:
+    """Upload, submit a tiny recipe from a file, train it (in process), return the model id the CLI shows."""
     from workers.jobs import run_job
 
     _url, _key, settings = api
@@ -162,7 +163,11 @@ def test_report_figures_and_predict(api, capsys, tmp_path):
     recipe.write_text(json.dumps({**TINY_JOB, "dataset_id": ds_id}))
     job = json.loads(zoofit(capsys, "jobs", "submit", "-f", str(recipe), "--json")[1])
     assert run_job(job["id"], settings=settings) == JobStatus.SUCCEEDED
-    model_id = json.loads(zoofit(capsys, "jobs", "show", job["id"], "--json")[1])["model_id"]
+    return str(json.loads(zoofit(capsys, "jobs", "show", job["id"], "--json")[1])["model_id"])
+
+
+def test_report_figures_and_predict(api, capsys, tmp_path):
+    model_id = _model_trained_through_the_cli(api, capsys, tmp_path)
 
     code, out, err = zoofit(capsys, "models", "report", model_id, "--save-figures", str(tmp_path / "figs"))
     assert code == 0, err
@@ -202,17 +207,7 @@ def test_zip_folder_streams_in_chunks(tmp_path):
 
 
 def test_models_export_waits_for_the_build_and_downloads_the_bundle(api, capsys, tmp_path):
-    from workers.jobs import run_job
-
-    _url, _key, settings = api
-    archive = tmp_path / "a.zip"
-    archive.write_bytes(animals_zip(6, 3))
-    ds_id = json.loads(zoofit(capsys, "datasets", "upload", str(archive), "--json")[1])["id"]
-    recipe = tmp_path / "tiny.json"
-    recipe.write_text(json.dumps({**TINY_JOB, "dataset_id": ds_id}))
-    job = json.loads(zoofit(capsys, "jobs", "submit", "-f", str(recipe), "--json")[1])
-    assert run_job(job["id"], settings=settings) == JobStatus.SUCCEEDED
-    model_id = json.loads(zoofit(capsys, "jobs", "show", job["id"], "--json")[1])["model_id"]
+    model_id = _model_trained_through_the_cli(api, capsys, tmp_path)
 
     code, out, err = zoofit(capsys, "models", "export", model_id, "--format", "onnx", "-o", str(tmp_path / "out"),
                             "--poll", "0.2")
