@@ -19,7 +19,33 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZOOFIT_", env_file=".env", extra="ignore")
 
-    data_dir: Path = Field(Path("zoofit-data"), description="datasets, decoded caches and model artifacts")
+    data_dir: Path = Field(
+        Path("zoofit-data"),
+        description="the embedded deployment's folder: SQLite files, and the artifact store and scratch "
+        "unless storage_url and scratch_dir say otherwise",
+    )
+    # artifact store (service.storage): datasets, models, exports, job checkpoints, addressed by keys
+    storage_url: str | None = Field(
+        None, description="where artifacts live: s3://bucket/prefix (an S3-compatible store) or "
+        "file:///path; default: data_dir itself (one host, or a folder every host mounts at the same path)",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="the S3 API's address for a store that is not AWS (MinIO: http://minio:9000)"
+    )
+    s3_region: str | None = Field(None, description="the bucket's region (AWS); most other stores ignore it")
+    s3_access_key_id: str | None = Field(None, description="default: boto3's own lookup (env, profile, role)")
+    s3_secret_access_key: SecretStr | None = Field(None, description="goes with s3_access_key_id")
+    s3_transfer_threads: int = Field(
+        16, ge=1, le=256, description="objects uploaded or downloaded at once when a whole tree moves"
+    )
+    # per-host scratch: local copies of stored trees, decoded images, feature-cache spill, uploads in flight
+    scratch_dir: Path | None = Field(
+        None, description="this host's scratch folder (never shared between hosts); default: data_dir/cache"
+    )
+    scratch_max_bytes: int = Field(
+        20 * 1024**3, ge=0, description="local copies of stored datasets and models kept in scratch_dir "
+        "(with an object store): most bytes, least recently used removed first",
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir")
     broker_url: str | None = Field(None, description="Celery broker; default embedded SQLite broker")
 
@@ -203,11 +229,13 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+        """This host's scratch folder (``scratch_dir``): local copies, decoded images, feature spill."""
+        return self.scratch_dir if self.scratch_dir is not None else self.data_dir / "cache"
 
     @property
     def tmp_dir(self) -> Path:
-        return self.data_dir / "tmp"
+        """Uploads and artifacts being written, on this host (renamed or uploaded into the store)."""
+        return self.cache_dir / "tmp"
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.datasets_dir, self.models_dir, self.cache_dir, self.tmp_dir):
