@@ -73,9 +73,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """
     file = Path(path) / MANIFEST_FILE
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = file.read_bytes()
+    except OSError as e:
         raise ArtifactError(f"cannot read {file}: {e}") from e
+    return parse_manifest(data, str(file))
+
+
+def parse_manifest(data: bytes, file: str) -> dict[str, Any]:
+    """The manifest in ``data`` (read from ``file``, named in errors).
+
+    Raises:
+        ArtifactError: not JSON, or not a zoofit model of a format this code reads.
+    """
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise ArtifactError(f"cannot read {file}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"cannot read {file}: not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{file} is not a {FORMAT} v{FORMAT_VERSION} manifest "

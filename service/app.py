@@ -27,7 +27,7 @@ from service.errors import ServiceError
 from service.event_hub import EventHub
 from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.metrics import instrument
-from service.models_store import PredictorCache
+from service.models_store import PredictorCache, model_files
 from service.problems import field_errors, problem_response, validation_detail
 
 log = logging.getLogger("zoofit.api")
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.predictors = PredictorCache(
         settings.model_cache_size, device=settings.device, runtime=settings.predict_runtime,
-        threads=settings.predict_threads,
+        threads=settings.predict_threads, files=model_files(settings),
     )
     # Forward passes run on the batcher's one inference thread, which applies predict_threads
     # (torch is imported there, on the first prediction, not when the API starts).

@@ -238,7 +238,8 @@ class Settings(BaseSettings):
         return self.cache_dir / "tmp"
 
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.datasets_dir, self.models_dir, self.cache_dir, self.tmp_dir):
+        local_store = (self.datasets_dir, self.models_dir) if self.storage_url is None else ()
+        for d in (self.data_dir, *local_store, self.cache_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -22,6 +22,10 @@ from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
 from service.errors import Conflict, NotFound, ServiceError, TooLarge, Unavailable
 from service.ingest import DatasetRejected, IngestLimits, ingest_archive
 from service.quotas import check_class_count
+from service.storage import KeyMissing, ObjectInfo, join, store_for
+from service.storage.mirror import mirror_for
+
+DATASETS_PREFIX = "datasets"
 
 CHUNK = 1024 * 1024
 
@@ -45,14 +49,21 @@ def save_upload(src: BinaryIO, dest: Path, max_bytes: int) -> str:
 
 
 def sweep_stale_uploads(settings: Settings, max_age_s: float = 3600.0) -> list[Path]:
-    """Remove what a killed API process left mid-upload (``tmp/upload-*``, ``datasets/.<id>.ingest-*``).
+    """Remove what a killed API process left mid-upload in this host's scratch (``tmp/upload-*``, the
+    extraction folders ``tmp/ds-<id>`` and ``tmp/.ds-<id>.ingest-*``; ``datasets/.<id>.ingest-*`` of
+    releases that extracted in the data dir).
 
     Only entries older than ``max_age_s`` go: several API processes may share the data folder,
     and a younger entry may be an upload in progress elsewhere.
     """
     cutoff = time.time() - max_age_s
     removed = []
-    candidates = [*settings.tmp_dir.glob("upload-*"), *settings.datasets_dir.glob(".*.ingest-*")]
+    candidates = [
+        *settings.tmp_dir.glob("upload-*"),
+        *settings.tmp_dir.glob("ds-*"),
+        *settings.tmp_dir.glob(".ds-*.ingest-*"),
+        *settings.datasets_dir.glob(".*.ingest-*"),
+    ]
     for path in candidates:
         try:
             if path.lstat().st_mtime >= cutoff:
@@ -87,11 +98,19 @@ def create_dataset(
     on_bad_file: Literal["reject", "skip"] = "reject",
     idempotency_key: str | None = None,
 ) -> DatasetRow:
-    """Store an uploaded archive as a dataset. Nothing remains on disk if it is rejected."""
+    """Store an uploaded archive as a dataset. Nothing remains, on disk or in the store, if it is rejected.
+
+    The archive is saved and extracted in this host's scratch, the images are published to the
+    store under ``datasets/<id>``, and only then is the record committed (the publish point: a
+    crash before it leaves objects no record names, and no record without its objects).
+    """
     settings.ensure_dirs()
     dataset_id = new_id()
     upload = settings.tmp_dir / f"upload-{uuid.uuid4().hex}"
-    dest = settings.datasets_dir / dataset_id
+    dest = settings.tmp_dir / f"ds-{dataset_id}"
+    key = join(DATASETS_PREFIX, dataset_id)
+    store = store_for(settings)
+    published = False
     try:
         sha = save_upload(src, upload, settings.upload_max_bytes)
         fingerprint = hashlib.sha256(f"{sha}|{name}|{on_bad_file}".encode()).hexdigest()
@@ -104,6 +123,8 @@ def create_dataset(
         except DatasetRejected as exc:
             raise ServiceError(str(exc), problems=exc.problems).with_status(exc.status) from None
         check_class_count(settings, len(result.classes), "the dataset")
+        published = True
+        store.put_tree(key, dest)
         row = DatasetRow(
             id=dataset_id,
             tenant=tenant,
@@ -112,21 +133,23 @@ def create_dataset(
             counts=result.counts,
             num_images=result.num_images,
             skipped=result.skipped,
-            path=str(dest.resolve()),
+            store_key=key,
         )
         session.add(row)
         idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id, ttl)
         # Committed here, inside the try: if the commit fails, the stored files go with it.
         earlier = idempotency.commit_first(session, tenant, "datasets", idempotency_key, fingerprint, ttl)
         if earlier is not None:  # the same key, at the same moment: that upload is the answer
-            shutil.rmtree(dest, ignore_errors=True)
+            store.delete_tree(key)
             return get_dataset(session, earlier, tenant)
         return row
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        if published:
+            store.delete_tree(key)
         raise
     finally:
         upload.unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def _name_from(filename: str) -> str:
@@ -158,10 +181,11 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant
     ).all()
     if busy:
         raise Conflict(f"dataset {dataset_id!r} is used by unfinished jobs: {', '.join(busy)}")
-    path = Path(row.path)
+    key = row.store_key
     session.delete(row)
     commit(session)  # files go only once the record is gone for good
-    shutil.rmtree(path, ignore_errors=True)
+    store_for(settings).delete_tree(key)
+    mirror_for(settings).drop(key)  # this host's copy; other hosts' age out of their scratch
     for cached in settings.cache_dir.glob(f"*{dataset_id}*"):
         cached.unlink(missing_ok=True)
 
@@ -170,38 +194,42 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant
 THUMBNAIL_MIN, THUMBNAIL_MAX = 32, 256
 
 
-def _stored_files(root: Path, label: str) -> list[str]:
-    """The images of one class folder, as training reads them: sorted, hidden files skipped, no links."""
-    folder = root / label
-    if folder.is_symlink() or not folder.is_dir():
-        return []
-    return sorted(
-        p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file() and not p.is_symlink()
-    )
+def _stored_files(settings: Settings, row: DatasetRow) -> dict[str, list[str]]:
+    """The images of each class, as training reads them: ``<class>/<file>`` directly, sorted, no hidden files.
+
+    One listing of the dataset's tree in the store (no links: a ``LocalStore`` lists regular files only).
+    """
+    cut = len(row.store_key) + 1
+    found: dict[str, list[str]] = {label: [] for label in row.classes}
+    for obj in store_for(settings).list(row.store_key):
+        parts = obj.key[cut:].split("/")
+        if len(parts) == 2 and parts[0] in found and not parts[1].startswith("."):
+            found[parts[0]].append(parts[1])
+    return found
 
 
-def sample_files(row: DatasetRow, per_class: int) -> list[tuple[str, int, list[str]]]:
+def sample_files(settings: Settings, row: DatasetRow, per_class: int) -> list[tuple[str, int, list[str]]]:
     """Up to ``per_class`` files of each class, spread evenly over its sorted list.
 
     Returns:
         ``(class, images in the class, [<class>/<file>, ...])`` per class, in class order.
     """
-    root = Path(row.path)
+    stored = _stored_files(settings, row)
     out = []
     for label in row.classes:
-        names = _stored_files(root, label)
+        names = sorted(stored[label])
         step = max(1, len(names) / per_class) if names else 1
         picked = [names[int(i * step)] for i in range(min(per_class, len(names)))]
         out.append((label, len(names), [f"{label}/{n}" for n in picked]))
     return out
 
 
-def stored_image(row: DatasetRow, file_path: str) -> Path:
+def stored_image(settings: Settings, row: DatasetRow, file_path: str) -> ObjectInfo:
     """The stored image ``<class>/<file>`` of the dataset; anything else is a 404.
 
     Only a name of exactly two components is looked up, the first one of the dataset's classes and
-    neither ``.``/``..`` nor hidden; the file must then be a regular file (no symlink) in that class
-    folder, which itself is a real folder. Nothing is resolved through links.
+    neither ``.``/``..`` nor hidden; the store then must hold it as a regular object (a
+    ``LocalStore`` follows no link on the way).
     """
     missing = NotFound(f"dataset {row.id!r} has no image {file_path!r}")
     parts = file_path.split("/")
@@ -210,37 +238,33 @@ def stored_image(row: DatasetRow, file_path: str) -> Path:
     label, name = parts
     if label not in row.classes or not name or name.startswith(".") or label in (".", ".."):
         raise missing
-    folder = Path(row.path) / label
-    path = folder / name
     try:
-        if folder.is_symlink() or not folder.is_dir() or path.is_symlink() or not path.is_file():
-            raise missing
-    except OSError:
+        return store_for(settings).info(join(row.store_key, label, name))
+    except (KeyMissing, ValueError, OSError):
         raise missing from None
-    return path
 
 
 class ThumbnailCache:
     """Thumbnail bytes kept in memory, at most ``max_bytes`` of them, least recently used dropped first.
 
-    Keyed by ``(dataset id, file, side, the file's mtime in ns)``: a file replaced under the same name
+    Keyed by ``(dataset id, file, side, the stored object's version)``: a file replaced under the same name
     misses; a deleted dataset's entries are never asked for again and age out.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self._items: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, int, str], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, int, int]) -> bytes | None:
+    def get(self, key: tuple[str, str, int, str]) -> bytes | None:
         with self._lock:
             data = self._items.get(key)
             if data is not None:
                 self._items.move_to_end(key)
             return data
 
-    def put(self, key: tuple[str, str, int, int], data: bytes) -> None:
+    def put(self, key: tuple[str, str, int, str], data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
         with self._lock:
@@ -283,12 +307,9 @@ def thumbnail(settings: Settings, row: DatasetRow, file_path: str, size: int) ->
     from models.errors import BadImageError
     from models.images import open_image
 
-    path = stored_image(row, file_path)
+    stored = stored_image(settings, row, file_path)
     side = min(THUMBNAIL_MAX, max(THUMBNAIL_MIN, size))
-    try:
-        key = (row.id, file_path, side, path.stat().st_mtime_ns)
-    except OSError:
-        raise NotFound(f"dataset {row.id!r} has no image {file_path!r}") from None
+    key = (row.id, file_path, side, stored.version)
     cached = thumbnail_cache(settings.thumbnail_cache_max_bytes)
     data = cached.get(key)
     if data is not None:
@@ -297,7 +318,11 @@ def thumbnail(settings: Settings, row: DatasetRow, file_path: str, size: int) ->
     if not slots.acquire(timeout=settings.thumbnail_wait_s):
         raise Unavailable("the server is busy making other thumbnails; retry the request", retry_after=1)
     try:
-        img = open_image(path, file_path, max_pixels=settings.max_image_pixels, min_side=side)
+        try:
+            src = store_for(settings).get_bytes(stored.key)
+        except KeyMissing:
+            raise NotFound(f"dataset {row.id!r} has no image {file_path!r}") from None
+        img = open_image(src, file_path, max_pixels=settings.max_image_pixels, min_side=side)
         img.thumbnail((side, side))
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=80)

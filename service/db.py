@@ -71,7 +71,7 @@ class DatasetRow(Base):
     counts: Mapped[dict[str, Any]] = mapped_column(JSON)
     num_images: Mapped[int] = mapped_column(Integer)
     skipped: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    path: Mapped[str] = mapped_column(Text)
+    store_key: Mapped[str] = mapped_column(Text)  # its images: <store_key>/<class>/<file> (service.storage)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -127,7 +127,7 @@ class ModelRow(Base):
     classes: Mapped[list[Any]] = mapped_column(JSON)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    path: Mapped[str] = mapped_column(Text)
+    store_key: Mapped[str] = mapped_column(Text)  # its files: <store_key>/manifest.json, ... (service.storage)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -144,7 +144,7 @@ class ExportRow(Base):
     quantization: Mapped[str] = mapped_column(String(16), default="none")
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    store_key: Mapped[str | None] = mapped_column(Text, nullable=True)  # the bundle, once built
     size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

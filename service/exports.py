@@ -2,8 +2,8 @@
 
 A request for a format and quantization the model already has an export of returns that record
 (queued, running or succeeded); a failed one is queued again. A new record is committed first and
-then its id is sent to the queue, where a worker builds the bundle (``workers.exports``) into
-``<model folder>/exports/<export id>.zip``, so deleting the model deletes its bundles with it.
+then its id is sent to the queue, where a worker builds the bundle (``workers.exports``) and stores
+it as ``<model key>/exports/<export id>.zip``, so deleting the model deletes its bundles with it.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.config import Settings
 from service.db import ExportRow, JobStatus, commit, utcnow
 from service.errors import Conflict, NotFound
-from service.models_store import get_model
+from service.models_store import EXPORTS_DIR, get_model
+from service.storage import KeyMissing, ObjectInfo, join, store_for
 
-EXPORTS_DIR = "exports"
 EnqueueExport = Callable[[str], None]
 # A bundle builds in minutes: an export still queued or running after this long lost its message or
 # its worker (killed mid-build), and asking for it again queues it again.
 EXPORT_STALE_S = 3600.0
 
 
-def bundle_path(model_path: str | Path, export_id: str) -> Path:
-    """Where the worker writes the export's zip."""
-    return Path(model_path) / EXPORTS_DIR / f"{export_id}.zip"
+def bundle_key(model_key: str, export_id: str) -> str:
+    """The store key of the export's zip."""
+    return join(model_key, EXPORTS_DIR, f"{export_id}.zip")
 
 
 def request_export(
@@ -99,20 +100,22 @@ def get_export(session: Session, model_id: str, export_id: str, tenant: str) -> 
     return row
 
 
-def export_file(row: ExportRow) -> Path:
-    """The bundle of a finished export.
+def export_file(settings: Settings, row: ExportRow) -> tuple[ObjectInfo, Path | None]:
+    """The bundle of a finished export: its object, and its local file when the store is a local folder.
 
     Raises:
         Conflict: the export has not succeeded (yet).
         NotFound: its file is gone.
     """
-    if row.status != JobStatus.SUCCEEDED or not row.path:
+    if row.status != JobStatus.SUCCEEDED or not row.store_key:
         detail = f": {row.error}" if row.error else ""
         raise Conflict(f"export {row.id!r} is {row.status}{detail}; only a succeeded export can be downloaded")
-    path = Path(row.path)
-    if not path.is_file():
-        raise NotFound(f"the bundle of export {row.id!r} is gone")
-    return path
+    store = store_for(settings)
+    try:
+        info = store.info(row.store_key)
+    except KeyMissing:
+        raise NotFound(f"the bundle of export {row.id!r} is gone") from None
+    return info, store.local_path(row.store_key)
 
 
 def download_name(row: ExportRow) -> str:

@@ -199,11 +199,11 @@ def revoke_key_and_jobs(session: Session, key_id: str, cancel_jobs: bool = False
     return row, cancel_tenant_jobs(session, row.tenant) if cancel_jobs else []
 
 
-def job_public(session: Session, job: JobRow) -> dict[str, Any]:
+def job_public(session: Session, settings: Settings, job: JobRow) -> dict[str, Any]:
     """One job as the API shows it: ``metrics`` is its model's whole report while the model exists."""
     public = {c.key: getattr(job, c.key) for c in JobRow.__table__.columns}
     if job.model_id is not None:
         model = session.get(ModelRow, job.model_id)
         if model is not None and model.tenant == job.tenant:
-            public["metrics"] = models_store.full_report(model) or job.metrics
+            public["metrics"] = models_store.full_report(settings, model) or job.metrics
     return public

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import shutil
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from models.manifest import MANIFEST_FILE, ArtifactError, read_manifest
+from models.manifest import MANIFEST_FILE, ArtifactError, parse_manifest
 from models.report import Report
+from service.config import Settings
 from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
 from service.metrics import MODEL_CACHE_HITS, MODEL_CACHE_MISSES
+from service.storage import KeyMissing, Store, StoreUnavailable, join, store_for
+from service.storage.mirror import mirror_for
+
+log = logging.getLogger("zoofit.models")
+EXPORTS_DIR = "exports"  # a model's bundles: <store key>/exports/<export id>.zip (service.exports)
 
 if TYPE_CHECKING:
     from models.artifact import Predictor
@@ -29,21 +37,33 @@ def get_model(session: Session, model_id: str, tenant: str) -> ModelRow:
     return row
 
 
-def model_location(session: Session, model_id: str, tenant: str) -> tuple[Path, int]:
-    """The model folder and class count, without loading the stored report (what predict needs)."""
+def model_location(session: Session, model_id: str, tenant: str) -> tuple[str, int]:
+    """The model's store key and class count, without loading the stored report (what predict needs)."""
     found = session.execute(
-        select(ModelRow.path, ModelRow.classes).where(ModelRow.id == model_id, ModelRow.tenant == tenant)
+        select(ModelRow.store_key, ModelRow.classes).where(ModelRow.id == model_id, ModelRow.tenant == tenant)
     ).first()
     if found is None:
         raise NotFound(f"model {model_id!r} not found")
-    return Path(found.path), len(found.classes)
+    return str(found.store_key), len(found.classes)
+
+
+# What a loaded model needs of its stored tree: not its bundles, its figures (``models.plots.FIGURES_DIR``)
+# or the ONNX graph an API process made (``models.onnx_runtime.RUNTIME_DIR``; not imported: they import torch).
+FIGURES_DIR = "report"
+NOT_LOADED = (EXPORTS_DIR, FIGURES_DIR, "runtime")
+
+
+def model_files(settings: Settings) -> Callable[[str], Path]:
+    """Turns a model's store key into a local folder with its files (``service.storage.mirror``)."""
+    mirror = mirror_for(settings)
+    return lambda key: mirror.tree(key, skip=NOT_LOADED)
 
 
 def list_models(session: Session, tenant: str, offset: int, limit: int) -> tuple[list[ModelRow], int]:
     return page(session, select(ModelRow).where(ModelRow.tenant == tenant), offset, limit)
 
 
-def model_public(row: ModelRow, *, with_report: bool = False) -> dict[str, Any]:
+def model_public(settings: Settings, row: ModelRow, *, with_report: bool = False) -> dict[str, Any]:
     """The model as the API shows it: ``metrics`` is the report's summary, or the whole report."""
     manifest = row.manifest or {}
     return {
@@ -52,74 +72,90 @@ def model_public(row: ModelRow, *, with_report: bool = False) -> dict[str, Any]:
         "dataset_id": row.dataset_id,
         "classes": row.classes,
         "members": manifest.get("members", []),
-        "metrics": (full_report(row) or row.metrics) if with_report else row.metrics,
+        "metrics": (full_report(settings, row) or row.metrics) if with_report else row.metrics,
         "spec": manifest.get("spec", {}),
         "preprocess": manifest.get("preprocess", {}),
         "created_at": row.created_at,
     }
 
 
-def stored_report(row: ModelRow) -> dict[str, Any] | None:
-    """The evaluation report in the model folder's manifest (its one stored copy), if it has one.
+def stored_report(settings: Settings, row: ModelRow) -> dict[str, Any] | None:
+    """The evaluation report in the model's stored manifest (its one stored copy), if it has one.
 
     Rows written by releases before the report was stored once also carry it in the database.
     """
+    store = store_for(settings)
+    key = join(row.store_key, MANIFEST_FILE)
     try:
-        manifest = Path(row.path) / MANIFEST_FILE
-        report = _report_in(str(manifest), manifest.stat().st_mtime_ns)
-    except (OSError, ArtifactError):
+        report = _report_in(store, key, store.info(key).version)
+    except (KeyMissing, StoreUnavailable, OSError, ArtifactError):
         report = None
     return report or (row.manifest or {}).get("report")
 
 
 @functools.lru_cache(maxsize=64)
-def _report_in(manifest: str, _mtime_ns: int) -> dict[str, Any] | None:
+def _report_in(store: Store, key: str, _version: str) -> dict[str, Any] | None:
     # A job is polled every second or so: read and parse each manifest once, not per request. The
-    # modification time is in the key, so a model folder saved anew (renamed into place) is read again.
-    report = read_manifest(Path(manifest).parent).get("report")
+    # object's version is in the key, so a manifest written anew is read again.
+    report = parse_manifest(store.get_bytes(key), key).get("report")
     return dict(report) if report else None
 
 
-def full_report(row: ModelRow) -> Report | None:
+def full_report(settings: Settings, row: ModelRow) -> Report | None:
     """The model's whole report, validated (a damaged one is an error, never cut down to a summary).
 
     Without ``val_predictions``: up to 2,000 rows that only the report route serves, not every poll
     of the job or the model.
     """
-    report = stored_report(row)
+    report = stored_report(settings, row)
     return Report.model_validate({**report, "val_predictions": None}) if report else None
 
 
-def model_report(row: ModelRow) -> dict[str, Any]:
+def model_report(settings: Settings, row: ModelRow) -> dict[str, Any]:
     """The model's evaluation report.
 
     Raises:
         NotFound: the model was saved before reports existed, or its folder is unreadable.
     """
-    report = stored_report(row)
+    report = stored_report(settings, row)
     if not report:
         raise NotFound(f"model {row.id!r} has no evaluation report (it was saved before reports existed)")
     return dict(report)
 
 
-def report_figure(row: ModelRow, name: str) -> bytes:
-    """PNG bytes of one report figure, rendered on first use and kept in the model folder."""
-    from models.plots import ReportMissingError, cached_figure
+def report_figure(settings: Settings, row: ModelRow, name: str) -> bytes:
+    """PNG bytes of one report figure, rendered on first use and kept in the store beside the model.
 
+    Every API process serves the one stored copy; two rendering it at once both write a whole PNG.
+    """
+    from models.plots import FIGURES, ReportMissingError, render_figure
+    from models.spec import check_name
+
+    check_name("figure", name, list(FIGURES))
+    store = store_for(settings)
+    key = join(row.store_key, FIGURES_DIR, f"{name}.png")
+    with contextlib.suppress(KeyMissing):
+        return store.get_bytes(key)
     try:
-        return cached_figure(Path(row.path), name, model_report(row))
+        png = render_figure(name, model_report(settings, row))
     except ReportMissingError as exc:
         raise NotFound(f"model {row.id!r}: {exc}") from exc
+    try:
+        store.put_bytes(key, png)
+    except (OSError, StoreUnavailable) as exc:  # a read-only store: served, not kept
+        log.warning("could not keep figure %s: %s", key, exc)
+    return png
 
 
-def delete_model(session: Session, cache: PredictorCache, model_id: str, tenant: str) -> None:
+def delete_model(session: Session, settings: Settings, cache: PredictorCache, model_id: str, tenant: str) -> None:
     row = get_model(session, model_id, tenant)
-    path = Path(row.path)
+    key = row.store_key
     session.delete(row)
-    session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in the folder
+    session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in its tree
     commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
-    shutil.rmtree(path, ignore_errors=True)
+    store_for(settings).delete_tree(key)
+    mirror_for(settings).drop(key)  # this host's copy; other API hosts' age out of their scratch
 
 
 class PredictorCache:
@@ -130,9 +166,12 @@ class PredictorCache:
     """
 
     def __init__(
-        self, capacity: int, device: str | None = None, *, runtime: str = "torch", threads: int | None = None
+        self, capacity: int, device: str | None = None, *, runtime: str = "torch", threads: int | None = None,
+        files: Callable[[str], Path] | None = None,
     ) -> None:
         self.capacity = capacity
+        # A model's store key to a local folder of its files (``model_files``); None: keys are folders.
+        self.files = files
         self.device = device
         self.runtime = runtime  # ``models.runtime.PREDICT_RUNTIMES``
         self.threads = threads  # onnxruntime intra-op threads (torch's are set on the inference thread)
@@ -141,11 +180,11 @@ class PredictorCache:
         self._loading: dict[str, threading.Lock] = {}
         self._evictions: dict[str, int] = {}  # per model id, how often it was evicted (while loads ran)
 
-    def get(self, model_id: str, path: Path) -> Predictor:
-        """The loaded model.
+    def get(self, model_id: str, key: str | Path) -> Predictor:
+        """The loaded model, from its store key (a folder when the cache has no ``files``).
 
         Raises:
-            NotFound: the model was deleted before or while it loaded (its folder is gone).
+            NotFound: the model was deleted before or while it loaded (its files are gone).
             ArtifactError: the folder exists but is not a model this code reads.
         """
         with self._lock:
@@ -162,7 +201,7 @@ class PredictorCache:
                 evictions = self._evictions.get(model_id, 0)
             MODEL_CACHE_MISSES.inc()
             try:
-                predictor = self._load(model_id, path)
+                predictor = self._load(model_id, key)
             except BaseException:
                 with self._lock:
                     self._done_loading(model_id, load_lock)
@@ -183,9 +222,13 @@ class PredictorCache:
         if self._loading.get(model_id) is load_lock:
             del self._loading[model_id]
 
-    def _load(self, model_id: str, path: Path) -> Predictor:
+    def _load(self, model_id: str, key: str | Path) -> Predictor:
         from models.artifact import load_predictor
 
+        try:
+            path = self.files(str(key)) if self.files is not None else Path(key)
+        except KeyMissing:
+            raise NotFound(f"model {model_id!r} not found (it was deleted)") from None
         try:
             return load_predictor(path, device=self.device, runtime=self.runtime, threads=self.threads)
         except ArtifactError as exc:

@@ -9,14 +9,16 @@ static quantization is calibrated on the training split.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
 from service.config import Settings, get_settings
 from service.db import DatasetRow, ExportRow, JobStatus, ModelRow, rowcount, session_scope, utcnow
-from service.exports import bundle_path
+from service.exports import bundle_key
+from service.models_store import model_files
+from service.storage import KeyMissing, store_for
+from service.storage.mirror import mirror_for
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,13 +48,17 @@ def _splits(
     dataset: DatasetRow | None, manifest: dict[str, Any], settings: Settings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Validation images and labels, and training images, as the job split them (None: dataset gone)."""
-    if dataset is None or not Path(dataset.path).is_dir():
+    if dataset is None:
         return None
     from models.data import load_folder, stratified_split
 
+    try:
+        images = mirror_for(settings).tree(dataset.store_key)
+    except KeyMissing:
+        return None
     pre, spec = manifest["preprocess"], manifest.get("spec") or {}
     data = load_folder(
-        Path(dataset.path), list(manifest["classes"]), int(pre["image_size"]), str(pre["interpolation"]),
+        images, list(manifest["classes"]), int(pre["image_size"]), str(pre["interpolation"]),
         settings.cache_dir, cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
     )
     train_idx, val_idx = stratified_split(data.labels, float(spec.get("val_fraction", 0.2)), int(spec.get("seed", 0)))
@@ -75,11 +81,17 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         model = s.get(ModelRow, row.model_id)
         dataset = s.get(DatasetRow, model.dataset_id) if model is not None else None
         fmt, quantization = row.format, row.quantization
-        model_path = Path(model.path) if model is not None else None
-    dest = bundle_path(model_path, export_id) if model_path is not None else None
+        model_key = model.store_key if model is not None else None
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    dest = settings.tmp_dir / f"export-{export_id}.zip"  # built here, then stored under bundle_key
+    key = bundle_key(model_key, export_id) if model_key is not None else None
     try:
-        if model_path is None or dest is None:
+        if model_key is None or key is None:
             raise ZooError("the model no longer exists")
+        try:
+            model_path = model_files(settings)(model_key)
+        except KeyMissing:
+            raise ZooError("the model no longer exists") from None
         manifest = read_manifest(model_path)
         splits = _splits(dataset, manifest, settings) if fmt != "safetensors" else None
         if quantization != "none" and splits is None:
@@ -88,6 +100,7 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         with torch_threads(settings.torch_threads or available_cpus()):
             record = build_bundle(model_path, dest, fmt=fmt, quantization=quantization, val_images=val_x,
                                   val_labels=val_y, calibration=train_x, threads=settings.torch_threads)
+        store_for(settings).put_file(key, dest)
     except (ZooError, ValueError) as exc:
         log.warning("export %s failed: %s", export_id, exc)
         _finish(export_id, settings, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
@@ -98,9 +111,11 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         _finish(export_id, settings, status=JobStatus.FAILED, error=f"internal error ({type(exc).__name__}); "
                 "the worker log has the cause")
         return JobStatus.FAILED
-    if not _finish(export_id, settings, status=JobStatus.SUCCEEDED, path=str(dest), size_bytes=record["size_bytes"],
+    finally:
+        dest.unlink(missing_ok=True)
+    if not _finish(export_id, settings, status=JobStatus.SUCCEEDED, store_key=key, size_bytes=record["size_bytes"],
                    details=record):
-        dest.unlink(missing_ok=True)  # the model (and its export record) was deleted meanwhile
+        store_for(settings).delete(key)  # the model (and its export record) was deleted meanwhile
         return None
     log.info("export %s succeeded: %s %s, %d bytes", export_id, fmt, quantization, record["size_bytes"])
     return JobStatus.SUCCEEDED

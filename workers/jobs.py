@@ -3,10 +3,11 @@
 A task takes a job id, claims the job with a guarded status transition, trains, stores the
 artifact and records the outcome. Everything it learns is written to the database as it goes.
 
-Every epoch also leaves a checkpoint in ``<data_dir>/checkpoints/<job id>``. A worker that
-takes over a job whose worker died continues from it: the job's history is cut back to the
-checkpointed epoch and goes on from there, so it reads as one run. The folder is removed once
-the job succeeds, fails or is cancelled.
+Every epoch also leaves a checkpoint in the artifact store, ``checkpoints/<job id>``
+(``workers.checkpoints``). A worker that takes over a job whose worker died, on this host or
+another, continues from it: the job's history is cut back to the checkpointed epoch and goes on
+from there, so it reads as one run. The checkpoint is removed once the job succeeds, fails or is
+cancelled.
 
 A job with a ``sweep`` first searches its hyperparameters (``models.sweep.run_sweep``; every
 trial shows in ``progress["sweep"]``), then trains the best recipe as above. The finished sweep
@@ -43,6 +44,9 @@ from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 from service.events import EPOCH, RESTART, STAGE, TRIAL, append_event, append_status, stage_data
 from service.logs import log_context, tenant_var
+from service.storage import KeyMissing, StoreUnavailable, join, store_for
+from service.storage.mirror import mirror_for
+from workers.checkpoints import JobCheckpoint
 from workers.lease import JobLost, Lease
 from workers.leftovers import feature_spill_dir, owner_tag
 from workers.metrics import observe_epoch, observe_queue_wait, worker_metrics
@@ -59,11 +63,7 @@ log = logging.getLogger("zoofit.worker")
 
 
 SWEEP_FILE = "sweep.json"
-
-
-def checkpoint_dir(settings: Settings, job_id: str) -> Path:
-    """Where the job's training checkpoint lives while it runs."""
-    return settings.data_dir / "checkpoints" / job_id
+MODELS_PREFIX = "models"  # a model's files: models/<model id>/... in the artifact store
 
 
 def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings) -> int | None:
@@ -76,7 +76,7 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
     ``job_max_attempts`` attempts already fails here instead, naming the last cause. The history
     is cleared unless the job has a checkpoint to resume from (``run_job`` cuts it back to it).
     """
-    from models.checkpoint import has_state
+    from models.checkpoint import STATE_FILE
 
     claimable = or_(
         JobRow.status == JobStatus.QUEUED,
@@ -103,7 +103,7 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
         if job.status in JobStatus.TERMINAL:
             # E.g. cancelled through the API while re-queued after its worker died: the
             # checkpoint that worker left is of no use any more.
-            shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+            JobCheckpoint(settings, job_id).drop()
             return None
         # Compare-and-set on the attempt count: of two claims racing, one matches.
         guard = (JobRow.id == job_id, JobRow.attempts == job.attempts, claimable)
@@ -134,7 +134,7 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
                 "progress": {"stage": "loading data"},
                 "error": None,
             }
-            if not has_state(checkpoint_dir(settings, job_id)):
+            if not JobCheckpoint(settings, job_id).exists(STATE_FILE):
                 values["history"] = []
             res = s.execute(update(JobRow).where(*guard).values(**values).execution_options(synchronize_session=False))
             attempt = job.attempts + 1 if rowcount(res) else None
@@ -145,7 +145,7 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
                     observe_queue_wait(job.created_at, now)
     if gave_up:
         log.error("job %s failed: gave up after %d attempts (%s)", job_id, job.attempts, cause)
-        shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+        JobCheckpoint(settings, job_id).drop()
     elif attempt is None:
         log.info("job %s is held by a live worker (%s); dropping this %s message", job_id, job.worker,
                  "redelivered" if redelivered else "duplicate")
@@ -181,7 +181,7 @@ def fail_timed_out(job_id: str, settings: Settings) -> bool:
     if not failed:
         return False
     log.error("job %s failed: the hard time limit killed its worker process", job_id)
-    shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+    JobCheckpoint(settings, job_id).drop()
     return True
 
 
@@ -326,7 +326,7 @@ def _run_claimed(lease: Lease) -> str | None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     from models.artifact import save_artifact
-    from models.checkpoint import save_state
+    from models.checkpoint import STATE_FILE, save_state
     from models.data import load_folder
     from models.errors import DiskFullError, TrainingCancelled, ZooError, is_disk_full
     from models.manifest import read_manifest, without_report
@@ -344,8 +344,10 @@ def _run_claimed(lease: Lease) -> str | None:
     spec = TrainSpec.model_validate(spec_dict)
     reporter = JobReporter(lease, spec.epochs, spec.ensemble.members)
     model_id = new_id()
-    dest = settings.models_dir / model_id
-    ckpt = checkpoint_dir(settings, job_id)
+    model_key = join(MODELS_PREFIX, model_id)
+    # Written on this host first (a temporary folder named after this worker), then stored.
+    dest = settings.tmp_dir / f"model-{owner_tag(lease.worker)}-{model_id}"
+    ckpt = JobCheckpoint(settings, job_id)
     bounds = _cache_bounds(settings, lease.worker)
     started = time.perf_counter()
     try:
@@ -358,7 +360,8 @@ def _run_claimed(lease: Lease) -> str | None:
             pre = preprocess_for(spec.backbone, spec.image_size)
             reporter.stage("decoding images", images=dataset.num_images, image_size=pre.image_size)
             data = load_folder(
-                Path(dataset.path), list(dataset.classes), pre.image_size, pre.interpolation, settings.cache_dir,
+                dataset_files(settings, dataset), list(dataset.classes), pre.image_size, pre.interpolation,
+                settings.cache_dir,
                 cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
             )
             sweep = None
@@ -375,8 +378,9 @@ def _run_claimed(lease: Lease) -> str | None:
             reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
 
             def checkpoint(state: TrainState) -> None:
-                lease.check()  # the checkpoint folder is the new owner's once the job is lost
-                save_state(state, ckpt)  # raises DiskFullError on a full disk
+                lease.check()  # the checkpoint is the new owner's once the job is lost
+                save_state(state, ckpt.dir)  # raises DiskFullError on a full disk
+                ckpt.push(STATE_FILE)
 
             hooks = TrainHooks(
                 on_epoch=reporter.on_epoch,
@@ -399,15 +403,18 @@ def _run_claimed(lease: Lease) -> str | None:
                 result = with_sweep(result, sweep)  # the report's "sweep" section
         reporter.stage("saving model")
         try:
-            # all or nothing: a temporary folder (named after this worker) renamed into place
+            # all or nothing: written in a temporary folder, then stored under a new key that only
+            # the model row below publishes (a crash before it leaves objects no record names)
             save_artifact(result, spec, dest, owner=owner_tag(lease.worker))
         except Exception as exc:
             if is_disk_full(exc):
                 raise DiskFullError(f"disk full while writing the model to {dest}") from exc
             raise
-        # The report is stored once, in the model folder's manifest; the rows keep its summary.
+        # The report is stored once, in the model's manifest; the rows keep its summary.
         manifest = read_manifest(dest)
         summary = manifest["metrics"]
+        lease.check()
+        store_for(settings).put_tree(model_key, dest)
         with session_scope(settings) as s:
             # Fenced first: a lost job rolls back without its model row (one model per job is
             # also a unique constraint on models.job_id).
@@ -431,10 +438,10 @@ def _run_claimed(lease: Lease) -> str | None:
                     classes=list(result.classes),
                     manifest=without_report(manifest),
                     metrics=summary,
-                    path=str(dest),
+                    store_key=model_key,
                 )
             )
-        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.drop()
         log.info("job %s succeeded: val_acc=%.4f model=%s", job_id, result.val_acc, model_id)
         return JobStatus.SUCCEEDED
     # The checkpoint goes with every outcome below, once it is recorded; anything else that
@@ -442,19 +449,20 @@ def _run_claimed(lease: Lease) -> str | None:
     except JobLost:
         log.warning("job %s: another worker holds it now; attempt %d stopped without writing its outcome",
                     job_id, lease.attempt)
-        shutil.rmtree(dest, ignore_errors=True)  # this attempt's own model folder, never registered
+        _discard_model(settings, model_key, dest)  # this attempt's own model, never registered
         return None
     except TrainingCancelled:
         log.info("job %s cancelled", job_id)
-        return _conclude(lease, JobStatus.CANCELLED, dest, ckpt, progress={"stage": "cancelled", **reporter.sticky})
+        return _conclude(lease, JobStatus.CANCELLED, (model_key, dest), ckpt,
+                         progress={"stage": "cancelled", **reporter.sticky})
     except SoftTimeLimitExceeded:
         log.warning("job %s: %s", job_id, _time_limit_error(settings))
-        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=_time_limit_error(settings),
+        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=_time_limit_error(settings),
                          progress={"stage": "failed", **reporter.sticky})
     except (ZooError, ValueError) as exc:
         # A bad configuration, bad data or a full disk: record it; retrying would fail the same way.
         log.warning("job %s failed: %s", job_id, exc)
-        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=f"{type(exc).__name__}: {exc}",
+        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=f"{type(exc).__name__}: {exc}",
                          progress={"stage": "failed", **reporter.sticky})
     except (OperationalError, InterfaceError, DisconnectionError) as exc:
         # The database went away (a restart, a network blip): nothing to blame the job for, and no
@@ -463,12 +471,12 @@ def _run_claimed(lease: Lease) -> str | None:
         # bounds how often).
         log.warning("job %s: lost the database (%s); attempt %d ends, the job resumes once re-queued",
                     job_id, exc.orig if isinstance(exc, DBAPIError) else exc, lease.attempt)
-        shutil.rmtree(dest, ignore_errors=True)  # this attempt's own model folder, never registered
+        _discard_model(settings, model_key, dest)  # this attempt's own model, never registered
         return None
     except Exception as exc:
         # The user sees one line; the traceback, with server paths, stays in the worker's log.
         log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)
-        return _conclude(lease, JobStatus.FAILED, dest, ckpt, error=_internal_error(exc, settings),
+        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=_internal_error(exc, settings),
                          progress={"stage": "failed", **reporter.sticky})
 
 
@@ -510,7 +518,7 @@ def _train_budgeted(
         pre = preprocess_for(spec.backbone, size)
         reporter.stage("decoding images", images=dataset.num_images, image_size=size, budget_s=budget_s)
         return load_folder(
-            Path(dataset.path), list(dataset.classes), size, pre.interpolation, settings.cache_dir,
+            dataset_files(settings, dataset), list(dataset.classes), size, pre.interpolation, settings.cache_dir,
             cache_tag=dataset.id, cache_max_bytes=settings.decoded_cache_max_bytes,
         )
 
@@ -540,10 +548,35 @@ def _train_budgeted(
     return result, planned
 
 
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    """The local folder of the job's checkpoint on this host (with the embedded store, the stored one)."""
+    return JobCheckpoint(settings, job_id).dir
+
+
+def dataset_files(settings: Settings, dataset: DatasetRow) -> Path:
+    """A local folder with the dataset's images (the store's own, or this host's copy of it)."""
+    from models.errors import ZooError
+
+    try:
+        return mirror_for(settings).tree(dataset.store_key)
+    except KeyMissing:
+        raise ZooError(f"dataset {dataset.id}: its images are missing from the store") from None
+
+
+def _discard_model(settings: Settings, key: str, local: Path) -> None:
+    """Remove a model this attempt wrote but never registered: its local folder and what it stored."""
+    shutil.rmtree(local, ignore_errors=True)
+    try:
+        store_for(settings).delete_tree(key)
+    except StoreUnavailable as exc:
+        log.warning("could not remove the unregistered model %s from the store: %s", key, exc)
+
+
 def _conclude(
-    lease: Lease, status: str, dest: Path, ckpt: Path, *, progress: dict[str, Any], error: str | None = None
+    lease: Lease, status: str, model: tuple[str, Path], ckpt: JobCheckpoint, *, progress: dict[str, Any],
+    error: str | None = None,
 ) -> str | None:
-    """Record the job's outcome, then remove this attempt's model folder and the job's checkpoint.
+    """Record the job's outcome, then remove this attempt's model (key, local folder) and the job's checkpoint.
 
     None if the job was lost meanwhile: its checkpoint is the new owner's then, and stays.
     """
@@ -557,8 +590,8 @@ def _conclude(
         log.warning("job %s: another worker holds it now; not recording %s", lease.job_id, status)
         return None
     finally:
-        shutil.rmtree(dest, ignore_errors=True)
-    shutil.rmtree(ckpt, ignore_errors=True)
+        _discard_model(lease.settings, *model)
+    ckpt.drop()
     return status
 
 
@@ -572,7 +605,7 @@ def _internal_error(exc: BaseException, settings: Settings) -> str:
 
 
 def _sweep(
-    job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: Path,
+    job_id: str, data: ImageArray, spec: TrainSpec, reporter: JobReporter, settings: Settings, ckpt: JobCheckpoint,
     bounds: CacheBounds,
 ) -> SweepResult:
     """The job's sweep: the one a previous worker finished (``sweep.json``), else run now."""
@@ -580,7 +613,8 @@ def _sweep(
     from models.sweep import SweepResult, run_sweep
     from models.training import train
 
-    stored = ckpt / SWEEP_FILE
+    ckpt.pull(SWEEP_FILE)
+    stored = ckpt.dir / SWEEP_FILE
     if stored.is_file():
         try:
             saved = json.loads(stored.read_text(encoding="utf-8"))
@@ -611,31 +645,33 @@ def _sweep(
     return sweep
 
 
-def _save_sweep(ckpt: Path, sweep: SweepResult, data: ImageArray, spec: TrainSpec) -> None:
-    """Keep the finished sweep beside the checkpoint (written whole, then renamed into place)."""
+def _save_sweep(ckpt: JobCheckpoint, sweep: SweepResult, data: ImageArray, spec: TrainSpec) -> None:
+    """Keep the finished sweep beside the checkpoint (written whole, renamed into place, then stored)."""
     from models.checkpoint import run_fingerprint
 
-    tmp = ckpt / f".{SWEEP_FILE}.tmp"
+    tmp = ckpt.dir / f".{SWEEP_FILE}.tmp"
     try:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        ckpt.dir.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"fingerprint": run_fingerprint(data, spec), "sweep": sweep.to_dict()}),
                        encoding="utf-8")
-        os.replace(tmp, ckpt / SWEEP_FILE)
-    except OSError as exc:
+        os.replace(tmp, ckpt.dir / SWEEP_FILE)
+        ckpt.push(SWEEP_FILE)
+    except (OSError, StoreUnavailable) as exc:
         # Only a worker taking the job over needs it (to skip the sweep): not worth failing for.
-        log.warning("could not keep the finished sweep in %s: %s", ckpt, exc)
+        log.warning("could not keep the finished sweep in %s: %s", ckpt.key, exc)
         tmp.unlink(missing_ok=True)
 
 
 def _resume_state(
-    job_id: str, directory: Path, data: ImageArray, spec: TrainSpec, reporter: JobReporter
+    job_id: str, ckpt: JobCheckpoint, data: ImageArray, spec: TrainSpec, reporter: JobReporter
 ) -> TrainState | None:
     """The job's checkpoint if training can continue from it, else None; sets the history to match."""
-    from models.checkpoint import CheckpointError, has_state, load_state, resume_problem
+    from models.checkpoint import STATE_FILE, CheckpointError, has_state, load_state, resume_problem
 
-    if has_state(directory):
+    ckpt.pull(STATE_FILE)  # the last one stored, whichever host wrote it
+    if has_state(ckpt.dir):
         try:
-            state = load_state(directory)
+            state = load_state(ckpt.dir)
             problem = resume_problem(state, data, spec)
         except CheckpointError as exc:
             problem = str(exc)
@@ -645,7 +681,7 @@ def _resume_state(
             return state
         log.warning("job %s: not resuming from its checkpoint (%s); training from the start", job_id, problem)
         reporter.start_over()  # fenced: a lost job's checkpoint is left to its new owner
-        shutil.rmtree(directory, ignore_errors=True)
+        ckpt.drop()
         return None
     reporter.start_over()
     return None

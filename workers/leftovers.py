@@ -1,8 +1,8 @@
 """What a worker leaves on disk when it is killed, and the sweep at its next start.
 
-A worker writes two kinds of scratch under the shared data dir while it trains: the frozen-prefix
+A worker writes two kinds of scratch in its host's scratch dir while it trains: the frozen-prefix
 feature cache's spill folders and the temporary folder a model is written into before it is
-renamed into place. Both are removed when the attempt ends normally; a SIGKILL or an OOM kill
+stored. Both are removed when the attempt ends normally; a SIGKILL or an OOM kill
 leaves them. Each worker's scratch carries its node name, so the worker that starts again under
 that name removes exactly its own leftovers (another live worker's are not touched).
 """
@@ -37,8 +37,15 @@ def sweep_leftovers(settings: Settings, worker: str) -> list[Path]:
     if spill.exists():
         shutil.rmtree(spill, ignore_errors=True)
         gone.append(spill)
-    if settings.models_dir.is_dir():
-        # ``models.artifact.save_artifact`` names them ``.<model id>.<tag>.<random>.tmp`` (or ``.old``).
+    if settings.tmp_dir.is_dir():
+        # ``workers.jobs`` writes a model as ``tmp/model-<tag>-<model id>`` before it is stored;
+        # ``models.artifact.save_artifact`` writes that through ``.model-<tag>-<id>.<tag>.<random>.tmp``.
+        for path in [*settings.tmp_dir.glob(f"model-{tag}-*"), *settings.tmp_dir.glob(f".model-{tag}-*")]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path)
+    if settings.storage_url is None and settings.models_dir.is_dir():
+        # Releases that wrote models straight into the data dir: ``.<model id>.<tag>.<random>.tmp``.
         for path in settings.models_dir.glob(f".*.{tag}.*"):
             if path.suffix in (".tmp", ".old") and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -54,6 +54,8 @@ class Store(Protocol):
 
     url: str  # what it is, for logs and errors (no credentials)
 
+    def __hash__(self) -> int: ...  # clients are compared by identity (one per process: ``store_for``)
+
     def put_file(self, key: str, src: Path) -> None:
         """Store the file ``src`` under ``key``, replacing what was there; atomic for readers."""
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.storage.base import KeyMissing, ObjectInfo, check_key
@@ -28,9 +28,15 @@ class LocalStore:
         return self.root / check_key(key)
 
     def _regular(self, key: str) -> Path:
+        """The key's file, if it is a regular file reached through no link (else KeyMissing)."""
         path = self._path(key)
         try:
-            if path.is_symlink() or not path.is_file():
+            at = self.root
+            for part in PurePosixPath(key).parts:
+                at = at / part
+                if at.is_symlink():
+                    raise KeyMissing(key)
+            if not path.is_file():
                 raise KeyMissing(key)
         except OSError:
             raise KeyMissing(key) from None

@@ -238,7 +238,7 @@ def test_predictions_match_the_predictor_for_each_tta(trained: Trained, tta: str
     with session_scope(trained.settings) as s:
         row = s.get(ModelRow, trained.model_id)
         assert row is not None
-        predictor = load_predictor(Path(row.path), device="cpu")
+        predictor = load_predictor(trained.settings.data_dir / row.store_key, device="cpu")
     rng = np.random.default_rng(3)
     files = [(f"{i}.png", png_bytes(rng.integers(0, 256, (90 + 17 * i, 130, 3), dtype=np.uint8))) for i in range(3)]
     with trained_client(trained) as c:

@@ -42,7 +42,7 @@ def model_path(trained: Trained) -> Path:
     with session_scope(trained.settings) as s:
         row = s.get(ModelRow, trained.model_id)
         assert row is not None
-        return Path(row.path)
+        return trained.settings.data_dir / row.store_key
 
 
 @pytest.fixture(scope="module")

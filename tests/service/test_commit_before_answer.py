@@ -104,13 +104,13 @@ def test_delete_dataset_keeps_files_when_its_commit_fails(settings, monkeypatch)
 
 
 def _stored_model(settings: Settings, tenant: str) -> tuple[str, Path]:
-    folder = settings.models_dir / new_id()
+    model_id = new_id()
+    folder = settings.models_dir / model_id
     folder.mkdir(parents=True)
     (folder / "weights.bin").write_bytes(b"\x00" * 16)
-    model_id = new_id()
     with session_scope(settings) as s:
         s.add(ModelRow(id=model_id, tenant=tenant, job_id=new_id(), dataset_id=new_id(), classes=["a", "b"],
-                       manifest={}, metrics={}, path=str(folder)))
+                       manifest={}, metrics={}, store_key=f"models/{model_id}"))
     return model_id, folder
 
 

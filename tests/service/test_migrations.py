@@ -160,6 +160,11 @@ def test_a_database_of_release_5fd83c4_upgrades_and_reads_back_through_the_api(m
         with engine.connect() as conn:
             assert current_revision(conn) == head_revision()
             assert schema_differences(conn, Base.metadata) == []
+            # the host paths became store keys (revision 0004), whatever folder the old rows named
+            keys = dict(conn.execute(text("SELECT id, store_key FROM datasets")).all())
+            assert keys == {row["id"]: f"datasets/{row['id']}" for row in rows["datasets"]}
+            keys = dict(conn.execute(text("SELECT id, store_key FROM models")).all())
+            assert keys == {row["id"]: f"models/{row['id']}" for row in rows["models"]}
         engine.dispose()
 
         with api_client(settings, tenant=None) as client:
@@ -252,6 +257,8 @@ def test_the_embedded_sqlite_database_of_the_previous_release_upgrades_itself_at
         engine, tables=[t for name, t in Base.metadata.tables.items() if name not in ("job_events", "exports")]
     )
     with engine.begin() as conn:
+        for table in ("datasets", "models"):  # that release stored host paths (revision 0004 made them keys)
+            conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN store_key TO path"))
         conn.execute(text("INSERT INTO api_keys (id, tenant, key_hash, prefix, admin, revoked, created_at) "
                           "VALUES ('k', 'alice', :h, 'p', 0, 0, '2026-10-01 08:00:00')"), {"h": hash_key(KEY)})
     engine.dispose()

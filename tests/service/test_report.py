@@ -79,7 +79,7 @@ def test_predict_tta_and_a_model_saved_without_a_report(client, settings) -> Non
         row = s.get(ModelRow, model_id)
         assert row is not None
         row.manifest = {k: v for k, v in row.manifest.items() if k != "report"}
-        manifest_file = Path(row.path) / "manifest.json"  # the report's one stored copy
+        manifest_file = settings.data_dir / row.store_key / "manifest.json"  # the report's one stored copy
         manifest = json.loads(manifest_file.read_text())
         manifest_file.write_text(json.dumps({k: v for k, v in manifest.items() if k != "report"}))
     r = client.get(f"/v1/models/{model_id}/report")
@@ -113,7 +113,7 @@ def test_the_report_is_stored_once_and_lists_carry_its_summary(client, settings)
         assert row is not None
         job_metrics = s.get(JobRow, row.job_id).metrics
         stored = {"model metrics": row.metrics, "model manifest": row.manifest, "job metrics": job_metrics}
-        folder = Path(row.path)
+        folder = settings.data_dir / row.store_key
     # One copy: the model folder's manifest. The database keeps only the summary.
     for where, value in stored.items():
         assert "evaluation" not in value and "report" not in value and "curves" not in value, where
@@ -158,7 +158,7 @@ def test_rows_written_by_the_previous_release_read_back(client, settings) -> Non
         job = s.get(JobRow, row.job_id)
         row.metrics = job.metrics = old_report
         row.manifest = {**row.manifest, "metrics": old_report, "report": old_report}
-        manifest_file = Path(row.path) / "manifest.json"
+        manifest_file = settings.data_dir / row.store_key / "manifest.json"
         on_disk = json.loads(manifest_file.read_text())
         manifest_file.write_text(json.dumps({**on_disk, "metrics": old_report, "report": old_report}))
     listed = client.get("/v1/models").json()["data"][0]
@@ -177,7 +177,7 @@ def test_a_damaged_stored_report_is_an_error_not_a_summary(client, settings) -> 
     with session_scope(settings) as s:
         row = s.get(ModelRow, model_id)
         assert row is not None
-        manifest_file = Path(row.path) / "manifest.json"
+        manifest_file = settings.data_dir / row.store_key / "manifest.json"
     on_disk = json.loads(manifest_file.read_text())
     del on_disk["report"]["curves"]
     manifest_file.write_text(json.dumps(on_disk))

@@ -66,6 +66,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
 def dataset_samples(
     dataset_id: str,
     session: SessionDep,
+    settings: SettingsDep,
     tenant: TenantDep,
     per_class: Annotated[int, Query(ge=1, le=50, description="files per class")] = 8,
 ) -> DatasetSamplesPublic:
@@ -73,7 +74,7 @@ def dataset_samples(
     row = datasets.get_dataset(session, dataset_id, tenant)
     return DatasetSamplesPublic(
         dataset_id=dataset_id,
-        data=[ClassSamples(label=c, count=n, files=f) for c, n, f in datasets.sample_files(row, per_class)],
+        data=[ClassSamples(label=c, count=n, files=f) for c, n, f in datasets.sample_files(settings, row, per_class)],
     )
 
 

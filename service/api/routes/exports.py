@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fastapi import APIRouter, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from service import exports
-from service.api.deps import EnqueueExportDep, SessionDep, TenantDep
+from service.api.deps import EnqueueExportDep, SessionDep, SettingsDep, TenantDep
 from service.problems import problem_responses
 from service.schemas import ExportCreate, ExportPublic, ExportsPublic
+from service.storage import store_for
+
+_CHUNK = 1024 * 1024
 
 router = APIRouter(prefix="/models", tags=["exports"])
 
@@ -45,10 +50,28 @@ def get_export(model_id: str, export_id: str, session: SessionDep, tenant: Tenan
     return ExportPublic.model_validate(exports.export_public(exports.get_export(session, model_id, export_id, tenant)))
 
 
-@router.get("/{model_id}/exports/{export_id}/download", response_class=FileResponse, responses=_ZIP,
+@router.get("/{model_id}/exports/{export_id}/download", response_class=Response, responses=_ZIP,
             operation_id="exports-download")
-def download_export(model_id: str, export_id: str, session: SessionDep, tenant: TenantDep) -> FileResponse:
+def download_export(
+    model_id: str, export_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> Response:
     """The export's zip bundle (409 until it has succeeded)."""
     row = exports.get_export(session, model_id, export_id, tenant)
-    path = exports.export_file(row)
-    return FileResponse(path, media_type="application/zip", filename=exports.download_name(row))
+    info, local = exports.export_file(settings, row)
+    name = exports.download_name(row)
+    session.close()  # a download may take long: no database connection held meanwhile
+    if local is not None:
+        return FileResponse(local, media_type="application/zip", filename=name)
+    # From the object store, streamed through in chunks (never held whole in memory).
+    body = store_for(settings).open_read(info.key)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while chunk := body.read(_CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
+    return StreamingResponse(chunks(), media_type="application/zip", headers={
+        "Content-Length": str(info.size), "Content-Disposition": f'attachment; filename="{name}"',
+    })

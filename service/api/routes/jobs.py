@@ -54,9 +54,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, operation_id="jobs-get", responses=problem_responses(404))
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+def get_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobPublic:
     """Status, progress, per-epoch history, final metrics and error of one job."""
-    return JobPublic.model_validate(jobs.job_public(session, jobs.get_job(session, job_id, tenant)))
+    return JobPublic.model_validate(jobs.job_public(session, settings, jobs.get_job(session, job_id, tenant)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, operation_id="jobs-cancel",

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
@@ -41,21 +40,22 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("", response_model=ModelsPublic, operation_id="models-list")
 def list_models(
     session: SessionDep,
+    settings: SettingsDep,
     tenant: TenantDep,
     offset: OffsetQuery = 0, limit: LimitQuery = 100
 ) -> ModelsPublic:
     """List trained models, newest first."""
     rows, count = models_store.list_models(session, tenant, offset, limit)
     return ModelsPublic(
-        data=[ModelSummaryPublic.model_validate(models_store.model_public(r)) for r in rows], count=count
+        data=[ModelSummaryPublic.model_validate(models_store.model_public(settings, r)) for r in rows], count=count
     )
 
 
 @router.get("/{model_id}", response_model=ModelPublic, operation_id="models-get", responses=problem_responses(404))
-def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelPublic:
     """Classes, members, metrics and the job's spec of one model."""
     row = models_store.get_model(session, model_id, tenant)
-    return ModelPublic.model_validate(models_store.model_public(row, with_report=True))
+    return ModelPublic.model_validate(models_store.model_public(settings, row, with_report=True))
 
 
 _FIGURES = ("curves", "confusion", "reliability", "lr_finder")
@@ -67,10 +67,12 @@ _PNG: dict[int | str, dict[str, Any]] = {
 
 @router.get("/{model_id}/report", response_model=ReportPublic, operation_id="models-report",
             responses=problem_responses(404))
-def get_report(model_id: str, session: SessionDep, tenant: TenantDep, request: Request) -> ReportPublic:
+def get_report(
+    model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep, request: Request
+) -> ReportPublic:
     """Evaluation report: per-class metrics, confusion matrix, top-k accuracy, calibration, curves."""
     row = models_store.get_model(session, model_id, tenant)
-    report = models_store.model_report(row)
+    report = models_store.model_report(settings, row)
     figures = {
         name: request.url_for(f"report_{name}_png", model_id=model_id).path
         for name in _FIGURES
@@ -79,43 +81,45 @@ def get_report(model_id: str, session: SessionDep, tenant: TenantDep, request: R
     return ReportPublic.model_validate({**report, "model_id": model_id, "figures": figures})
 
 
-def _figure(model_id: str, session: SessionDep, tenant: str, name: str) -> Response:
+def _figure(model_id: str, session: SessionDep, settings: Settings, tenant: str, name: str) -> Response:
     row = models_store.get_model(session, model_id, tenant)
-    return Response(models_store.report_figure(row, name), media_type="image/png")
+    return Response(models_store.report_figure(settings, row, name), media_type="image/png")
 
 
 @router.get("/{model_id}/report/curves.png", response_class=Response, responses=_PNG, name="report_curves_png",
             operation_id="models-report-curves")
-def report_curves_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def report_curves_png(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """Train/val loss and accuracy and the learning rate per epoch, one colour per member."""
-    return _figure(model_id, session, tenant, "curves")
+    return _figure(model_id, session, settings, tenant, "curves")
 
 
 @router.get("/{model_id}/report/confusion.png", response_class=Response, responses=_PNG,
             name="report_confusion_png", operation_id="models-report-confusion")
-def report_confusion_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def report_confusion_png(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """The validation confusion matrix (colour: share of the true class; text: counts)."""
-    return _figure(model_id, session, tenant, "confusion")
+    return _figure(model_id, session, settings, tenant, "confusion")
 
 
 @router.get("/{model_id}/report/reliability.png", response_class=Response, responses=_PNG,
             name="report_reliability_png", operation_id="models-report-reliability")
-def report_reliability_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def report_reliability_png(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """Reliability diagrams before and after temperature scaling, with ECE and NLL."""
-    return _figure(model_id, session, tenant, "reliability")
+    return _figure(model_id, session, settings, tenant, "reliability")
 
 
 @router.get("/{model_id}/report/lr_finder.png", response_class=Response, responses=_PNG,
             name="report_lr_finder_png", operation_id="models-report-lr-finder")
-def report_lr_finder_png(model_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+def report_lr_finder_png(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """The learning-rate range test of a job with lr 'auto': loss against lr, the pick marked (404 otherwise)."""
-    return _figure(model_id, session, tenant, "lr_finder")
+    return _figure(model_id, session, settings, tenant, "lr_finder")
 
 
 @router.delete("/{model_id}", status_code=204, operation_id="models-delete", responses=problem_responses(404))
-def delete_model(model_id: str, session: SessionDep, predictors: PredictorsDep, tenant: TenantDep) -> None:
+def delete_model(
+    model_id: str, session: SessionDep, settings: SettingsDep, predictors: PredictorsDep, tenant: TenantDep
+) -> None:
     """Delete a model and its stored weights."""
-    models_store.delete_model(session, predictors, model_id, tenant)
+    models_store.delete_model(session, settings, predictors, model_id, tenant)
 
 
 @router.post("/{model_id}/predict", response_model=PredictionPublic, operation_id="models-predict",
@@ -131,7 +135,7 @@ async def predict(
     options: Annotated[PredictQuery, Query()],
 ) -> PredictionPublic:
     """Top-k labels with probabilities for each image, from the averaged, temperature-scaled ensemble."""
-    path, num_classes = models_store.model_location(session, model_id, tenant)
+    key, num_classes = models_store.model_location(session, model_id, tenant)
     # Nothing below needs the database: give its connection back to the pool now instead of holding
     # it while the images decode and wait for their batch (concurrent requests outnumber the pool).
     session.close()
@@ -148,7 +152,7 @@ async def predict(
         blobs.append((f.filename or f"image-{i}", data))
     # Decoding, resizing and loading the model run in the threadpool; the forward pass is shared
     # with concurrent requests on the batcher's inference thread.
-    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, path, blobs, settings, tta)
+    predictor, views = await run_in_threadpool(_prepare, predictors, model_id, key, blobs, settings, tta)
     probs = await batcher.predict_proba(predictor, views, tta)
     ranked = predictor.rank(probs, top_k)
     return PredictionPublic(model_id=model_id, predictions=[
@@ -160,7 +164,7 @@ async def predict(
 def _prepare(
     predictors: models_store.PredictorCache,
     model_id: str,
-    path: Path,
+    key: str,
     blobs: list[tuple[str, bytes]],
     settings: Settings,
     tta: str = "none",
@@ -183,6 +187,6 @@ def _prepare(
         slot_wait_s=settings.predict_decode_wait_s,
     )
     check_headers(blobs, limits)
-    predictor = predictors.get(model_id, path)
+    predictor = predictors.get(model_id, key)
     arrays = decode_arrays(blobs, predictor.input_side(tta), predictor.preprocess.interpolation, limits)
     return predictor, predictor.views_of_arrays(arrays, tta)
