@@ -258,7 +258,8 @@ def test_invalid_settings_are_refused():
 def _app_predictor(c: TestClient, trained: Trained, model_path: Path) -> Predictor:
     """The predictor the app will use (loaded into its cache now, so a spy can be put on it)."""
     app: Any = c.app
-    return app.state.predictors.get(trained.model_id, model_path)  # type: ignore[no-any-return]
+    key = model_path.relative_to(trained.settings.data_dir).as_posix()  # its store key
+    return app.state.predictors.get(trained.model_id, key)  # type: ignore[no-any-return]
 
 
 def _post_all(c: TestClient, trained: Trained, requests: list[dict[str, Any]]) -> list[Any]:

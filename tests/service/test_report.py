@@ -182,4 +182,4 @@ def test_a_damaged_stored_report_is_an_error_not_a_summary(client, settings) -> 
     del on_disk["report"]["curves"]
     manifest_file.write_text(json.dumps(on_disk))
     with session_scope(settings) as s, pytest.raises(ValidationError, match="curves"):
-        models_store.model_public(s.get(ModelRow, model_id), with_report=True)
+        models_store.model_public(settings, s.get(ModelRow, model_id), with_report=True)

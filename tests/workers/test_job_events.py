@@ -65,6 +65,7 @@ def test_a_worker_that_lost_its_job_adds_no_events(client, settings, tmp_path):
     from models.spec import EpochRecord
     from service.events import read_events
     from tests.utils.workers import heartbeat_stops
+    from workers.checkpoints import JobCheckpoint
     from workers.jobs import JobReporter, _conclude, claim_job
     from workers.lease import JobLost, Lease
 
@@ -84,7 +85,8 @@ def test_a_worker_that_lost_its_job_adds_no_events(client, settings, tmp_path):
     with pytest.raises(JobLost):
         reporter.on_epoch(EpochRecord(0, 0, 1.0, 0.5, 1.0, 0.5, 1e-3, 0.1))
     lease = Lease(job_id, old, settings, "old")
-    assert _conclude(lease, JobStatus.FAILED, tmp_path / "m", tmp_path / "c", progress={"stage": "failed"},
+    ckpt = JobCheckpoint(settings, job_id)
+    assert _conclude(lease, JobStatus.FAILED, ("models/m", tmp_path / "m"), ckpt, progress={"stage": "failed"},
                      error="x") is None
     assert read_events(settings, job_id, 0) == before
     assert [e.data["attempt"] for e in before if e.type == "status"] == [0, 1, 2]
