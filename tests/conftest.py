@@ -139,3 +139,33 @@ def redis_url() -> Iterator[str]:
         pytest.fail(f"Redis at {REDIS_URL} is not usable: {exc}")
     yield REDIS_URL
     r.flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server in a child process, for the whole session; yields its endpoint URL.
+
+    A process of its own (real HTTP on loopback), so worker processes that tests start reach it too.
+    """
+    from tests.utils.s3 import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        yield url
+
+
+@pytest.fixture
+def s3_settings_env(s3_server: str) -> Iterator[dict[str, str]]:
+    """``ZOOFIT_*`` variables for a fresh bucket of its own on the test S3 server (``s3://<bucket>/zoofit``)."""
+    from tests.utils.s3 import drop_bucket, new_bucket, s3_env
+
+    bucket = new_bucket(s3_server)
+    yield s3_env(s3_server, bucket)
+    drop_bucket(s3_server, bucket)
+
+
+@pytest.fixture
+def s3_settings(make_settings, s3_settings_env: dict[str, str]) -> Settings:
+    """``settings`` with the artifact store in a fresh bucket on the test S3 server (child processes too)."""
+    from tests.utils.s3 import settings_kwargs
+
+    return make_settings(**settings_kwargs(s3_settings_env))

@@ -134,6 +134,53 @@ def test_compose_has_minio_with_its_bucket_made_at_start_and_credentials_from_th
         assert missing.returncode != 0 and "MINIO_ROOT_PASSWORD" in missing.stderr + missing.stdout
 
 
+def _named_volumes(service: dict, declared: set[str]) -> dict[str, str]:
+    """{named volume: mount path} of a service (short or long syntax; bind mounts are not named volumes)."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            source, _, rest = v.partition(":")
+            target = rest.split(":")[0]
+        else:
+            source, target = v.get("source", ""), v.get("target", "")
+        assert source in declared or source.startswith(("/", ".", "~")) or not source, v
+        if source in declared:
+            out[source] = target
+    return out
+
+
+def test_compose_api_and_workers_share_no_disk_and_keep_artifacts_in_minio():
+    for files, workers in ((("docker-compose.yml",), ("worker",)),
+                           (("docker-compose.yml", "docker-compose.cpu.yml"), ("worker", "worker-cpu"))):
+        cfg = yaml.safe_load(_config(*files))
+        services, declared = cfg["services"], set(cfg.get("volumes") or {})
+        bucket = services["minio-bucket"]["environment"]
+        mounts = {}
+        for name in ("api", *workers):
+            svc, env = services[name], services[name]["environment"]
+            assert env["ZOOFIT_STORAGE_URL"] == f"s3://{bucket['MINIO_BUCKET']}/artifacts", name
+            assert env["ZOOFIT_S3_ENDPOINT_URL"] == "http://minio:9000", name
+            assert env["ZOOFIT_S3_ACCESS_KEY_ID"] == bucket["MINIO_ROOT_USER"], name
+            assert env["ZOOFIT_S3_SECRET_ACCESS_KEY"] == SECRETS["MINIO_ROOT_PASSWORD"], name
+            assert svc["depends_on"]["minio-bucket"] == {"condition": "service_completed_successfully"}, name
+            mounts[name] = _named_volumes(svc, declared)
+            # scratch is on a volume of the service's own, not in the container's writable layer
+            assert any(env["ZOOFIT_SCRATCH_DIR"].startswith(path) for path in mounts[name].values()), name
+            assert not [v for v in svc.get("volumes", []) if isinstance(v, str) and v.startswith(("/", "."))]
+            # the settings the code reads give an S3 store at MinIO (nothing is contacted)
+            from service.storage import open_store
+            from service.storage.s3 import S3Store
+
+            settings = Settings(**{k.removeprefix("ZOOFIT_").lower(): v for k, v in env.items()})
+            store = open_store(settings)
+            assert isinstance(store, S3Store) and store.url == f"s3://{bucket['MINIO_BUCKET']}/artifacts"
+            assert store.endpoint_url == "http://minio:9000"
+        names = list(mounts)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert not set(mounts[a]) & set(mounts[b]), (a, b, mounts)
+
+
 def _dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
     text = (ROOT / "Dockerfile").read_text()

@@ -94,3 +94,10 @@ class Store(Protocol):
 
     def local_path(self, key: str) -> Path | None:
         """The object's own file when the store is a local folder (read it in place), else None."""
+
+    def check(self) -> None:
+        """Raise StoreUnavailable unless the store can be written and read.
+
+        One small object under ``_zoofit/`` is written, read back and removed: run at API and worker
+        start, so that a wrong bucket or credentials fail at boot, not at the first upload.
+        """

@@ -10,11 +10,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from service.storage.base import KeyMissing, ObjectInfo, check_key
+from service.storage.base import KeyMissing, ObjectInfo, StoreUnavailable, check_key
 
 _TMP = ".zoofit-tmp-"
 
@@ -175,3 +176,16 @@ class LocalStore:
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+    def check(self) -> None:
+        key = f"_zoofit/check-{uuid.uuid4().hex}"
+        data = os.urandom(16)
+        try:
+            self.put_bytes(key, data)
+            try:
+                if self.get_bytes(key) != data:
+                    raise StoreUnavailable(f"{self.url}: wrote {key!r} but read other bytes back")
+            finally:
+                self.delete(key)
+        except (OSError, KeyMissing) as exc:
+            raise StoreUnavailable(f"{self.url}: cannot write and read back {key!r} ({exc})") from exc
