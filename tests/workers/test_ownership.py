@@ -247,7 +247,8 @@ def test_the_database_holds_one_model_per_job(make_settings, request, store) -> 
     settings = _store_settings(make_settings, request, store)
 
     def model(job_id: str) -> ModelRow:
-        return ModelRow(id=new_id(), job_id=job_id, dataset_id="d", classes=["a"], manifest={}, metrics={}, store_key="models/p")
+        return ModelRow(id=new_id(), job_id=job_id, dataset_id="d", classes=["a"], manifest={}, metrics={},
+                        store_key="models/p")
 
     with session_scope(settings) as s:
         s.add(model("job-1"))
