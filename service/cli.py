@@ -27,6 +27,18 @@ def check_schema(command: str) -> None:
         sys.exit(f"zoofit {command}: {exc}")
 
 
+def check_store(command: str) -> None:
+    """Exit with the reason when the artifact store cannot be written and read (a wrong bucket, endpoint
+    or key fails here, at start, not at the first upload)."""
+    from service.storage import StoreUnavailable, store_for
+
+    settings = get_settings()
+    try:
+        store_for(settings).check()
+    except (StoreUnavailable, ValueError) as exc:
+        sys.exit(f"zoofit {command}: the artifact store is not usable: {exc}")
+
+
 def run_api(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
@@ -34,6 +46,7 @@ def run_api(host: str | None = None, port: int | None = None) -> None:
 
     settings = get_settings()
     check_schema("api")
+    check_store("api")
     # log_config=None: uvicorn's lines go through the root handler (service.logs); the app writes
     # its own access lines, with the request id (service.api.request_id).
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info",
@@ -44,6 +57,7 @@ def run_worker(extra: list[str] | None = None) -> None:
     settings = get_settings()
     settings.ensure_dirs()
     check_schema("worker")
+    check_store("worker")
     argv = [
         "worker",
         "--loglevel=INFO",
