@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from typing import IO
 
 import pytest
 
@@ -17,21 +15,10 @@ from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
 from tests.utils.events import stream_events
+from tests.utils.workers import start_worker, wait_status
 from workers.jobs import checkpoint_dir
 
 pytestmark = pytest.mark.integration
-
-
-def start_worker(name: str, log: IO[bytes] | int = subprocess.DEVNULL, new_session: bool = False) -> subprocess.Popen:
-    """A real worker process named ``<name>-<pid>@host``, configured by this process's environment.
-
-    Its log goes to ``log`` (a file or DEVNULL): a pipe nobody reads fills up (64 KiB) and blocks
-    the worker's next log line, which looks exactly like a hung worker.
-    """
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"{name}-{os.getpid()}@%h"],
-        env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
-    )
 
 
 @pytest.fixture
@@ -53,16 +40,6 @@ def stack(make_settings, pg_url, redis_url, monkeypatch, request, tmp_path):
         stop_process(worker)
         if os.environ.get("ZOOFIT_TEST_SHOW_WORKER"):
             print(log_path.read_text(errors="replace"))
-
-
-def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        j = client.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] in statuses:
-            return j
-        assert time.monotonic() < deadline, f"job stuck in {j['status']}: {j['progress']}"
-        time.sleep(0.25)
 
 
 def submit(client, job: dict, per_class: int = 6) -> dict:

@@ -1,8 +1,14 @@
-"""Helpers for worker tests: what a dead worker leaves in the job record."""
+"""Helpers for worker tests: what a dead worker leaves in the job record, real worker processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import IO
 
 from sqlalchemy import update
 
@@ -24,3 +30,30 @@ def submit(client, job: dict | None = None) -> str:
     r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **(job or TINY_JOB)})
     assert r.status_code == 202, r.text
     return r.json()["id"]
+
+
+def start_worker(
+    name: str, log: IO[bytes] | int = subprocess.DEVNULL, new_session: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
+    """A real worker process named ``<name>-<pid>@host``, configured by this process's environment
+    with ``env`` on top (a worker of another host: its own data and scratch dirs).
+
+    Its log goes to ``log`` (a file or DEVNULL): a pipe nobody reads fills up (64 KiB) and blocks
+    the worker's next log line, which looks exactly like a hung worker.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--hostname", f"{name}-{os.getpid()}@%h"],
+        env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
+    )
+
+
+def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+    """The job once its status is one of ``statuses`` (polled through the API)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        j = client.get(f"/v1/jobs/{job_id}").json()
+        if j["status"] in statuses:
+            return j
+        assert time.monotonic() < deadline, f"job stuck in {j['status']}: {j['progress']}"
+        time.sleep(0.25)
