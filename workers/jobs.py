@@ -599,8 +599,9 @@ def _internal_error(exc: BaseException, settings: Settings) -> str:
     """One line for the user: the exception's type and first line, the data directory left out."""
     lines = str(exc).strip().splitlines()
     first = lines[0] if lines else ""
-    data_dir = str(settings.data_dir.resolve())
-    first = first.replace(data_dir + os.sep, "").replace(data_dir, "<data_dir>")
+    for folder, name in ((settings.cache_dir, "<scratch_dir>"), (settings.data_dir, "<data_dir>")):
+        where = str(folder.resolve())  # the scratch dir first: by default it is inside the data dir
+        first = first.replace(where + os.sep, "").replace(where, name)
     return f"internal error: {type(exc).__name__}: {first}"[:500]
 
 

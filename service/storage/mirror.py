@@ -33,7 +33,7 @@ from service.storage.base import KeyMissing, Store, check_key
 
 log = logging.getLogger("zoofit.storage")
 
-COMPLETE = ".zoofit-complete"  # written last into a copy; holds the copy's size in bytes
+COMPLETE = ".zoofit-complete"  # written last into a copy (its size in bytes then); its mtime is the last use
 
 
 class Mirror:
@@ -100,9 +100,9 @@ class Mirror:
             return
         for marker in self.root.rglob(COMPLETE):
             try:
-                size = int(marker.read_text() or 0)
-                yield marker.parent, marker.stat().st_mtime, size
-            except (OSError, ValueError):
+                # Measured, not the size recorded at copy time: an API process adds its ONNX graph.
+                yield marker.parent, marker.stat().st_mtime, _disk_bytes(marker.parent)
+            except OSError:
                 continue
 
     def _touch(self, dest: Path) -> bool:
@@ -148,6 +148,15 @@ class Mirror:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _disk_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _remove(path: Path) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from service.db import JobStatus
-from tests.conftest import api_client
 from service.sample_data import png_bytes
+from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals_zip
 from tests.utils.s3 import bucket_keys
 from workers.exports import run_export

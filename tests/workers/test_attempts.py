@@ -137,3 +137,20 @@ def test_limits_are_validated(make_settings, limit) -> None:
         make_settings(job_max_attempts=limit)
     with pytest.raises(ValidationError):
         make_settings(job_time_limit_s=limit)
+
+
+def test_an_error_names_no_path_of_a_scratch_dir_apart_from_the_data_dir(make_settings, tmp_path, monkeypatch) -> None:
+    from tests.conftest import api_client
+
+    settings = make_settings(scratch_dir=str(tmp_path / "elsewhere" / "scratch"))
+    secret_path = settings.cache_dir.resolve() / "features" / "celery_host" / "x.npy"
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError(f"could not map {secret_path}")
+
+    monkeypatch.setattr(models.training, "train", crash)
+    with api_client(settings) as client:
+        job_id = submit(client)
+        assert run_job(job_id, settings=settings) == JobStatus.FAILED
+        error = client.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error == "internal error: RuntimeError: could not map features/celery_host/x.npy", error
