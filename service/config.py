@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     s3_transfer_threads: int = Field(
         16, ge=1, le=256, description="objects uploaded or downloaded at once when a whole tree moves"
     )
+    unpublished_after_s: float = Field(
+        6 * 3600.0, gt=0, description="objects written to the store but never published by their record "
+        "(the writer died) are removed this long after their upload began (service.unpublished)",
+    )
     # per-host scratch: local copies of stored trees, decoded images, feature-cache spill, uploads in flight
     scratch_dir: Path | None = Field(
         None, description="this host's scratch folder (never shared between hosts); default: data_dir/cache"

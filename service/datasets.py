@@ -15,7 +15,7 @@ from typing import BinaryIO, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import idempotency
+from service import idempotency, unpublished
 from service.admission import lock_tenant
 from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus, commit, new_id, page
@@ -110,7 +110,7 @@ def create_dataset(
     dest = settings.tmp_dir / f"ds-{dataset_id}"
     key = join(DATASETS_PREFIX, dataset_id)
     store = store_for(settings)
-    published = False
+    written = False
     try:
         sha = save_upload(src, upload, settings.upload_max_bytes)
         fingerprint = hashlib.sha256(f"{sha}|{name}|{on_bad_file}".encode()).hexdigest()
@@ -123,7 +123,8 @@ def create_dataset(
         except DatasetRejected as exc:
             raise ServiceError(str(exc), problems=exc.problems).with_status(exc.status) from None
         check_class_count(settings, len(result.classes), "the dataset")
-        published = True
+        unpublished.reserve(settings, key)  # a crash from here to the commit leaves objects a sweep removes
+        written = True
         store.put_tree(key, dest)
         row = DatasetRow(
             id=dataset_id,
@@ -136,16 +137,20 @@ def create_dataset(
             store_key=key,
         )
         session.add(row)
+        unpublished.publish(session, key)
         idempotency.record(session, tenant, "datasets", idempotency_key, fingerprint, dataset_id, ttl)
         # Committed here, inside the try: if the commit fails, the stored files go with it.
         earlier = idempotency.commit_first(session, tenant, "datasets", idempotency_key, fingerprint, ttl)
         if earlier is not None:  # the same key, at the same moment: that upload is the answer
-            store.delete_tree(key)
+            unpublished.discard(settings, key)
             return get_dataset(session, earlier, tenant)
         return row
     except BaseException:
-        if published:
-            store.delete_tree(key)
+        if written:
+            # This session's uncommitted writes go first: they hold the lock that discard's own
+            # transaction needs (SQLite has one writer), and none of them may land anyway.
+            session.rollback()
+            unpublished.discard(settings, key)
         raise
     finally:
         upload.unlink(missing_ok=True)

@@ -181,6 +181,15 @@ class IdempotencyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class UnpublishedRow(Base):
+    """A store key being written that no record names yet (``service.unpublished``)."""
+
+    __tablename__ = "unpublished"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
 def page(session: Session, query: Select[Any], offset: int, limit: int) -> tuple[list[Any], int]:
     """One page of ``query`` (newest first by ``created_at`` of its entity) and the total count."""
     entity = query.column_descriptions[0]["entity"]

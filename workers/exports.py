@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from service import unpublished
 from service.config import Settings, get_settings
 from service.db import DatasetRow, ExportRow, JobStatus, ModelRow, rowcount, session_scope, utcnow
 from service.exports import bundle_key
 from service.models_store import model_files
-from service.storage import KeyMissing, store_for
+from service.storage import KeyMissing, StoreUnavailable, store_for
 from service.storage.mirror import mirror_for
 
 if TYPE_CHECKING:
@@ -36,12 +37,17 @@ def _claim(export_id: str, settings: Settings) -> bool:
 
 
 def _finish(export_id: str, settings: Settings, **values: Any) -> bool:
+    """Record the outcome of a running export; a stored bundle (``store_key``) is published with it."""
     with session_scope(settings) as s:
         done = s.execute(
             update(ExportRow).where(ExportRow.id == export_id, ExportRow.status == JobStatus.RUNNING)
             .values(finished_at=utcnow(), **values)
         )
-        return rowcount(done) == 1
+        if rowcount(done) != 1:
+            return False
+        if values.get("store_key"):
+            unpublished.publish(s, values["store_key"])
+        return True
 
 
 def _splits(
@@ -63,6 +69,16 @@ def _splits(
     )
     train_idx, val_idx = stratified_split(data.labels, float(spec.get("val_fraction", 0.2)), int(spec.get("seed", 0)))
     return data.images[val_idx], data.labels[val_idx], data.images[train_idx]
+
+
+def _drop(settings: Settings, key: str | None) -> None:
+    """Remove what a failed export may have stored (its reservation, if it made one, goes with it)."""
+    if key is None:
+        return
+    try:
+        unpublished.discard(settings, key)
+    except StoreUnavailable as exc:  # the reservation stays: the sweep removes it later
+        log.warning("could not remove %s: %s", key, exc)
 
 
 def run_export(export_id: str, *, settings: Settings | None = None) -> str | None:
@@ -100,13 +116,16 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         with torch_threads(settings.torch_threads or available_cpus()):
             record = build_bundle(model_path, dest, fmt=fmt, quantization=quantization, val_images=val_x,
                                   val_labels=val_y, calibration=train_x, threads=settings.torch_threads)
+        unpublished.reserve(settings, key)
         store_for(settings).put_file(key, dest)
     except (ZooError, ValueError) as exc:
+        _drop(settings, key)
         log.warning("export %s failed: %s", export_id, exc)
         _finish(export_id, settings, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
                 details=getattr(exc, "details", {}))
         return JobStatus.FAILED
     except Exception as exc:
+        _drop(settings, key)
         log.exception("export %s crashed", export_id)
         _finish(export_id, settings, status=JobStatus.FAILED, error=f"internal error ({type(exc).__name__}); "
                 "the worker log has the cause")
@@ -115,7 +134,7 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         dest.unlink(missing_ok=True)
     if not _finish(export_id, settings, status=JobStatus.SUCCEEDED, store_key=key, size_bytes=record["size_bytes"],
                    details=record):
-        store_for(settings).delete(key)  # the model (and its export record) was deleted meanwhile
+        unpublished.discard(settings, key)  # the model (and its export record) was deleted meanwhile
         return None
     log.info("export %s succeeded: %s %s, %d bytes", export_id, fmt, quantization, record["size_bytes"])
     return JobStatus.SUCCEEDED

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 
 from models.budget import default_budget_applies, job_cost
 from models.spec import EpochRecord, TrainSpec
+from service import unpublished
 from service.config import Settings, get_settings
 from service.db import DatasetRow, JobRow, JobStatus, ModelRow, new_id, rowcount, session_scope, utcnow
 from service.events import EPOCH, RESTART, STAGE, TRIAL, append_event, append_status, stage_data
@@ -414,6 +415,7 @@ def _run_claimed(lease: Lease) -> str | None:
         manifest = read_manifest(dest)
         summary = manifest["metrics"]
         lease.check()
+        unpublished.reserve(settings, model_key)  # a crash before the row below leaves what a sweep removes
         store_for(settings).put_tree(model_key, dest)
         with session_scope(settings) as s:
             # Fenced first: a lost job rolls back without its model row (one model per job is
@@ -429,6 +431,7 @@ def _run_claimed(lease: Lease) -> str | None:
             )
             append_event(s, job_id, STAGE, stage_data({"stage": "done", **reporter.sticky}))
             append_status(s, job_id, JobStatus.SUCCEEDED, lease.attempt, model_id=model_id, metrics=summary)
+            unpublished.publish(s, model_key)
             s.add(
                 ModelRow(
                     id=model_id,
@@ -567,8 +570,8 @@ def _discard_model(settings: Settings, key: str, local: Path) -> None:
     """Remove a model this attempt wrote but never registered: its local folder and what it stored."""
     shutil.rmtree(local, ignore_errors=True)
     try:
-        store_for(settings).delete_tree(key)
-    except StoreUnavailable as exc:
+        unpublished.discard(settings, key)
+    except StoreUnavailable as exc:  # its record stays: the sweep removes it later
         log.warning("could not remove the unregistered model %s from the store: %s", key, exc)
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
+from service import unpublished
 from service.admission import admit
 from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
@@ -152,6 +153,7 @@ def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> thre
         while True:
             try:
                 reconcile(settings, enqueue, broker_backlog)
+                unpublished.sweep(settings)
             except Exception:
                 log.exception("reconcile pass failed")
             if stop.wait(min(settings.worker_heartbeat_s, settings.requeue_after_s)):

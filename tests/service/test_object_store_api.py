@@ -12,8 +12,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
-from service.db import JobStatus
+from service.db import JobStatus, UnpublishedRow, session_scope
 from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals_zip
@@ -107,6 +108,9 @@ def test_train_predict_report_export_and_delete_through_the_bucket(stack) -> Non
     dl = client.get(f"/v1/models/{model_id}/exports/{ex['id']}/download")
     assert dl.status_code == 200 and int(dl.headers["content-length"]) == len(dl.content) > 0
     assert zipfile.ZipFile(io.BytesIO(dl.content)).testzip() is None
+
+    with session_scope(settings) as s:  # every upload was published by its record
+        assert s.scalars(select(UnpublishedRow.key)).all() == []
 
     assert client.delete(f"/v1/models/{model_id}").status_code == 204
     assert keys(f"models/{model_id}/") == [] and not copy.exists()
