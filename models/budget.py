@@ -130,9 +130,10 @@ def _set_paths(model: BaseModel, prefix: str = "") -> set[str]:
 
 def explicit_fields(spec: TrainSpec) -> list[str]:
     """The training fields the user set (dotted), which the planner keeps: ``spec.keep`` when the
-    service filled it, else the fields set on ``spec``; ``budget_s``, ``keep`` and ``seed`` excluded."""
+    service filled it, else the fields set on ``spec``; ``budget_s``, ``keep``, ``seed`` and ``device`` (where
+    it trains, not how) excluded."""
     paths = set(spec.keep) if spec.keep is not None else _set_paths(spec)
-    return sorted(p for p in paths if p.split(".")[0] not in ("budget_s", "keep", "seed", "dataset_id"))
+    return sorted(p for p in paths if p.split(".")[0] not in ("budget_s", "keep", "seed", "device", "dataset_id"))
 
 
 def default_budget_applies(spec: TrainSpec) -> bool:

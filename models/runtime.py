@@ -27,6 +27,18 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def has_cuda() -> bool:
+    """Whether this host has a CUDA GPU torch can use, asked without initializing CUDA where possible.
+
+    ``torch.cuda.device_count`` asks NVML first; ``torch.cuda.is_available`` initializes the CUDA
+    driver, and a process that did so before it forks (Celery's prefork worker choosing its queues)
+    leaves children that cannot use the GPU.
+    """
+    import torch
+
+    return torch.cuda.device_count() > 0
+
+
 def available_cpus() -> int:
     """CPU cores this process may run on."""
     try:

@@ -91,6 +91,10 @@ MAX_BUDGET_S = 86_400.0
 WeightSource = Literal["bundled", "hub", "none"]
 WEIGHT_SOURCES: tuple[WeightSource, ...] = ("bundled", "hub", "none")
 
+# What a job may run on: "any" worker, or only a CPU or a CUDA one (``service.queue`` routes by it).
+JobDevice = Literal["any", "cpu", "cuda"]
+JOB_DEVICES: tuple[JobDevice, ...] = ("any", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class OptimInfo:
@@ -487,6 +491,11 @@ class TrainSpec(_Strict):
         None,
         description="fields the planner keeps as given (dotted, e.g. 'ensemble.ema'); the service fills it "
         "with the fields the request set. A job that sets none and has no budget_s gets the default budget",
+    )
+    device: JobDevice = Field(
+        "any",
+        description="where the job trains: 'any' worker, or only a 'cpu' or a 'cuda' (GPU) one; a cuda job "
+        "waits in the queue until a GPU worker takes it",
     )
 
     @model_validator(mode="after")

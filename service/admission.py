@@ -1,6 +1,6 @@
 """Fair order between tenants: which queued jobs have a message in the broker.
 
-The broker's ``train`` queue is first come, first served. So that one tenant's backlog never sits
+The broker's train queues are first come, first served. So that one tenant's backlog never sits
 in front of another tenant's job, a tenant has at most ``tenant_max_running_jobs`` jobs *in
 flight*: running, or queued with their message sent (``enqueued_at`` set). Its other queued jobs
 wait in the database without a message (``enqueued_at`` NULL, progress stage

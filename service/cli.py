@@ -13,7 +13,7 @@ from service.client import commands as client_commands
 from service.config import get_settings
 from service.logs import configure_logging
 from service.processes import start_worker_process, stop_process
-from service.queue import WORKER_QUEUES, get_celery
+from service.queue import get_celery, worker_queues
 
 
 def check_schema(command: str) -> None:
@@ -58,10 +58,14 @@ def run_worker(extra: list[str] | None = None) -> None:
     settings.ensure_dirs()
     check_schema("worker")
     check_store("worker")
+    try:
+        queues = worker_queues(settings)
+    except ValueError as exc:
+        sys.exit(f"zoofit worker: ZOOFIT_WORKER_QUEUES: {exc}")
     argv = [
         "worker",
         "--loglevel=INFO",
-        f"--queues={','.join(WORKER_QUEUES)}",
+        f"--queues={','.join(queues)}",
         f"--concurrency={settings.worker_concurrency}",
         "--pool=prefork",
         "--without-gossip",
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--host", default=None)
         p.add_argument("--port", type=int, default=None)
-    sub.add_parser("worker", help="a Celery training worker (queue 'train')")
+    sub.add_parser("worker", help="a Celery training worker (queues 'train', 'export' and 'train-cpu' or "
+                   "'train-cuda' by its hardware; ZOOFIT_WORKER_QUEUES overrides)")
     db = sub.add_parser("db", help="the database schema (migrations)")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="upgrade the schema to this release's (also stamps a pre-migration database)")

@@ -91,7 +91,16 @@ class Settings(BaseSettings):
     feature_cache_disk_bytes: int = Field(
         16 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job spills to data_dir/cache"
     )
-    worker_concurrency: int = Field(1, ge=1)
+    worker_concurrency: int = Field(
+        1, ge=1, description="jobs a worker trains at once; on a GPU each holds its own memory: plan on about "
+        "8 GiB a job at the default batch and image size (an estimate: docs/operations.md, 'Queues by device')",
+    )
+    worker_queues: str | None = Field(
+        None, description="the queues a worker consumes, comma-separated, instead of the ones its hardware "
+        "serves: train (jobs with device 'any') and export on every worker, plus train-cuda on a GPU worker "
+        "(ZOOFIT_DEVICE=cuda, or auto with a GPU) or train-cpu on any other; e.g. 'train-cuda' for a GPU host "
+        "kept for cuda jobs (service.queue.worker_queues)",
+    )
     worker_heartbeat_s: float = Field(30.0, gt=0, description="a running job's record is touched this often")
     requeue_after_s: float = Field(
         600.0, gt=0, description="a job queued this long without starting is sent again (lost broker message)"

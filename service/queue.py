@@ -1,8 +1,10 @@
-"""The training queue: its name, the task's name, the Celery app and ``enqueue``.
+"""The queues: their names, the task's name, the Celery app, ``enqueue`` and a worker's queues.
 
-The one owner of how a job id reaches a worker. Training goes to the declared ``train`` queue so
-GPU workers can own it. Job state lives in the database, so no result backend is used: the
-broker carries job ids only.
+The one owner of how a job id reaches a worker. A training job goes to the train queue of the
+device it asks for (``TrainSpec.device``): ``train`` (any worker), ``train-cpu`` or ``train-cuda``.
+Every worker serves ``train`` and ``export``, and the device queue of its hardware
+(``worker_queues``): a CPU-only host never takes a cuda job, and a cuda job waits for a GPU host.
+Job state lives in the database, so no result backend is used: the broker carries job ids only.
 
 The API sends the task by name, so it loads neither torch nor the worker's code; Celery itself
 is imported only when the app is first built. The worker's entry point (``workers.celery_app``)
@@ -11,27 +13,76 @@ uses the same app, and ``workers.tasks`` registers the task under ``TRAIN_TASK``
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from sqlalchemy import select
+
+from models import runtime
+from models.spec import JOB_DEVICES, check_name
 from service.config import Settings, get_settings
+from service.db import JobRow, session_scope
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy import ColumnElement
+
+log = logging.getLogger("zoofit.queue")
 
 TRAIN_QUEUE = "train"
+TRAIN_CPU_QUEUE = "train-cpu"
+TRAIN_CUDA_QUEUE = "train-cuda"
+# A job's device -> its queue. "any" is served by every worker, the others by the workers of that hardware.
+TRAIN_QUEUES: dict[str, str] = {"any": TRAIN_QUEUE, "cpu": TRAIN_CPU_QUEUE, "cuda": TRAIN_CUDA_QUEUE}
 TRAIN_TASK = "zoofit.train_job"
 # Exports (``service.exports``) have a queue of their own, which the same workers serve: the
-# reconciler counts the train queue's messages against queued jobs, and an export message there
+# reconciler counts the train queues' messages against queued jobs, and an export message there
 # would hide a lost job's.
 EXPORT_QUEUE = "export"
 EXPORT_TASK = "zoofit.export_model"
-WORKER_QUEUES = (TRAIN_QUEUE, EXPORT_QUEUE)
+# Every queue the app declares; a worker consumes the ones ``worker_queues`` names.
+QUEUES = (*TRAIN_QUEUES.values(), EXPORT_QUEUE)
 # Imported by a worker process at start-up (named, not imported: the API never loads them).
 WORKER_MODULES = ("workers.tasks",)
 # The hard time limit kills the process running a job this long after the soft limit, which the
 # job should have turned into a clean failure by then.
 HARD_TIME_LIMIT_GRACE_S = 60.0
+
+
+def queue_for(device: str | None) -> str:
+    """The train queue of a job asking for ``device`` (None: a job recorded before jobs had one, "any")."""
+    return TRAIN_QUEUES[check_name("device", device or "any", JOB_DEVICES)]
+
+
+def job_device() -> ColumnElement[str | None]:
+    """A job's device in SQL: its spec's ``device`` (NULL for a job recorded before jobs had one)."""
+    return JobRow.spec["device"].as_string()
+
+
+def worker_device(settings: Settings) -> Literal["cpu", "cuda"]:
+    """The hardware this worker trains on: ``ZOOFIT_DEVICE``, where ``auto`` is cuda on a host with a GPU."""
+    if settings.device == "auto":
+        return "cuda" if runtime.has_cuda() else "cpu"
+    return settings.device
+
+
+def worker_queues(settings: Settings) -> tuple[str, ...]:
+    """The queues a worker consumes: ``ZOOFIT_WORKER_QUEUES`` if set, else ``train``, ``export`` and
+    ``train-cuda`` on a GPU worker (``worker_device``) or ``train-cpu`` on any other.
+
+    The one place that decides it: ``zoofit worker`` passes it as ``--queues``, and a worker
+    started as ``celery -A workers.celery_app worker`` without ``-Q`` selects it at start-up.
+    Raises ``UnknownNameError`` (listing the valid names) for an unknown queue in the setting.
+    """
+    if settings.worker_queues and settings.worker_queues.strip():
+        names = [check_name("queue", q.strip(), QUEUES) for q in settings.worker_queues.split(",") if q.strip()]
+        if TRAIN_CUDA_QUEUE in names and worker_device(settings) != "cuda":
+            log.warning("ZOOFIT_WORKER_QUEUES names %s on a worker without a GPU: the cuda jobs it takes fail "
+                        "(a cuda job never trains on the CPU)", TRAIN_CUDA_QUEUE)
+        return tuple(dict.fromkeys(names))
+    device_queue = TRAIN_CUDA_QUEUE if worker_device(settings) == "cuda" else TRAIN_CPU_QUEUE
+    return (TRAIN_QUEUE, device_queue, EXPORT_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,7 +92,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("zoofit", broker=settings.resolved_broker_url, include=list(WORKER_MODULES))
     hard_limit = settings.job_time_limit_s + HARD_TIME_LIMIT_GRACE_S
     app.conf.update(
-        task_queues=tuple(Queue(q) for q in WORKER_QUEUES),
+        task_queues=tuple(Queue(q) for q in QUEUES),
         task_default_queue=TRAIN_QUEUE,
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, EXPORT_TASK: {"queue": EXPORT_QUEUE}},
         task_ignore_result=True,
@@ -75,8 +126,15 @@ def get_celery() -> Celery:
 
 
 def enqueue(job_id: str) -> None:
-    """Send the job id to the ``train`` queue."""
-    get_celery().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+    """Send the job id to the train queue of the job's device, read from its record.
+
+    Every caller (the API's submit, admission, the reconciler's re-send) has committed the job
+    before it sends it, so the record is there to read; a job that is gone meanwhile goes to
+    ``train``, where a worker drops its message.
+    """
+    with session_scope(get_settings()) as s:
+        device = s.scalar(select(job_device()).where(JobRow.id == job_id))
+    get_celery().send_task(TRAIN_TASK, args=[job_id], queue=queue_for(device))
 
 
 def enqueue_export(export_id: str) -> None:
@@ -84,13 +142,13 @@ def enqueue_export(export_id: str) -> None:
     get_celery().send_task(EXPORT_TASK, args=[export_id], queue=EXPORT_QUEUE)
 
 
-def broker_backlog() -> int | None:
-    """Messages waiting in the ``train`` queue (not those a worker has taken), or None when unknown."""
+def broker_backlog(queue: str = TRAIN_QUEUE) -> int | None:
+    """Messages waiting in ``queue`` (not those a worker has taken), or None when unknown."""
     from amqp.exceptions import ChannelError
 
     try:
         with get_celery().connection_for_read() as conn:
-            return int(conn.default_channel.queue_declare(queue=TRAIN_QUEUE, passive=True).message_count)
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
     except ChannelError as exc:
         # 404: never declared, so nothing was ever sent to it (a flushed Redis too).
         return 0 if str(getattr(exc, "reply_code", "")) == "404" else None

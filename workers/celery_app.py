@@ -4,7 +4,8 @@ The app itself (queue, task name, configuration) is built in ``service.queue``; 
 adds what only a worker process does: before the pool starts it checks the database schema
 (``service.schema``: it refuses to start on one that is behind) and starts its metrics server
 (``workers.metrics``); once ready it removes what its previous run left on disk
-(``workers.leftovers``) and begins reconciling lost jobs.
+(``workers.leftovers``) and begins reconciling lost jobs. A worker started without ``-Q`` consumes
+the queues ``service.queue.worker_queues`` names (those ``zoofit worker`` passes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.signals import (
+    celeryd_init,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -20,11 +22,19 @@ from celery.signals import (
 )
 
 from service.config import get_settings
-from service.queue import enqueue, get_celery
+from service.queue import enqueue, get_celery, worker_queues
 
 app = get_celery()
 
 _metrics_dir: list[str | None] = [None]
+
+
+@celeryd_init.connect
+def _choose_queues(instance: Any = None, options: dict[str, Any] | None = None, **_kwargs: Any) -> None:
+    # Without -Q a Celery worker consumes every declared queue, train-cuda too on a CPU host:
+    # `celery -A workers.celery_app worker` gets the queues `zoofit worker` passes (worker_queues).
+    if instance is not None and not (options or {}).get("queues"):
+        instance.app.amqp.queues.select(worker_queues(get_settings()))
 
 
 @worker_init.connect

@@ -48,6 +48,7 @@ from service.logs import log_context, tenant_var
 from service.storage import KeyMissing, StoreUnavailable, join, store_for
 from service.storage.mirror import mirror_for
 from workers.checkpoints import JobCheckpoint
+from workers.devices import training_device
 from workers.lease import JobLost, Lease
 from workers.leftovers import feature_spill_dir, owner_tag
 from workers.metrics import observe_epoch, observe_queue_wait, worker_metrics
@@ -352,6 +353,7 @@ def _run_claimed(lease: Lease) -> str | None:
     bounds = _cache_bounds(settings, lease.worker)
     started = time.perf_counter()
     try:
+        device = training_device(spec.device, settings, lease.worker)  # a cuda job on no GPU fails here
         if dataset is None:
             raise ZooError(f"dataset {job.dataset_id} no longer exists")
         budget_s, default_budget = _budget(spec, settings)
@@ -393,7 +395,7 @@ def _run_claimed(lease: Lease) -> str | None:
                 data,
                 spec,
                 hooks=hooks,
-                device=settings.device,
+                device=device,
                 num_threads=settings.torch_threads,
                 resume=resume,
                 cache=bounds,
@@ -488,7 +490,8 @@ def _budget(spec: TrainSpec, settings: Settings) -> tuple[float | None, bool]:
     if spec.budget_s is not None:
         return float(spec.budget_s), False
     if default_budget_applies(spec):
-        cuda = settings.device == "cuda" or (settings.device == "auto" and _cuda_available())
+        device = training_device(spec.device, settings)
+        cuda = device == "cuda" or (device == "auto" and _cuda_available())
         return (settings.default_budget_gpu_s if cuda else settings.default_budget_cpu_s), True
     return None, False
 
@@ -537,7 +540,7 @@ def _train_budgeted(
         log=lambda msg: log.info("job %s: %s", job_id, msg),
     )
     result, planned = fit_budgeted(
-        decode, spec, budget_s, default_budget=default_budget, device=settings.device,
+        decode, spec, budget_s, default_budget=default_budget, device=training_device(spec.device, settings),
         num_threads=settings.torch_threads, hooks=hooks, cache=bounds,
         max_pixel_epochs=settings.job_max_pixel_epochs, started=started, on_plan=on_plan,
     )
@@ -636,7 +639,7 @@ def _sweep(
         spec,
         train_fn=functools.partial(
             train,
-            device=settings.device,
+            device=training_device(spec.device, settings),
             num_threads=settings.torch_threads,
             cache=bounds,
         ),

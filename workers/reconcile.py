@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from service import unpublished
 from service.admission import admit
 from service.config import Settings
 from service.db import JobRow, JobStatus, rowcount, session_scope, utcnow
 from service.events import STAGE, append_event, append_status
-from service.queue import broker_backlog
+from service.queue import broker_backlog, job_device, queue_for
 
 log = logging.getLogger("zoofit.reconcile")
 
@@ -61,19 +62,22 @@ def claim_resend(settings: Settings, job_id: str, cutoff: datetime) -> bool:
     return bool(rowcount(res))
 
 
-def _lost_messages(backlog: Callable[[], int | None], settings: Settings) -> int | None:
-    """How many of the jobs sent and not started have no message left in the broker; None: unknown
-    (the transport cannot say), so any may be lost (a duplicate message is harmless)."""
-    held = backlog()
+def _lost_messages(backlog: Callable[[str], int | None], settings: Settings, queue: str) -> int | None:
+    """How many of the jobs sent to ``queue`` and not started have no message left in it; None:
+    unknown (the transport cannot say), so any may be lost (a duplicate message is harmless).
+
+    Counted per train queue: a cuda job waiting for a GPU host keeps its message in ``train-cuda``,
+    which says nothing about a message lost from ``train``.
+    """
+    held = backlog(queue)
     if held is None:
         return None
     with session_scope(settings) as s:
-        sent = s.scalar(
-            select(func.count()).select_from(JobRow).where(
-                JobRow.status == JobStatus.QUEUED, JobRow.enqueued_at.is_not(None)
-            )
+        devices = s.scalars(
+            select(job_device()).where(JobRow.status == JobStatus.QUEUED, JobRow.enqueued_at.is_not(None))
         )
-    return max(0, int(sent or 0) - held)
+        sent = Counter(queue_for(d) for d in devices)[queue]
+    return max(0, sent - held)
 
 
 def _send(enqueue: Callable[[str], None], job_id: str) -> bool:
@@ -87,25 +91,27 @@ def _send(enqueue: Callable[[str], None], job_id: str) -> bool:
 
 
 def reconcile(
-    settings: Settings, enqueue: Callable[[str], None], backlog: Callable[[], int | None] = lambda: None
+    settings: Settings, enqueue: Callable[[str], None], backlog: Callable[[str], int | None] = lambda _queue: None
 ) -> list[str]:
     """Re-enqueue lost work and admit waiting jobs to free slots. Returns the ids sent.
 
     - a running job with a stale heartbeat goes back to ``queued`` and onto the queue;
     - a queued job whose message went out more than ``requeue_after_s`` ago is sent again when
-      the broker holds fewer messages (``backlog``) than jobs sent and not started: it may have
-      lost them (a Redis restart without persistence), or it still holds them all and nothing
-      is re-sent. Of several reconcilers, one re-sends a job (``claim_resend``); a duplicate
-      message would be harmless anyway: ``claim_job`` lets only one worker run the job;
+      its train queue holds fewer messages (``backlog(queue)``) than jobs sent to it and not
+      started: the broker may have lost them (a Redis restart without persistence), or it still
+      holds them all and nothing is re-sent. Of several reconcilers, one re-sends a job
+      (``claim_resend``); a duplicate message would be harmless anyway: ``claim_job`` lets only
+      one worker run the job;
     - a queued job never sent (``enqueued_at`` NULL) waits for a slot of its tenant and is not
       lost: ``admit`` sends it once one is free (a job's end that nobody followed up).
     """
     requeued = []
     waiting_cutoff = utcnow() - timedelta(seconds=settings.requeue_after_s)
     with session_scope(settings) as s:
-        waiting = list(
-            s.scalars(
-                select(JobRow.id)
+        waiting = [
+            (job_id, queue_for(device))
+            for job_id, device in s.execute(
+                select(JobRow.id, job_device())
                 .where(
                     JobRow.status == JobStatus.QUEUED,
                     JobRow.cancel_requested.is_(False),
@@ -113,12 +119,13 @@ def reconcile(
                 )
                 .order_by(JobRow.enqueued_at)
             )
-        )
-    if waiting:
-        lost = _lost_messages(backlog, settings)
-        if lost is not None:
-            waiting = waiting[:lost]  # the oldest; the broker still holds messages for the others
-    for job_id in waiting:
+        ]
+    resend: set[str] = set()
+    for queue in dict.fromkeys(q for _, q in waiting):
+        ids = [job_id for job_id, q in waiting if q == queue]
+        lost = _lost_messages(backlog, settings, queue)
+        resend.update(ids if lost is None else ids[:lost])  # the oldest; the broker holds the others' messages
+    for job_id in (job_id for job_id, _ in waiting if job_id in resend):
         if claim_resend(settings, job_id, waiting_cutoff):
             log.warning("job %s waited over %.0f s in the queue; sending it again", job_id, settings.requeue_after_s)
             if _send(enqueue, job_id):

@@ -119,6 +119,28 @@ def test_failing_job_records_error(stack):
     assert wait_status(client, ok["id"], {"succeeded", "failed"})["status"] == "succeeded"
 
 
+@pytest.mark.parametrize(
+    "stack", [{"device": "cpu", "tenant_max_running_jobs": "3", "requeue_after_s": "1"}], indirect=True
+)
+def test_a_cpu_worker_takes_cpu_and_any_jobs_and_leaves_a_cuda_job_queued(stack):
+    """A CPU host's worker (its computed queues: train, train-cpu, export) runs a cpu job and an any
+    job; the cuda job, sent first, stays queued for a GPU host with its one message in train-cuda:
+    the reconciler (a pass a second here) counts that queue's messages and never re-sends it."""
+    from service.queue import TRAIN_CUDA_QUEUE, broker_backlog
+
+    client, _, worker = stack
+    cuda = submit(client, {**TINY_JOB, "device": "cuda"})["id"]
+    others = [submit(client, {**TINY_JOB, "device": device})["id"] for device in ("cpu", "any")]
+    for job_id in others:
+        j = wait_status(client, job_id, {"succeeded", "failed", "cancelled"})
+        assert j["status"] == "succeeded", j["error"]
+    time.sleep(3)  # a few more reconciler passes
+    j = client.get(f"/v1/jobs/{cuda}").json()
+    assert (j["status"], j["attempts"], j["started_at"], j["progress"]["stage"]) == ("queued", 0, None, "queued")
+    assert broker_backlog(TRAIN_CUDA_QUEUE) == 1
+    assert worker.poll() is None
+
+
 def test_worker_killed_mid_job_another_finishes_it(make_settings, pg_url, redis_url, monkeypatch):
     """SIGKILL the worker while it trains: a new worker resumes the job from its last epoch checkpoint."""
     settings = make_settings(database_url=pg_url, broker_url=redis_url, worker_heartbeat_s="1")

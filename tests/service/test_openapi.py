@@ -9,7 +9,7 @@ from typing import Any, get_args
 import pytest
 from fastapi.routing import APIRoute
 
-from models.spec import BACKBONES, OPTIMIZERS, SCHEDULES, WEIGHT_SOURCES, WeightSource
+from models.spec import BACKBONES, JOB_DEVICES, OPTIMIZERS, SCHEDULES, WEIGHT_SOURCES, JobDevice, WeightSource
 from service.app import create_app
 from service.config import Settings
 from service.db import JobStatus
@@ -71,6 +71,7 @@ def _job_status_parameter() -> dict[str, Any]:
      [n for n in OPTIMIZERS if n != "lbfgs"]),
     ("schedule.name", lambda: _schema("ScheduleSpec")["properties"]["name"], list(SCHEDULES)),
     ("weights", lambda: _schema("JobCreate")["properties"]["weights"], list(WEIGHT_SOURCES)),
+    ("device", lambda: _schema("JobCreate")["properties"]["device"], list(JOB_DEVICES)),
     ("freeze.mode", lambda: _schema("FreezeSpec")["properties"]["mode"],
      ["none", "linear_probe", "first_n", "gradual", "auto"]),
     ("job status (answer)", lambda: _schema("JobSummaryPublic")["properties"]["status"], list(JobStatus.ALL)),
@@ -87,6 +88,7 @@ def test_closed_sets_are_enums_of_their_registries(where, schema, names):
 def test_the_literal_copies_of_registries_match():
     assert get_args(JobStatusName) == JobStatus.ALL
     assert get_args(WeightSource) == WEIGHT_SOURCES
+    assert get_args(JobDevice) == JOB_DEVICES
 
 
 def test_every_error_answer_is_declared_as_a_problem():
