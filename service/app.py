@@ -29,6 +29,7 @@ from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.metrics import instrument
 from service.models_store import PredictorCache, model_files
 from service.problems import field_errors, problem_response, validation_detail
+from service.storage import StoreUnavailable
 
 log = logging.getLogger("zoofit.api")
 
@@ -94,6 +95,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("database unavailable: %s", exc.orig)
         return problem_response(
             503, "the database is unavailable; retry in a few seconds", headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The bucket's address and the cause go to the log; nothing was published (service.unpublished).
+        log.warning("artifact store unavailable: %s", exc)
+        return problem_response(
+            503, "the artifact store is unavailable; retry in a few seconds", headers={"Retry-After": "5"}
         )
 
     @app.exception_handler(Exception)

@@ -8,11 +8,16 @@ With the embedded ``LocalStore`` the local folder *is* the stored one and nothin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 from pathlib import Path
 
+from service import unpublished
 from service.config import Settings
-from service.storage import KeyMissing, join, store_for
+from service.storage import KeyMissing, StoreUnavailable, join, store_for
+
+log = logging.getLogger("zoofit.worker")
 
 CHECKPOINTS_PREFIX = "checkpoints"
 
@@ -21,6 +26,7 @@ class JobCheckpoint:
     """One job's checkpoint files: a local folder on this host, mirrored to the store."""
 
     def __init__(self, settings: Settings, job_id: str) -> None:
+        self.settings = settings
         self.store = store_for(settings)
         self.key = join(CHECKPOINTS_PREFIX, job_id)
         stored = self.store.local_path(self.key)
@@ -47,6 +53,15 @@ class JobCheckpoint:
             self.store.put_file(join(self.key, name), self.dir / name)
 
     def drop(self) -> None:
-        """Remove the checkpoint from the store and this host."""
-        self.store.delete_tree(self.key)
+        """Remove the checkpoint from the store and this host.
+
+        Called once the job's outcome is recorded: a store that is away then is no reason to fail,
+        so the key goes to ``service.unpublished``, whose sweep removes it later.
+        """
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.store.delete_tree(self.key)
+        except StoreUnavailable as exc:
+            log.warning("could not remove the checkpoint %s (%s); it is swept later", self.key, exc)
+            with contextlib.suppress(Exception):
+                unpublished.reserve(self.settings, self.key)

@@ -478,6 +478,14 @@ def _run_claimed(lease: Lease) -> str | None:
                     job_id, exc.orig if isinstance(exc, DBAPIError) else exc, lease.attempt)
         _discard_model(settings, model_key, dest)  # this attempt's own model, never registered
         return None
+    except StoreUnavailable as exc:
+        # The artifact store went away (a restart, a network blip): like the database above, this
+        # attempt ends without an outcome and the job resumes from its last stored checkpoint once
+        # re-queued (``job_max_attempts`` bounds how often).
+        log.warning("job %s: lost the artifact store (%s); attempt %d ends, the job resumes once re-queued",
+                    job_id, exc, lease.attempt)
+        shutil.rmtree(dest, ignore_errors=True)  # this attempt's local model folder; the store is away
+        return None
     except Exception as exc:
         # The user sees one line; the traceback, with server paths, stays in the worker's log.
         log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)

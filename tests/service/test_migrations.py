@@ -254,7 +254,8 @@ def test_the_embedded_sqlite_database_of_the_previous_release_upgrades_itself_at
     engine = make_engine(settings.resolved_database_url)
     # release 5fd83c4's create_all made every table but those added since
     Base.metadata.create_all(
-        engine, tables=[t for name, t in Base.metadata.tables.items() if name not in ("job_events", "exports", "unpublished")]
+        engine,
+        tables=[t for name, t in Base.metadata.tables.items() if name not in ("job_events", "exports", "unpublished")],
     )
     with engine.begin() as conn:
         for table in ("datasets", "models"):  # that release stored host paths (revision 0004 made them keys)

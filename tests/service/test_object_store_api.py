@@ -116,3 +116,20 @@ def test_train_predict_report_export_and_delete_through_the_bucket(stack) -> Non
     assert keys(f"models/{model_id}/") == [] and not copy.exists()
     assert client.post(f"/v1/models/{model_id}/predict",
                        files=[("files", ("x.png", _png(), "image/png"))]).status_code == 404
+
+
+def test_an_upload_while_the_store_is_away_is_a_503_and_saves_nothing(make_settings) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(storage_url="s3://away/zoofit", s3_endpoint_url=f"http://127.0.0.1:{port}",
+                             s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    with api_client(settings) as client:
+        r = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(2, 2), "application/zip")})
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"] == "the artifact store is unavailable; retry in a few seconds"
+        assert r.headers["retry-after"] == "5"
+        assert client.get("/v1/datasets").json()["count"] == 0
+    assert list(settings.tmp_dir.iterdir()) == []

@@ -37,3 +37,50 @@ def test_a_lost_database_connection_leaves_the_job_to_resume_not_failed(client, 
     j = client.get(f"/v1/jobs/{job_id}").json()
     assert j["attempts"] == 2 and [r["epoch"] for r in j["history"]] == [0, 1, 2]
     assert j["progress"].get("resumed_from") == {"member": 1, "epoch": 1}
+
+
+def test_a_lost_artifact_store_leaves_the_job_to_resume_not_failed(client, settings, monkeypatch) -> None:
+    from service.storage import StoreUnavailable
+    from workers.checkpoints import JobCheckpoint
+
+    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(3, 2), "application/zip")}).json()
+    job_id = client.post("/v1/jobs", json={"dataset_id": ds["id"], **TINY_JOB, "epochs": 3}).json()["id"]
+    real_push = JobCheckpoint.push
+    calls = {"n": 0}
+
+    def flaky(self, name):  # the second epoch's checkpoint meets a store that has just gone away
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StoreUnavailable("s3://bucket/zoofit: cannot reach http://minio:9000")
+        return real_push(self, name)
+
+    monkeypatch.setattr(JobCheckpoint, "push", flaky)
+    assert run_job(job_id, settings=settings) is None  # no outcome: the attempt ends, the job waits
+    with session_scope(settings) as s:
+        job = s.get(JobRow, job_id)
+        assert job is not None and job.status == JobStatus.RUNNING and job.error is None
+
+    monkeypatch.setattr(JobCheckpoint, "push", real_push)
+    heartbeat_stops(settings, job_id)
+    assert run_job(job_id, settings=settings) == JobStatus.SUCCEEDED
+    j = client.get(f"/v1/jobs/{job_id}").json()
+    assert j["attempts"] == 2 and [r["epoch"] for r in j["history"]] == [0, 1, 2]
+
+
+def test_a_checkpoint_the_store_cannot_remove_after_the_outcome_is_swept_later(client, settings, monkeypatch) -> None:
+    from sqlalchemy import select
+
+    from service.db import UnpublishedRow
+    from service.storage import StoreUnavailable
+    from service.storage.local import LocalStore
+
+    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(3, 2), "application/zip")}).json()
+    job_id = client.post("/v1/jobs", json={"dataset_id": ds["id"], **TINY_JOB}).json()["id"]
+
+    def away(self, prefix):
+        raise StoreUnavailable("s3://bucket/zoofit: cannot reach http://minio:9000")
+
+    monkeypatch.setattr(LocalStore, "delete_tree", away)
+    assert run_job(job_id, settings=settings) == JobStatus.SUCCEEDED  # recorded; the checkpoint waits
+    with session_scope(settings) as s:
+        assert s.scalars(select(UnpublishedRow.key)).all() == [f"checkpoints/{job_id}"]
