@@ -4,7 +4,7 @@
         [--images 500] [--threads 1,16] [--repeats 2] [--no-big-model] [--json out.json]
 
 Real parts only, as a multi-host deployment has them: a moto S3 server in a child process (real HTTP
-on loopback; ``tests/utils/s3.py``), a fresh PostgreSQL database (``ZOOFIT_BENCH_PG_ADMIN``, dropped
+on loopback; ``tests/utils/s3.py``), a fresh PostgreSQL database (``ZOOFIT_TEST_PG_ADMIN``, dropped
 after), Redis db 10 as the broker (``ZOOFIT_BENCH_REDIS``, flushed before and after), and real Celery
 workers (``python -m service.cli worker --hostname ...``), each with its own ``ZOOFIT_DATA_DIR`` and
 ``ZOOFIT_SCRATCH_DIR`` and one torch thread, sharing nothing but PostgreSQL, Redis and the bucket.
@@ -51,7 +51,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -65,9 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.config import Settings, get_settings  # noqa: E402
-from service.db import DatasetRow, JobRow, ModelRow, _engine_for, make_engine, session_scope  # noqa: E402
+from service.db import DatasetRow, JobRow, ModelRow, session_scope  # noqa: E402
 
-PG_ADMIN_URL = os.environ.get("ZOOFIT_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ZOOFIT_BENCH_REDIS", "redis://127.0.0.1:6379/10")
 REDIS_DB = int(REDIS_URL.rsplit("/", 1)[1])
 TENANT = "bench"
@@ -97,27 +95,12 @@ def say(msg: str) -> None:
 # --- the shared parts ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database at this release's schema (as ``zoofit db upgrade`` leaves it), dropped after."""
-    from service.db import Base
-    from service.schema import upgrade
+def pg_database() -> contextlib.AbstractContextManager[str]:
+    """A fresh PostgreSQL database at this release's schema, dropped after (the tests' own helper;
+    ``ZOOFIT_TEST_PG_ADMIN`` names the server)."""
+    from tests.conftest import pg_database as test_database
 
-    name = f"zoofit_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        engine = make_engine(url)
-        upgrade(engine, Base.metadata)
-        engine.dispose()
-        yield url
-    finally:
-        _engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return test_database("zoofit_bench")
 
 
 @contextlib.contextmanager

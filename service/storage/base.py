@@ -9,10 +9,33 @@ names the prefix, so a crash mid-way leaves nothing any row points at.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
+
+TMP_PREFIX = ".zoofit-tmp-"  # files being written; never listed as stored objects
+
+
+@contextlib.contextmanager
+def written_whole(dest: Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write: renamed over ``dest`` when the block ends, removed if it
+    raises, so ``dest`` is only ever the old file or the whole new one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class KeyMissing(LookupError):

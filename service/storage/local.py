@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from service.storage.base import KeyMissing, ObjectInfo, StoreUnavailable, check_key
+from service.storage.base import TMP_PREFIX, KeyMissing, ObjectInfo, StoreUnavailable, check_key, written_whole
 
-_TMP = ".zoofit-tmp-"
+_TMP = TMP_PREFIX
 
 
 class LocalStore:
@@ -44,50 +44,20 @@ class LocalStore:
         return path
 
     def put_file(self, key: str, src: Path) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
-        os.close(fd)
-        try:
+        with written_whole(self._path(key), 0o644) as tmp:
             shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with written_whole(self._path(key), 0o644) as tmp:
+            tmp.write_bytes(data)
 
     def get_file(self, key: str, dest: Path) -> None:
         src = self._regular(key)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=dest.parent)
-        os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            with written_whole(Path(dest)) as tmp:
+                shutil.copyfile(src, tmp)
         except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise KeyMissing(key) from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def get_bytes(self, key: str) -> bytes:
         try:

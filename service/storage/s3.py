@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,13 +36,13 @@ from botocore.exceptions import (
 )
 from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
 
-from service.storage.base import KeyMissing, ObjectInfo, StoreUnavailable, check_key
+from service.storage.base import KeyMissing, ObjectInfo, StoreUnavailable, check_key, written_whole
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
            "ExpiredToken", "AllAccessDisabled", "AccountProblem"}
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
-_TMP = ".zoofit-tmp-"
+
 
 
 class S3Store:
@@ -207,31 +206,21 @@ class S3Store:
 
     def get_file(self, key: str, dest: Path) -> None:
         s3_key = self._key(key)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=dest.parent)
-        os.close(fd)
-        try:
-            with self._errors(key):
-                obj = self._client.get_object(Bucket=self.bucket, Key=s3_key)
-                body = obj["Body"]
-                try:
-                    if int(obj.get("ContentLength", 0)) <= self._transfer.multipart_threshold:
-                        # One GET: most objects are small (images), and the managed download's
-                        # HEAD and per-call thread pool cost more than the transfer itself.
-                        with open(tmp, "wb") as f:
-                            shutil.copyfileobj(body, f, 1024 * 1024)
-                    else:
-                        body.close()
-                        # Ranged GETs in parallel, each retried by s3transfer should its stream break.
-                        self._client.download_file(self.bucket, s3_key, tmp, Config=self._transfer)
-                finally:
+        with written_whole(Path(dest)) as tmp, self._errors(key):
+            obj = self._client.get_object(Bucket=self.bucket, Key=s3_key)
+            body = obj["Body"]
+            try:
+                if int(obj.get("ContentLength", 0)) <= self._transfer.multipart_threshold:
+                    # One GET: most objects are small (images), and the managed download's
+                    # HEAD and per-call thread pool cost more than the transfer itself.
+                    with open(tmp, "wb") as f:
+                        shutil.copyfileobj(body, f, 1024 * 1024)
+                else:
                     body.close()
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                    # Ranged GETs in parallel, each retried by s3transfer should its stream break.
+                    self._client.download_file(self.bucket, s3_key, os.fspath(tmp), Config=self._transfer)
+            finally:
+                body.close()
 
     def get_bytes(self, key: str) -> bytes:
         s3_key = self._key(key)
