@@ -191,6 +191,13 @@ class Settings(BaseSettings):
         100, ge=1, description="open event streams of one tenant per API process; one more is a 429"
     )
 
+    # connections to a server database, per process (an API process, a worker's main and pool processes)
+    db_pool_size: int = Field(
+        5, ge=1, le=1000, description="connections a process keeps open to PostgreSQL (SQLAlchemy's pool); "
+        "every process of every host counts against the server's max_connections (docs/scaling.md)",
+    )
+    db_max_overflow: int = Field(10, ge=0, le=1000, description="connections a process may open beyond db_pool_size")
+
     # schema migrations (service.schema; `zoofit db upgrade`)
     db_auto_upgrade: bool | None = Field(
         None, description="the API and workers upgrade the database schema themselves at start; "

@@ -203,7 +203,8 @@ def rowcount(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+    """An engine for ``url``; on a server database, a pool of ``pool_size`` connections (+ ``max_overflow``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -217,12 +218,20 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
 
 
-@lru_cache
-def _engine_for(url: str) -> Engine:
-    return make_engine(url)
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine_for(url: str, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+    """This process's one engine for ``url`` (made with the pool sizes of its first caller)."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url, pool_size, max_overflow)
+        return engine
 
 
 # URLs whose schema this process has upgraded or checked (service.schema.prepare_schema).
@@ -241,7 +250,7 @@ def get_engine(settings: Settings | None = None) -> Engine:
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = _engine_for(url)
+    engine = _engine_for(url, settings.db_pool_size, settings.db_max_overflow)
     if url not in _schema_ready:
         from service.schema import prepare_schema
 
