@@ -369,7 +369,8 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--timm-time-of", default="plain", help="the row whose wall time the timm recipe gets")
-    ap.add_argument("--out", default="quality-results.jsonl", help="rows so far (a rerun skips them)")
+    ap.add_argument("--out", default=str(DOC.with_name("quality-results.jsonl")),
+                    help="every row so far, kept beside docs/quality.md (a rerun skips them; the doc shows them all)")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/quality.md")
     args = ap.parse_args()
     threads = int(os.environ.get("ZOOFIT_TORCH_THREADS", "2"))

@@ -89,11 +89,16 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job keeps in memory"
     )
     feature_cache_disk_bytes: int = Field(
-        16 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job spills to data_dir/cache"
+        16 * 1024**3, ge=0, description="frozen-prefix feature cache: the most a job spills to the scratch dir"
     )
     worker_concurrency: int = Field(
         1, ge=1, description="jobs a worker trains at once; on a GPU each holds its own memory: plan on about "
         "8 GiB a job at the default batch and image size (an estimate: docs/operations.md, 'Queues by device')",
+    )
+    checkpoint_every_s: float = Field(
+        0.0, ge=0, description="a running job's checkpoint is stored at most this often (0: after every epoch) "
+        "and after every finished member; a longer period trades store bandwidth (docs/scaling.md) for the "
+        "epochs a worker taking the job over trains again",
     )
     worker_queues: str | None = Field(
         None, description="the queues a worker consumes, comma-separated, instead of the ones its hardware "

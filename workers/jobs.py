@@ -380,10 +380,18 @@ def _run_claimed(lease: Lease) -> str | None:
             member, epoch = (resume.member + 1, resume.epoch + 1) if resume is not None else (1, 0)
             reporter.stage("training", member=member, members=spec.ensemble.members, epoch=epoch, epochs=spec.epochs)
 
+            last_checkpoint = time.monotonic()
+
             def checkpoint(state: TrainState) -> None:
+                nonlocal last_checkpoint
+                # Every epoch by default; at most every checkpoint_every_s otherwise, but always at a
+                # member's end (a finished member is never trained again by the worker taking over).
+                if not state.member_done and time.monotonic() - last_checkpoint < settings.checkpoint_every_s:
+                    return
                 lease.check()  # the checkpoint is the new owner's once the job is lost
                 save_state(state, ckpt.dir)  # raises DiskFullError on a full disk
                 ckpt.push(STATE_FILE)
+                last_checkpoint = time.monotonic()
 
             hooks = TrainHooks(
                 on_epoch=reporter.on_epoch,

@@ -149,3 +149,27 @@ def test_full_disk_fails_the_job_with_a_clear_error(client, settings, monkeypatc
     assert list(settings.models_dir.iterdir()) == []  # no model, not even a temporary folder
     assert client.get("/v1/models").json()["count"] == 0
     assert not checkpoint_dir(settings, job_id).exists()
+
+
+EVERY_EPOCH = [(m, e) for m in range(2) for e in range(4)]
+
+
+@pytest.mark.parametrize(("every_s", "stored"), [("0", EVERY_EPOCH), ("3600", [(0, 3), (1, 3)])])
+def test_checkpoints_are_stored_at_most_every_checkpoint_every_s_and_at_each_members_end(
+    make_settings, monkeypatch, every_s, stored
+) -> None:
+    from tests.conftest import api_client
+
+    settings = make_settings(checkpoint_every_s=every_s)
+    saved: list[tuple[int, int]] = []
+    real = models.checkpoint.save_state
+
+    def save_state(state, directory):
+        saved.append((state.member, state.epoch))
+        return real(state, directory)
+
+    monkeypatch.setattr(models.checkpoint, "save_state", save_state)
+    with api_client(settings, enqueue=lambda _job_id: None) as client:
+        job_id = submit(client, {**JOB, "ensemble": {"members": 2}})
+        assert run_job(job_id, settings=settings) == JobStatus.SUCCEEDED
+    assert saved == stored
