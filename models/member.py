@@ -55,7 +55,8 @@ class RunContext(Protocol):
     ) -> tuple[float, float, np.ndarray]: ...
 
     def cache_for(
-        self, steps: list[Step] | None, n: int, fs: FreezeSpec, pre: Preprocess, augment: Any, seed: int
+        self, steps: list[Step] | None, n: int, fs: FreezeSpec, pre: Preprocess, augment: Any, seed: int,
+        share: tuple[Any, ...] | None = None,
     ) -> tuple[FeatureCache | None, CachePlan]: ...
 
 
@@ -125,6 +126,7 @@ class MemberSetup:
         mixer: mixup/cutmix, or None.
         criterion: the training loss.
         applied: what the run did, as the report's ``applied.members[i]``.
+        shared_cache: ``cache`` is the run's, shared with other members (the run closes it).
     """
 
     index: int
@@ -149,10 +151,11 @@ class MemberSetup:
     mixer: Any
     criterion: Any
     applied: dict[str, Any]
+    shared_cache: bool = False
 
     def close(self) -> None:
-        """Release the feature cache (memory, or its spill files)."""
-        if self.cache is not None:
+        """Release the feature cache (memory, or its spill files), unless the run shares it."""
+        if self.cache is not None and not self.shared_cache:
             self.cache.close()
 
 
@@ -213,7 +216,10 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
     )
     # Frozen steps run in eval mode in every path (BatchNorm statistics fixed, no drop-path).
     model.eval()
-    cache, plan = ctx.cache_for(steps, n_cache, fs, pre, augment, seed)
+    # Members that see the same frozen prefix of the same pretrained weights, unaugmented, get the same
+    # features: one cache serves them all (built once, not once per member).
+    share = (backbone, n_cache, pre, spec.weights) if augment is None and spec.weights != "none" else None
+    cache, plan = ctx.cache_for(steps, n_cache, fs, pre, augment, seed, share)
     member = MemberSetup(
         index=i,
         backbone=backbone,
@@ -237,6 +243,7 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
         mixer=mixer,
         criterion=train_criterion(spec),
         applied={},
+        shared_cache=share is not None,
     )
     member.applied = _applied(ctx, member, why, plan)
     return member

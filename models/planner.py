@@ -153,6 +153,7 @@ def plan_recipe(
     members: int | None = None,
     max_pixel_epochs: int | None = None,
     images: int | None = None,
+    cache_shared: bool = True,
 ) -> tuple[Choice, list[str]]:
     """Choose size, depth, epochs and members for ``train_s`` seconds of training (pure).
 
@@ -166,6 +167,8 @@ def plan_recipe(
         members: kept members.
         max_pixel_epochs: the admission cap (``job_cost``) the plan must stay under.
         images: images in the dataset (for the cap).
+        cache_shared: members after the first reuse its frozen-prefix cache when they train
+            unaugmented (pretrained weights: ``models.training``); False: each builds its own.
 
     Returns:
         The choice and one line per decision, saying why.
@@ -238,7 +241,9 @@ def plan_recipe(
             f"{full_s:.0f} s for training: a shared machine slows down; cache {choice.cache_s:.1f} s, "
             f"{choice.epoch_s:.2f} s an epoch)"
         )
-    per_member = SETUP_S + choice.cache_s + choice.epochs * choice.epoch_s
+    # A later member builds its own cache only when its features differ (augmented views, random weights).
+    later_cache_s = 0.0 if cache_shared and not choice.augment else choice.cache_s
+    per_member = SETUP_S + later_cache_s + choice.epochs * choice.epoch_s
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
@@ -268,7 +273,7 @@ def plan_recipe(
             why.append("the admission cap on pixel-epochs binds: the plan is over it with what the user kept")
         else:
             why.append(f"within the admission cap of {max_pixel_epochs:.3g} pixel-epochs ({pixel_epochs(choice):.3g})")
-    choice.seconds = choice.lr_finder_s + choice.members * (SETUP_S + choice.cache_s + choice.epochs * choice.epoch_s)
+    choice.seconds = choice.lr_finder_s + choice.cache_s - later_cache_s + choice.members * per_member
     return choice, why
 
 
@@ -567,6 +572,7 @@ def plan_job(
         members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
         max_pixel_epochs=max_pixel_epochs,
         images=len(labels),
+        cache_shared=spec.weights != "none",
     )
     d = spec.model_dump(mode="json")
     planned: dict[str, Any] = {}

@@ -153,6 +153,8 @@ def train(
                     run.train_member(i, backbone, shared, state)
         except DeadlineReached:
             run.note_deadline(len(run.members), None)
+        finally:
+            run.close_shared_cache()
         if run.deadline_hit is not None:
             run.log(f"time budget's deadline reached: {run.deadline_hit['note']}")
     outcome = RunOutcome(
@@ -210,6 +212,7 @@ class _Run:
         self.log: Callable[[str], None] = hooks.log or (lambda _msg: None)
         self.checkpoint = hooks.checkpoint
         self.cache_bounds = cache_bounds
+        self.shared_cache: tuple[tuple[Any, ...], FeatureCache, CachePlan] | None = None
         self.num_classes = len(data.classes)
         self.history: list[EpochRecord] = []
         self.members: list[TrainedMember] = []
@@ -298,9 +301,32 @@ class _Run:
         return loss_sum / len(self.val_idx), float((p.argmax(1) == y_all).mean()), p
 
     def cache_for(
+        self, steps: list[Step] | None, n: int, fs: FreezeSpec, pre: Preprocess, augment: Any, seed: int,
+        share: tuple[Any, ...] | None = None,
+    ) -> tuple[FeatureCache | None, CachePlan]:
+        """The frozen-prefix feature cache of a member, or None and why not.
+
+        With ``share`` (what makes two members' prefix features equal), the run keeps the cache and
+        hands it to the next member with the same ``share`` instead of building it again.
+        """
+        if share is not None and self.shared_cache is not None and self.shared_cache[0] == share:
+            self.log("frozen-prefix cache: the previous member's (same backbone, prefix and images)")
+            return self.shared_cache[1], self.shared_cache[2]
+        cache, plan = self._build_cache(steps, n, fs, pre, augment, seed)
+        if share is not None:
+            self.close_shared_cache()
+            if cache is not None:
+                self.shared_cache = (share, cache, plan)
+        return cache, plan
+
+    def close_shared_cache(self) -> None:
+        if self.shared_cache is not None:
+            self.shared_cache[1].close()
+            self.shared_cache = None
+
+    def _build_cache(
         self, steps: list[Step] | None, n: int, fs: FreezeSpec, pre: Preprocess, augment: Any, seed: int
     ) -> tuple[FeatureCache | None, CachePlan]:
-        """The frozen-prefix feature cache of a member, or None and why not."""
         spec = self.spec
         problem = cache_problem(
             family_supported=steps is not None,

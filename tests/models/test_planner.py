@@ -133,7 +133,21 @@ def _seconds_on(choice, t: list[Throughput], w: Workload) -> float:
     """What ``choice`` takes on a device whose speeds are ``t`` (the lr finder's steps included)."""
     row = next(r for r in t if (r.size, r.depth) == (choice.size, choice.depth))
     cache_s, epoch_s = member_seconds(row, w, choice.epochs, choice.augment)
-    return 60 * 32 / row.train_img_s + choice.members * (SETUP_S + cache_s + choice.epochs * epoch_s)
+    caches = 1 if not choice.augment else choice.members  # unaugmented members share the first's cache
+    return 60 * 32 / row.train_img_s + caches * cache_s + choice.members * (SETUP_S + choice.epochs * epoch_s)
+
+
+def test_members_that_share_the_first_ones_cache_are_planned_without_it() -> None:
+    # A device where building the cache costs more than the epochs (the prefix is slow, the head fast):
+    # members after the first reuse it, so the same time buys more of them.
+    slow_prefix = [Throughput(size=t.size, depth=t.depth, frozen_groups=0, prefix_img_s=t.prefix_img_s / 20,
+                              train_img_s=t.train_img_s, eval_img_s=t.eval_img_s, cached=t.cached) for t in table()]
+    w = workload(40)
+    shared, _ = plan_recipe(slow_prefix, w, 120.0)
+    own, _ = plan_recipe(slow_prefix, w, 120.0, cache_shared=False)
+    assert not shared.augment and (shared.size, shared.depth) == (own.size, own.depth)
+    assert shared.members > own.members
+    assert _seconds_on(shared, slow_prefix, w) <= 120.0 * THROUGHPUT_SAFETY * 1.01
 
 
 @pytest.mark.parametrize("train_s", [20.0, 60.0, 180.0])

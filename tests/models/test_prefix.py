@@ -216,3 +216,54 @@ def test_a_saved_ensemble_shares_its_frozen_prefix_at_prediction(
     with torch.inference_mode():
         xn = normalize_batch(x, predictor.preprocess)
         torch.testing.assert_close(predictor.model(xn), plain(xn))
+
+
+def _builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import models.training
+
+    built: list[int] = []
+    real = models.training.build_cache
+
+    def counting(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        built.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models.training, "build_cache", counting)
+    return built
+
+
+def test_members_with_the_same_pretrained_prefix_share_one_cache_and_train_the_same(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.training
+
+    spec = tiny_spec(backbone="tf_efficientnet_lite0", weights="bundled", freeze={"mode": "first_n", "stages": 4},
+                     augment={"preset": "none"}, head_dropout=0.0, epochs=1, ensemble={"members": 3})
+    built = _builds(monkeypatch)
+    shared = train(lfw_data, spec, device="cpu", num_threads=1)
+    assert len(built) == 1  # three members, one cache
+    assert [m["cache"]["path"] for m in shared.applied["members"]] == ["memory"] * 3
+
+    real = models.training._Run.cache_for
+    monkeypatch.setattr(models.training._Run, "cache_for",
+                        lambda self, *a, share=None: real(self, *a[:6], None))  # each member its own
+    built.clear()
+    own = train(lfw_data, spec, device="cpu", num_threads=1)
+    assert len(built) == 3
+    for a, b in zip(shared.members, own.members, strict=True):
+        for k, v in a.state_dict.items():
+            torch.testing.assert_close(v, b.state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("differ", ["random weights", "augmentation"])
+def test_members_whose_prefix_features_differ_build_their_own_cache(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], monkeypatch: pytest.MonkeyPatch, differ: str
+) -> None:
+    # random init: each member's seed gives another prefix; augmentation: each member draws its own views
+    fields = {"weights": "none", "augment": {"preset": "none"}} if differ == "random weights" else {
+        "backbone": "tf_efficientnet_lite0", "weights": "bundled", "augment": {"preset": "light"}}
+    spec = tiny_spec(freeze={"mode": "first_n", "stages": 4}, head_dropout=0.0, epochs=1,
+                     ensemble={"members": 2}, **fields)
+    built = _builds(monkeypatch)
+    train(lfw_data, spec, device="cpu", num_threads=1)
+    assert len(built) == 2
