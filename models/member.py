@@ -159,7 +159,9 @@ class MemberSetup:
             self.cache.close()
 
 
-def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, resuming: bool) -> MemberSetup:
+def setup_member(
+    ctx: RunContext, i: int, backbone: str, shared: Preprocess, resume_weights: dict[str, torch.Tensor] | None
+) -> MemberSetup:
     """Build member ``i`` as the recipe says, seeded, with its cache built (nothing trained yet).
 
     Args:
@@ -167,7 +169,8 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
         i: ensemble index.
         backbone: timm model name.
         shared: the ensemble's preprocessing (image size and interpolation).
-        resuming: every weight will come from a checkpoint, so nothing is loaded or downloaded.
+        resume_weights: the checkpoint's weights of this member: loaded at once (nothing is downloaded),
+            before its feature cache is built.
     """
     spec = ctx.spec
     seed = spec.seed + i
@@ -179,11 +182,15 @@ def setup_member(ctx: RunContext, i: int, backbone: str, shared: Preprocess, res
     head = HeadConfig.from_spec(spec)
     model = create_classifier(
         backbone,
-        weights="none" if resuming else spec.weights,
+        weights="none" if resume_weights is not None else spec.weights,
         num_classes=ctx.num_classes,
         head=head,
         image_size=shared.image_size,
     )
+    if resume_weights is not None:
+        # The checkpoint's weights go in now, before the frozen prefix's features are cached below
+        # (they hold the pretrained prefix; the empty architecture's random one must not be cached).
+        model.load_state_dict(resume_weights)
     n_groups = len(parameter_groups(model))
     fs, why = resolve_transfer(spec.freeze, ctx.per_class, n_groups)
     gradual = fs.mode == "gradual"

@@ -370,7 +370,7 @@ class _Run:
     def train_member(self, i: int, backbone: str, shared: Preprocess, resume: TrainState | None = None) -> None:
         """Train member ``i`` (or, for a snapshot ensemble, every snapshot) into ``self.members``."""
         try:
-            m = setup_member(self, i, backbone, shared, resuming=resume is not None)
+            m = setup_member(self, i, backbone, shared, resume.model if resume is not None else None)
         except DeadlineReached:
             self.note_deadline(i, None)  # nothing of this member trained yet: it is left out
             return

@@ -250,3 +250,15 @@ def test_resume_is_exact_with_every_stateful_technique(small, tiny_spec, tmp_pat
     resumed = train(small, rich, device="cpu", resume=state)
     _assert_same_run(resumed, straight)
     assert [m.served for m in resumed.members] == [m.served for m in straight.members]
+
+
+@pytest.mark.parametrize(("member", "epoch"), [(0, 0), (0, 2)], ids=["mid-member", "member-boundary"])
+def test_a_resumed_pretrained_member_caches_its_pretrained_prefix(small, tiny_spec, tmp_path, member, epoch) -> None:
+    # The frozen prefix's features must come from the checkpoint's (pretrained) weights, not from the
+    # architecture built empty to receive them: the cache is built before training resumes.
+    spec = tiny_spec(backbone="tf_efficientnet_lite0", weights="bundled", freeze={"mode": "first_n", "stages": 4},
+                     augment={"preset": "none"}, head_dropout=0.0, epochs=3, ensemble={"members": 2})
+    straight = train(small, spec, device="cpu")
+    _run_until(small, spec, tmp_path, member, epoch)
+    resumed = train(small, spec, device="cpu", resume=load_state(tmp_path))
+    _assert_same_run(resumed, straight)
