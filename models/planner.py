@@ -572,7 +572,9 @@ def plan_job(
         members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
         max_pixel_epochs=max_pixel_epochs,
         images=len(labels),
-        cache_shared=spec.weights != "none",
+        # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
+        cache_shared=spec.weights != "none" and not spec.ensemble.backbones
+        and not (_kept(keep, "augment") and spec.augment.enabled),
     )
     d = spec.model_dump(mode="json")
     planned: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from service.limits import BodySizeLimit, RefuseNulInUrl
 from service.metrics import instrument
 from service.models_store import PredictorCache, model_files
 from service.problems import field_errors, problem_response, validation_detail
-from service.storage import StoreUnavailable
+from service.storage import KeyMissing, StoreUnavailable
 
 log = logging.getLogger("zoofit.api")
 
@@ -96,6 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return problem_response(
             503, "the database is unavailable; retry in a few seconds", headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(KeyMissing)
+    async def _object_gone(_request: Request, exc: KeyMissing) -> JSONResponse:
+        # Removed between its record's read and its own (a delete at the same moment).
+        return problem_response(404, "not found: it was deleted while this request read it")
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:

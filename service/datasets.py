@@ -188,8 +188,9 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant
         raise Conflict(f"dataset {dataset_id!r} is used by unfinished jobs: {', '.join(busy)}")
     key = row.store_key
     session.delete(row)
+    unpublished.hand_over(session, key)  # should the store be away below, the sweep removes the files
     commit(session)  # files go only once the record is gone for good
-    store_for(settings).delete_tree(key)
+    unpublished.remove(settings, key)
     mirror_for(settings).drop(key)  # this host's copy; other hosts' age out of their scratch
     for cached in settings.cache_dir.glob(f"*{dataset_id}*"):
         cached.unlink(missing_ok=True)

@@ -29,9 +29,13 @@ EnqueueExport = Callable[[str], None]
 EXPORT_STALE_S = 3600.0
 
 
-def bundle_key(model_key: str, export_id: str) -> str:
-    """The store key of the export's zip."""
-    return join(model_key, EXPORTS_DIR, f"{export_id}.zip")
+def bundle_key(model_key: str, export_id: str, attempt: str) -> str:
+    """The store key of one build of the export's zip.
+
+    Each build (``attempt``: a token of the worker's run) has its own: a stale build sent again
+    beside one still running never overwrites, nor removes, the bundle the other published.
+    """
+    return join(model_key, EXPORTS_DIR, f"{export_id}-{attempt}.zip")
 
 
 def request_export(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from models.manifest import MANIFEST_FILE, ArtifactError, parse_manifest
 from models.report import Report
+from service import unpublished
 from service.config import Settings
 from service.db import ExportRow, ModelRow, commit, page
 from service.errors import NotFound
@@ -152,9 +153,10 @@ def delete_model(session: Session, settings: Settings, cache: PredictorCache, mo
     key = row.store_key
     session.delete(row)
     session.execute(delete(ExportRow).where(ExportRow.model_id == model_id))  # their bundles are in its tree
+    unpublished.hand_over(session, key)  # should the store be away below, the sweep removes the files
     commit(session)  # files go only once the record is gone for good
     cache.evict(model_id)
-    store_for(settings).delete_tree(key)
+    unpublished.remove(settings, key)
     mirror_for(settings).drop(key)  # this host's copy; other API hosts' age out of their scratch
 
 

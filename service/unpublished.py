@@ -76,6 +76,21 @@ def discard(settings: Settings, key: str) -> None:
         log.warning("removed %s, but not its record (%s); the sweep drops it later", key, exc)
 
 
+def hand_over(session: Session, key: str) -> None:
+    """In the transaction that deletes the row naming ``key``: its objects become the sweep's should
+    ``remove`` not get to them (the store away, the process killed)."""
+    session.merge(UnpublishedRow(key=key, created_at=utcnow()))
+
+
+def remove(settings: Settings, key: str) -> None:
+    """Remove the objects of a deleted row (``hand_over``), then the record; with the store away, the
+    record stays and the sweep removes them later."""
+    try:
+        discard(settings, key)
+    except StoreUnavailable as exc:
+        log.warning("could not remove %s now (%s); the sweep removes it later", key, exc)
+
+
 def sweep(settings: Settings) -> list[str]:
     """Remove the objects of every key reserved more than ``unpublished_after_s`` ago and never published."""
     cutoff = utcnow() - timedelta(seconds=settings.unpublished_after_s)

@@ -9,6 +9,7 @@ static quantization is calibrated on the training split.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
@@ -100,7 +101,7 @@ def run_export(export_id: str, *, settings: Settings | None = None) -> str | Non
         model_key = model.store_key if model is not None else None
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     dest = settings.tmp_dir / f"export-{export_id}.zip"  # built here, then stored under bundle_key
-    key = bundle_key(model_key, export_id) if model_key is not None else None
+    key = bundle_key(model_key, export_id, secrets.token_hex(4)) if model_key is not None else None
     try:
         if model_key is None or key is None:
             raise ZooError("the model no longer exists")

@@ -104,7 +104,9 @@ def claim_job(job_id: str, worker: str, *, redelivered: bool, settings: Settings
             s.refresh(job)
         if job.status in JobStatus.TERMINAL:
             # E.g. cancelled through the API while re-queued after its worker died: the
-            # checkpoint that worker left is of no use any more.
+            # checkpoint that worker left is of no use any more. The cancel above is committed
+            # first: the store may be slow or away, and no database lock is held across it.
+            s.commit()
             JobCheckpoint(settings, job_id).drop()
             return None
         # Compare-and-set on the attempt count: of two claims racing, one matches.
@@ -350,6 +352,12 @@ def _run_claimed(lease: Lease) -> str | None:
     # Written on this host first (a temporary folder named after this worker), then stored.
     dest = settings.tmp_dir / f"model-{owner_tag(lease.worker)}-{model_id}"
     ckpt = JobCheckpoint(settings, job_id)
+    published = False  # once the model row is committed, no error path below may remove its files
+
+    def attempt_model() -> tuple[str | None, Path]:
+        """This attempt's model: its store key while unpublished (to discard), and its local folder."""
+        return (None if published else model_key), dest
+
     bounds = _cache_bounds(settings, lease.worker)
     started = time.perf_counter()
     try:
@@ -454,6 +462,7 @@ def _run_claimed(lease: Lease) -> str | None:
                     store_key=model_key,
                 )
             )
+        published = True
         ckpt.drop()
         log.info("job %s succeeded: val_acc=%.4f model=%s", job_id, result.val_acc, model_id)
         return JobStatus.SUCCEEDED
@@ -462,20 +471,20 @@ def _run_claimed(lease: Lease) -> str | None:
     except JobLost:
         log.warning("job %s: another worker holds it now; attempt %d stopped without writing its outcome",
                     job_id, lease.attempt)
-        _discard_model(settings, model_key, dest)  # this attempt's own model, never registered
+        _discard_model(settings, *attempt_model())  # this attempt's own model, never registered
         return None
     except TrainingCancelled:
         log.info("job %s cancelled", job_id)
-        return _conclude(lease, JobStatus.CANCELLED, (model_key, dest), ckpt,
+        return _conclude(lease, JobStatus.CANCELLED, attempt_model(), ckpt,
                          progress={"stage": "cancelled", **reporter.sticky})
     except SoftTimeLimitExceeded:
         log.warning("job %s: %s", job_id, _time_limit_error(settings))
-        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=_time_limit_error(settings),
+        return _conclude(lease, JobStatus.FAILED, attempt_model(), ckpt, error=_time_limit_error(settings),
                          progress={"stage": "failed", **reporter.sticky})
     except (ZooError, ValueError) as exc:
         # A bad configuration, bad data or a full disk: record it; retrying would fail the same way.
         log.warning("job %s failed: %s", job_id, exc)
-        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=f"{type(exc).__name__}: {exc}",
+        return _conclude(lease, JobStatus.FAILED, attempt_model(), ckpt, error=f"{type(exc).__name__}: {exc}",
                          progress={"stage": "failed", **reporter.sticky})
     except (OperationalError, InterfaceError, DisconnectionError) as exc:
         # The database went away (a restart, a network blip): nothing to blame the job for, and no
@@ -484,7 +493,7 @@ def _run_claimed(lease: Lease) -> str | None:
         # bounds how often).
         log.warning("job %s: lost the database (%s); attempt %d ends, the job resumes once re-queued",
                     job_id, exc.orig if isinstance(exc, DBAPIError) else exc, lease.attempt)
-        _discard_model(settings, model_key, dest)  # this attempt's own model, never registered
+        _discard_model(settings, *attempt_model())  # this attempt's own model, never registered
         return None
     except StoreUnavailable as exc:
         # The artifact store went away (a restart, a network blip): like the database above, this
@@ -497,7 +506,7 @@ def _run_claimed(lease: Lease) -> str | None:
     except Exception as exc:
         # The user sees one line; the traceback, with server paths, stays in the worker's log.
         log.exception("job %s crashed (attempt %d)", job_id, lease.attempt)
-        return _conclude(lease, JobStatus.FAILED, (model_key, dest), ckpt, error=_internal_error(exc, settings),
+        return _conclude(lease, JobStatus.FAILED, attempt_model(), ckpt, error=_internal_error(exc, settings),
                          progress={"stage": "failed", **reporter.sticky})
 
 
@@ -585,9 +594,12 @@ def dataset_files(settings: Settings, dataset: DatasetRow) -> Path:
         raise ZooError(f"dataset {dataset.id}: its images are missing from the store") from None
 
 
-def _discard_model(settings: Settings, key: str, local: Path) -> None:
-    """Remove a model this attempt wrote but never registered: its local folder and what it stored."""
+def _discard_model(settings: Settings, key: str | None, local: Path) -> None:
+    """Remove a model this attempt wrote but never registered: its local folder and what it stored
+    (``key``; None once the model row was committed: then its files are the model's)."""
     shutil.rmtree(local, ignore_errors=True)
+    if key is None:
+        return
     try:
         unpublished.discard(settings, key)
     except StoreUnavailable as exc:  # its record stays: the sweep removes it later
@@ -595,7 +607,7 @@ def _discard_model(settings: Settings, key: str, local: Path) -> None:
 
 
 def _conclude(
-    lease: Lease, status: str, model: tuple[str, Path], ckpt: JobCheckpoint, *, progress: dict[str, Any],
+    lease: Lease, status: str, model: tuple[str | None, Path], ckpt: JobCheckpoint, *, progress: dict[str, Any],
     error: str | None = None,
 ) -> str | None:
     """Record the job's outcome, then remove this attempt's model (key, local folder) and the job's checkpoint.

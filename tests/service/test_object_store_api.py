@@ -104,7 +104,8 @@ def test_train_predict_report_export_and_delete_through_the_bucket(stack) -> Non
     # an export is built by the worker and stored beside the model; the download streams from the bucket
     ex = client.post(f"/v1/models/{model_id}/exports", json={"format": "safetensors"}).json()
     assert run_export(ex["id"], settings=settings) == JobStatus.SUCCEEDED
-    assert keys(f"models/{model_id}/exports/") == [f"zoofit/models/{model_id}/exports/{ex['id']}.zip"]
+    [bundle] = keys(f"models/{model_id}/exports/")
+    assert bundle.startswith(f"zoofit/models/{model_id}/exports/{ex['id']}-") and bundle.endswith(".zip")
     dl = client.get(f"/v1/models/{model_id}/exports/{ex['id']}/download")
     assert dl.status_code == 200 and int(dl.headers["content-length"]) == len(dl.content) > 0
     assert zipfile.ZipFile(io.BytesIO(dl.content)).testzip() is None

@@ -99,3 +99,28 @@ def test_a_failed_dataset_upload_removes_its_objects_and_its_record(settings, mo
             status = 500  # what the app answers; the test client raises it instead
     assert status >= 500
     assert [o.key for o in store.list("datasets")] == [] and _reserved(settings) == []
+
+
+def test_a_delete_while_the_store_is_away_succeeds_and_the_sweep_removes_the_files(
+    make_settings, monkeypatch
+) -> None:
+    from service.storage import StoreUnavailable
+    from service.storage.local import LocalStore
+
+    settings = make_settings(unpublished_after_s="0.2")
+    with api_client(settings) as client:
+        ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(2, 2), "application/zip")}).json()
+        real = LocalStore.delete_tree
+
+        def away(self, prefix):
+            raise StoreUnavailable("s3://bucket/zoofit: cannot reach http://minio:9000")
+
+        monkeypatch.setattr(LocalStore, "delete_tree", away)
+        assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 204  # the record is gone for good
+        assert client.get(f"/v1/datasets/{ds['id']}").status_code == 404
+        monkeypatch.setattr(LocalStore, "delete_tree", real)
+    store = store_for(settings)
+    assert len(list(store.list(f"datasets/{ds['id']}"))) == 4 and _reserved(settings) == [f"datasets/{ds['id']}"]
+    time.sleep(0.3)
+    assert unpublished.sweep(settings) == [f"datasets/{ds['id']}"]
+    assert list(store.list(f"datasets/{ds['id']}")) == [] and _reserved(settings) == []

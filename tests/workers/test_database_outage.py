@@ -84,3 +84,20 @@ def test_a_checkpoint_the_store_cannot_remove_after_the_outcome_is_swept_later(c
     assert run_job(job_id, settings=settings) == JobStatus.SUCCEEDED  # recorded; the checkpoint waits
     with session_scope(settings) as s:
         assert s.scalars(select(UnpublishedRow.key)).all() == [f"checkpoints/{job_id}"]
+
+
+def test_an_error_after_the_model_is_published_never_removes_its_files(client, settings, monkeypatch) -> None:
+    from workers.checkpoints import JobCheckpoint
+
+    ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(3, 2), "application/zip")}).json()
+    job_id = client.post("/v1/jobs", json={"dataset_id": ds["id"], **TINY_JOB}).json()["id"]
+
+    def broken(self):  # e.g. Celery's soft time limit arriving right after the model's commit
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(JobCheckpoint, "drop", broken)
+    run_job(job_id, settings=settings)
+    j = client.get(f"/v1/jobs/{job_id}").json()
+    assert j["status"] == "succeeded" and j["model_id"]
+    assert (settings.models_dir / j["model_id"] / "model.safetensors").is_file()
+    assert client.get(f"/v1/models/{j['model_id']}/report").status_code == 200
