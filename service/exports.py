@@ -3,7 +3,7 @@
 A request for a format and quantization the model already has an export of returns that record
 (queued, running or succeeded); a failed one is queued again. A new record is committed first and
 then its id is sent to the queue, where a worker builds the bundle (``workers.exports``) and stores
-it as ``<model key>/exports/<export id>.zip``, so deleting the model deletes its bundles with it.
+it as ``<model key>/exports/<export id>-<build>.zip``, so deleting the model deletes its bundles with it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from service.storage import KeyMissing, Store, StoreUnavailable, join, store_for
 from service.storage.mirror import mirror_for
 
 log = logging.getLogger("zoofit.models")
-EXPORTS_DIR = "exports"  # a model's bundles: <store key>/exports/<export id>.zip (service.exports)
+EXPORTS_DIR = "exports"  # a model's bundles: <store key>/exports/<export id>-<build>.zip (service.exports)
 
 if TYPE_CHECKING:
     from models.artifact import Predictor
