@@ -152,17 +152,26 @@ def reconcile(
     return requeued + admit(settings, enqueue)
 
 
+def reconcile_pass(settings: Settings, enqueue: Callable[[str], None]) -> None:
+    """One pass of the periodic work: re-send lost jobs, then sweep unpublished uploads; one failing
+    (the broker away, the store away) does not keep the other from running."""
+    try:
+        reconcile(settings, enqueue, broker_backlog)
+    except Exception:
+        log.exception("reconcile pass failed")
+    try:
+        unpublished.sweep(settings)
+    except Exception:
+        log.exception("sweep of unpublished uploads failed")
+
+
 def start_reconciler(settings: Settings, enqueue: Callable[[str], None]) -> threading.Event:
     """Run ``reconcile`` now and then every heartbeat period in a daemon thread; set the event to stop."""
     stop = threading.Event()
 
     def loop() -> None:
         while True:
-            try:
-                reconcile(settings, enqueue, broker_backlog)
-                unpublished.sweep(settings)
-            except Exception:
-                log.exception("reconcile pass failed")
+            reconcile_pass(settings, enqueue)
             if stop.wait(min(settings.worker_heartbeat_s, settings.requeue_after_s)):
                 return
 

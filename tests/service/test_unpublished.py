@@ -124,3 +124,19 @@ def test_a_delete_while_the_store_is_away_succeeds_and_the_sweep_removes_the_fil
     time.sleep(0.3)
     assert unpublished.sweep(settings) == [f"datasets/{ds['id']}"]
     assert list(store.list(f"datasets/{ds['id']}")) == [] and _reserved(settings) == []
+
+
+def test_the_sweep_runs_even_when_the_reconcile_pass_fails(make_settings, monkeypatch, tmp_path) -> None:
+    import workers.reconcile
+
+    settings = make_settings(unpublished_after_s="0.01")
+    unpublished.reserve(settings, "models/dead")
+    store_for(settings).put_tree("models/dead", _tree(tmp_path / "a"))
+    time.sleep(0.05)
+
+    def broker_away(*_args, **_kwargs):
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(workers.reconcile, "reconcile", broker_away)
+    workers.reconcile.reconcile_pass(settings, lambda _job_id: None)
+    assert list(store_for(settings).list("models/dead")) == [] and _reserved(settings) == []
