@@ -19,7 +19,7 @@ from service.config import Settings, get_settings
 from service.db import DatasetRow, ExportRow, JobStatus, ModelRow, rowcount, session_scope, utcnow
 from service.exports import bundle_key
 from service.models_store import model_files
-from service.storage import KeyMissing, StoreUnavailable, store_for
+from service.storage import KeyMissing, store_for
 from service.storage.mirror import mirror_for
 
 if TYPE_CHECKING:
@@ -74,12 +74,8 @@ def _splits(
 
 def _drop(settings: Settings, key: str | None) -> None:
     """Remove what a failed export may have stored (its reservation, if it made one, goes with it)."""
-    if key is None:
-        return
-    try:
-        unpublished.discard(settings, key)
-    except StoreUnavailable as exc:  # the reservation stays: the sweep removes it later
-        log.warning("could not remove %s: %s", key, exc)
+    if key is not None:
+        unpublished.remove(settings, key)  # with the store away, the sweep removes it later
 
 
 def run_export(export_id: str, *, settings: Settings | None = None) -> str | None:

@@ -598,12 +598,8 @@ def _discard_model(settings: Settings, key: str | None, local: Path) -> None:
     """Remove a model this attempt wrote but never registered: its local folder and what it stored
     (``key``; None once the model row was committed: then its files are the model's)."""
     shutil.rmtree(local, ignore_errors=True)
-    if key is None:
-        return
-    try:
-        unpublished.discard(settings, key)
-    except StoreUnavailable as exc:  # its record stays: the sweep removes it later
-        log.warning("could not remove the unregistered model %s from the store: %s", key, exc)
+    if key is not None:
+        unpublished.remove(settings, key)  # with the store away, the sweep removes it later
 
 
 def _conclude(
