@@ -155,7 +155,9 @@ def test_two_hosts_share_only_database_broker_and_bucket(
         assert done["attempts"] == 2
         assert [h["epoch"] for h in done["history"]] == list(range(EPOCHS))  # one clean run, not two
         resumed = done["progress"]["resumed_from"]
-        assert resumed["member"] == 1 and 2 <= resumed["epoch"] < EPOCHS, resumed
+        # Killed once a checkpoint was stored and 2 epochs recorded: an epoch is recorded before its
+        # checkpoint is stored, so the stored one may be the epoch before (resumed after epoch 1).
+        assert resumed["member"] == 1 and 1 <= resumed["epoch"] < EPOCHS, resumed
         kept = min(resumed["epoch"], len(before))
         assert done["history"][:kept] == before[:kept]
         assert holder(victim_job) == held[o]  # the survivor finished it
