@@ -59,6 +59,9 @@ RESERVE_SHARE = 0.04  # of the budget, kept for the ensemble's evaluation and sa
 RESERVE_MIN_S = 0.5
 # Plan for this share of the measured speed: a shared machine gets busier after measuring (issue #14).
 THROUGHPUT_SAFETY = 0.6
+# Bundled ImageNet backbones in order of capacity: a budget the smaller one cannot use buys the next.
+BACKBONE_LADDER = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+SATURATED_SHARE = 0.5  # a full plan (largest size, target epochs, most members) using less than this is saturated
 HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
 
 
@@ -86,6 +89,7 @@ class Throughput:
     train_img_s: float
     eval_img_s: float
     cached: bool = True
+    backbone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,12 +255,15 @@ def plan_recipe(
         choice.members = 1
         why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
     else:
-        left = train_s - choice.seconds
+        # Members at the measured speed: training starts a member only when the last one's pace says it
+        # ends before the deadline (models.training), so a slower machine trains fewer, none cut short.
+        left = full_s - choice.seconds
         extra = int(max(left, 0.0) // per_member)
         choice.members = max(1, min(MAX_MEMBERS, 1 + extra))
         why.append(
             f"{choice.members} member(s): each takes about {per_member:.1f} s, and an averaged ensemble is worth "
-            f"more than a longer run once the epochs are enough (at most {MAX_MEMBERS})"
+            f"more than a longer run once the epochs are enough (at most {MAX_MEMBERS}; a member that the last "
+            "one's pace says would miss the deadline is not started)"
         )
     if max_pixel_epochs is not None and images is not None:
         def pixel_epochs(c: Choice) -> int:
@@ -358,6 +365,7 @@ def measure_throughput(
                     train_img_s=round(n / max(train_s, 1e-9), 2),
                     eval_img_s=round(n / max(eval_s, 1e-9), 2),
                     cached=cached,
+                    backbone=backbone,
                 )
             )
     return table
@@ -492,6 +500,7 @@ class Plan:
     spec: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     deadline: dict[str, Any] | None = None
+    members_skipped: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -499,12 +508,39 @@ class Plan:
         return d
 
 
+def _sizes_for(backbone: str) -> list[int]:
+    native = BACKBONES[backbone].input_size
+    return [s for s in CANDIDATE_SIZES if s <= native] or [native]
+
+
 def _candidate_sizes(spec: TrainSpec, keep: list[str]) -> list[int]:
-    native = BACKBONES[spec.backbone].input_size
     if _kept(keep, "image_size") and spec.image_size:
         return [spec.image_size]
-    sizes = [s for s in CANDIDATE_SIZES if s <= native]
-    return sizes or [native]
+    return _sizes_for(spec.backbone)
+
+
+def _ladder_above(spec: TrainSpec, keep: list[str]) -> list[str]:
+    """Larger bundled backbones the planner may move a job to: none when the user chose the network."""
+    from .weights import bundled_available
+
+    if (_kept(keep, "backbone") or spec.weights != "bundled" or spec.ensemble.backbones
+            or spec.backbone not in BACKBONE_LADDER or _kept(keep, "image_size")):
+        return []
+    above = BACKBONE_LADDER[BACKBONE_LADDER.index(spec.backbone) + 1:]
+    return [b for b in above if bundled_available(b)]
+
+
+def _saturated(
+    choice: Choice, train_s: float, sizes: list[int], kept_epochs: int | None, kept_members: int | None
+) -> bool:
+    """The plan has everything more time could buy on this backbone and still leaves most of the time."""
+    return (
+        choice.size == max(sizes)
+        and choice.depth != "linear_probe"
+        and choice.epochs >= (kept_epochs or TARGET_EPOCHS)
+        and choice.members >= (kept_members or MAX_MEMBERS)
+        and choice.seconds < SATURATED_SHARE * train_s
+    )
 
 
 def plan_job(
@@ -564,18 +600,47 @@ def plan_job(
     )
     measured = time.perf_counter() - t0
     train_s = max(budget_s - measured - reserve, 0.0)
-    choice, why = plan_recipe(
-        table, w, train_s,
-        sizes=None,
-        depth=kept_depth,
-        epochs=spec.epochs if _kept(keep, "epochs") else None,
-        members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
-        max_pixel_epochs=max_pixel_epochs,
-        images=len(labels),
-        # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
-        cache_shared=spec.weights != "none" and not spec.ensemble.backbones
-        and not (_kept(keep, "augment") and spec.augment.enabled),
-    )
+    kept_epochs = spec.epochs if _kept(keep, "epochs") else None
+    kept_members = spec.ensemble.members if _kept(keep, "ensemble.members") else None
+
+    def plan_for(rows: list[Throughput], work: Workload, seconds: float) -> tuple[Choice, list[str]]:
+        return plan_recipe(
+            rows, work, seconds,
+            sizes=None,
+            depth=kept_depth,
+            epochs=kept_epochs,
+            members=kept_members,
+            max_pixel_epochs=max_pixel_epochs,
+            images=len(labels),
+            # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
+            cache_shared=spec.weights != "none" and not spec.ensemble.backbones
+            and not (_kept(keep, "augment") and spec.augment.enabled),
+        )
+
+    choice, why = plan_for(table, w, train_s)
+    backbone = spec.backbone
+    for bigger in _ladder_above(spec, keep):
+        if not _saturated(choice, train_s, sizes, kept_epochs, kept_members):
+            break
+        # Only the sizes at least as large as the one planned: the bigger network is for a budget to spare.
+        big_sizes = [s for s in _sizes_for(bigger) if s >= choice.size] or _sizes_for(bigger)[-1:]
+        rows = measure_throughput(images, bigger, head_features, classes, big_sizes, [choice.depth],
+                                  device=device, log=say)
+        measured = time.perf_counter() - t0
+        train_s = max(budget_s - measured - reserve, 0.0)
+        big_w = Workload(n_train=w.n_train, n_val=w.n_val, classes=classes,
+                         native=BACKBONES[bigger].input_size, views=w.views)
+        big, big_why = plan_for(rows, big_w, train_s)
+        table += rows
+        enough = big.epochs >= (kept_epochs or TARGET_EPOCHS) and big.members >= min(2, kept_members or 2)
+        if not enough:
+            why.append(f"backbone kept: {bigger} would train {big.epochs} epochs, {big.members} member(s) in the time")
+            break
+        why = why + [
+            f"backbone {bigger}: the {backbone} plan used only {choice.seconds:.0f} s of {train_s:.0f} s at its "
+            f"largest size, most epochs and members; a larger pretrained network is what the time can buy"
+        ] + big_why
+        choice, w, backbone, sizes = big, big_w, bigger, big_sizes
     d = spec.model_dump(mode="json")
     planned: dict[str, Any] = {}
 
@@ -589,6 +654,11 @@ def plan_job(
         node[parts[-1]] = value
         planned[path] = value
 
+    if backbone != spec.backbone:
+        put("backbone", backbone)
+        n_groups = len(parameter_groups(
+            create_classifier(backbone, weights="none", num_classes=classes, head=HeadConfig())
+        ))
     put("image_size", choice.size)
     if not _kept(keep, "freeze"):
         d["freeze"] = {**d["freeze"], **freeze_of(choice.depth, n_groups)}
@@ -711,6 +781,7 @@ def fit_budgeted(
     )
     plan.seconds = round(time.perf_counter() - t0, 2)
     plan.deadline = result.sections.get("deadline")
+    plan.members_skipped = result.sections.get("members_skipped")
     result.sections["plan"] = plan.to_dict()
     return result, planned
 

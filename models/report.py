@@ -248,6 +248,7 @@ class PlanThroughput(_Section):
     train_img_s: float = Field(description="images/s of a training step of the part that trains")
     eval_img_s: float
     cached: bool
+    backbone: str | None = Field(None, description="the network measured (several when a larger one was tried)")
 
 
 class Plan(_Section):
@@ -266,6 +267,9 @@ class Plan(_Section):
     spec: dict[str, Any] = Field(default_factory=dict, description="the recipe trained")
     seconds: float | None = Field(None, description="what the job took up to the end of training")
     deadline: dict[str, Any] | None = Field(None, description="where the deadline stopped training, if it did")
+    members_skipped: dict[str, Any] | None = Field(
+        None, description="planned members not started: at the last member's pace they would have missed the deadline"
+    )
 
 
 class ValPrediction(_Section):
@@ -320,6 +324,9 @@ class Report(ReportSummary):
     plan: Plan | None = Field(None, description="the time-budget plan (budget_s), if the job had one")
     lr_finder: LrFinder | None = Field(None, description="the learning-rate range test (optimizer.lr 'auto')")
     deadline: dict[str, Any] | None = Field(None, description="where the time budget's deadline stopped training")
+    members_skipped: dict[str, Any] | None = Field(
+        None, description="members not started under the time budget: at the last one's pace they would miss it"
+    )
     val_predictions: list[ValPrediction] | None = Field(
         None,
         description="per validation image, highest loss first: file, true and predicted class, confidence, loss "

@@ -55,6 +55,8 @@ from .zoo import Preprocess, preprocess_for
 EVAL_BATCH = 128
 # optimizer.lr 'auto': the lr members are built with until the finder has run (never trained with).
 LR_PLACEHOLDER = 0.01
+# A member is started under a deadline only if the last one's time, times this, is left (a busier machine).
+MEMBER_PACE_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def train(
                 for i, backbone in enumerate(spec.member_backbones()):
                     if i < len(run.members):
                         continue
-                    if run.deadline_hit is not None:
+                    if run.deadline_hit is not None or run.member_would_miss_deadline(i):
                         break
                     state = run.resume if run.resume is not None and run.resume.member == i else None
                     run.train_member(i, backbone, shared, state)
@@ -180,6 +182,8 @@ def train(
         result.sections["lr_finder"] = run.lr_found.to_dict()
     if run.deadline_hit is not None:
         result.sections["deadline"] = run.deadline_hit
+    if run.members_skipped is not None:
+        result.sections["members_skipped"] = run.members_skipped
     return result
 
 
@@ -203,6 +207,11 @@ class _Run:
         # Armed once a member has weights to serve (see TrainHooks.deadline).
         self.deadline_armed = False
         self.deadline_hit: dict[str, Any] | None = None
+        # With a deadline: what each member took (less what a later member does not repeat: the range
+        # test, a shared cache's build), so a member that would not finish in time is not started.
+        self.member_seconds: list[float] = []
+        self.shared_build_s = 0.0
+        self.members_skipped: dict[str, Any] | None = None
         # optimizer.lr 'auto': members are built at a placeholder lr, the finder sets the real one.
         self.lr_auto = spec.optimizer.lr == LR_AUTO
         if self.lr_auto:
@@ -246,6 +255,31 @@ class _Run:
             raise TrainingCancelled("training cancelled")
         if self.deadline is not None and self.deadline_armed and time.perf_counter() > self.deadline:
             raise DeadlineReached
+
+    def member_would_miss_deadline(self, i: int) -> bool:
+        """Whether member ``i``, at the pace of the last one, would not end before the deadline.
+
+        A member the deadline cuts short is rarely worth its place (``_MemberLoop.cut_short``), so
+        it is not started; the run ends early with the members it has. The planner can therefore
+        plan members at the measured speed and let the run keep only those that fit.
+        """
+        if self.deadline is None or not self.member_seconds:
+            return False
+        need = self.member_seconds[-1] * MEMBER_PACE_MARGIN
+        left = self.deadline - time.perf_counter()
+        if left >= need:
+            return False
+        planned = self.spec.ensemble.members
+        self.members_skipped = {
+            "planned": planned,
+            "trained": i,
+            "member_s": round(need, 1),
+            "left_s": round(max(left, 0.0), 1),
+            "note": f"member {i + 1} of {planned} not started: a member takes about {need:.0f} s and "
+            f"{max(left, 0.0):.0f} s were left before the deadline",
+        }
+        self.log(f"time budget: {self.members_skipped['note']}")
+        return True
 
     def note_deadline(self, member: int, epoch: int | None) -> None:
         """Record where the deadline stopped the run (once)."""
@@ -312,11 +346,13 @@ class _Run:
         if share is not None and self.shared_cache is not None and self.shared_cache[0] == share:
             self.log("frozen-prefix cache: the previous member's (same backbone, prefix and images)")
             return self.shared_cache[1], self.shared_cache[2]
+        t0 = time.perf_counter()
         cache, plan = self._build_cache(steps, n, fs, pre, augment, seed)
         if share is not None:
             self.close_shared_cache()
             if cache is not None:
                 self.shared_cache = (share, cache, plan)
+                self.shared_build_s = time.perf_counter() - t0
         return cache, plan
 
     def close_shared_cache(self) -> None:
@@ -369,6 +405,7 @@ class _Run:
 
     def train_member(self, i: int, backbone: str, shared: Preprocess, resume: TrainState | None = None) -> None:
         """Train member ``i`` (or, for a snapshot ensemble, every snapshot) into ``self.members``."""
+        t0, lr_s, cache_before = time.perf_counter(), 0.0, self.shared_cache
         try:
             m = setup_member(self, i, backbone, shared, resume.model if resume is not None else None)
         except DeadlineReached:
@@ -376,7 +413,9 @@ class _Run:
             return
         try:
             if m.optimizer is not None and self.lr_auto and resume is None:
+                t_lr = time.perf_counter()
                 self.find_lr(m)
+                lr_s = time.perf_counter() - t_lr
             if m.optimizer is None:
                 train_lbfgs_member(self, m)
             else:
@@ -387,6 +426,11 @@ class _Run:
         finally:
             m.close()
         self.applied.append(m.applied)
+        if resume is None:
+            built_shared = self.shared_cache is not None and self.shared_cache is not cache_before
+            self.member_seconds.append(
+                time.perf_counter() - t0 - lr_s - (self.shared_build_s if built_shared else 0.0)
+            )
 
     def find_lr(self, m: MemberSetup) -> None:
         """``optimizer.lr: 'auto'``: the range test on member ``m`` (the first), then its real optimizer."""

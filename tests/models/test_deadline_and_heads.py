@@ -74,3 +74,39 @@ def test_a_passed_deadline_still_trains_one_epoch_past_the_warm_up(
     result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(deadline=time.perf_counter()))
     assert len(result.members) == 1 and result.members[0].epochs_run == 2
     assert result.report()["deadline"]["member"] == 0
+
+
+def _slow_epochs(seconds: float) -> Callable[[object], None]:
+    """An on_epoch hook that makes every epoch take ``seconds`` longer: a member of known pace."""
+    return lambda _record: time.sleep(seconds)
+
+
+def test_a_member_that_would_miss_the_deadline_is_not_started(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec]
+) -> None:
+    # Each member takes >= 4 s (4 epochs of >= 1 s). After the first, less than that is left before
+    # the deadline: the second is not started (before, it started and the deadline cut it short).
+    torch.set_num_threads(1)
+    spec = tiny_spec(epochs=4, patience=None, ensemble={"members": 3})
+    t0 = time.perf_counter()
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(deadline=t0 + 7.0, on_epoch=_slow_epochs(1.0)))
+    took = time.perf_counter() - t0
+    report = result.report()
+    assert len(result.members) == 1 and result.members[0].epochs_run == 4
+    assert report.get("deadline") is None  # nothing was cut short
+    skipped = report["members_skipped"]
+    assert (skipped["planned"], skipped["trained"]) == (3, 1)
+    assert skipped["member_s"] >= 4.0 and skipped["left_s"] < skipped["member_s"]
+    assert took < 7.0, took  # ended early rather than at the deadline
+
+
+def test_members_that_fit_before_the_deadline_all_train(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec]
+) -> None:
+    torch.set_num_threads(1)
+    spec = tiny_spec(epochs=2, patience=None, ensemble={"members": 3})
+    t0 = time.perf_counter()
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(deadline=t0 + 120, on_epoch=_slow_epochs(0.1)))
+    report = result.report()
+    assert len(result.members) == 3
+    assert report.get("members_skipped") is None and report.get("deadline") is None
