@@ -42,7 +42,8 @@ PRESETS: dict[str, Preset] = {
             "Best accuracy (10 minutes)",
             "A 600-second time budget with Polyak (EMA) weights and greedy selection of the ensemble's "
             "members on validation: the planner fills the time with the largest size and the most members "
-            "that fit. The most accurate, and the slowest (a GPU finishes sooner: it plans for the same time).",
+            "that fit, and when EfficientNet-Lite0 cannot use the time (a small dataset, a GPU) it moves to "
+            "the larger bundled Lite1 or Lite2. The most accurate, and the slowest.",
             {"budget_s": 600, "ensemble": {"ema": True, "greedy": True}},
         ),
     )
