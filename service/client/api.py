@@ -16,6 +16,7 @@ from service.client.uploads import Progress, multipart, upload_body
 __all__ = ["ApiError", "Zoofit"]
 
 FIGURES = ("curves", "confusion", "reliability")
+LR_FINDER = "lr_finder"  # only a report with a learning-rate range test (optimizer.lr 'auto') has this one
 
 
 class Zoofit:
@@ -137,9 +138,9 @@ class Zoofit:
         return dict(self._json("GET", f"/models/{model_id}/report"))
 
     def figure(self, model_id: str, name: str) -> bytes:
-        """One PNG of the report: ``curves``, ``confusion`` or ``reliability``."""
-        if name not in FIGURES:
-            raise ValueError(f"no figure {name!r}; choose from {', '.join(FIGURES)}")
+        """One PNG of the report: ``curves``, ``confusion``, ``reliability``, or ``lr_finder`` (with lr 'auto')."""
+        if name not in (*FIGURES, LR_FINDER):
+            raise ValueError(f"no figure {name!r}; choose from {', '.join((*FIGURES, LR_FINDER))}")
         return self._request("GET", f"/models/{model_id}/report/{name}.png").content
 
     def predict(self, model_id: str, images: Iterable[str | Path], top_k: int = 5, tta: str = "none"

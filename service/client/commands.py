@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
 
 from service.client import render
-from service.client.api import FIGURES, Zoofit
+from service.client.api import FIGURES, LR_FINDER, Zoofit
 from service.client.credentials import NotLoggedIn, credentials_path, normalize_url, resolve, save
 from service.client.errors import ApiError
 from service.client.events import StreamLost
@@ -107,9 +108,17 @@ def jobs_ls(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
+def _show(io: Io, table: Table, report: dict[str, Any]) -> None:
+    """Print ``table``, then the report's time-budget plan when it has one."""
+    io.out.print(table)
+    plan = render.plan_table(report)
+    if plan is not None:
+        io.out.print(plan)
+
+
 def jobs_show(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     job = zf.job(args.id)
-    io.json(job) if args.json else io.out.print(render.job_table(job))
+    io.json(job) if args.json else _show(io, render.job_table(job), job.get("metrics") or {})
     return 0
 
 
@@ -133,17 +142,17 @@ def models_ls(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
 
 def models_show(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     m = zf.model(args.id)
-    io.json(m) if args.json else io.out.print(render.model_table(m))
+    io.json(m) if args.json else _show(io, render.model_table(m), m.get("metrics") or {})
     return 0
 
 
 def models_report(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
     report = zf.report(args.id)
-    io.json(report) if args.json else io.out.print(render.report_table(report))
+    io.json(report) if args.json else _show(io, render.report_table(report), report)
     if args.save_figures:
         folder = Path(args.save_figures)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in FIGURES:
+        for name in (*FIGURES, LR_FINDER) if report.get("lr_finder") else FIGURES:
             path = folder / f"{name}.png"
             path.write_bytes(zf.figure(args.id, name))
             io.note(f"saved {path}")
@@ -269,9 +278,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                                                                               required=True)
     leaf(md, "ls", models_ls, "list models", [listing])
     leaf(md, "show", models_show, "one model", [common, as_json]).add_argument("id")
-    rp = leaf(md, "report", models_report, "per-class precision, recall, F1 and support", [common, as_json])
+    rp = leaf(md, "report", models_report, "per-class precision, recall, F1 and support; a time budget's plan",
+              [common, as_json])
     rp.add_argument("id")
-    rp.add_argument("--save-figures", metavar="DIR", default=None, help="also save the report's PNGs in DIR")
+    rp.add_argument("--save-figures", metavar="DIR", default=None,
+                    help="also save the report's PNGs in DIR (the lr finder's too, when it ran)")
     pr = leaf(md, "predict", models_predict, "top-k labels of image files", [common, as_json])
     pr.add_argument("id")
     pr.add_argument("images", nargs="+")

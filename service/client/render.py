@@ -133,6 +133,41 @@ def report_table(r: dict[str, Any]) -> Table:
     return t
 
 
+def _seconds(value: Any) -> str:
+    return f"{num(value, 1)} s" if isinstance(value, int | float) else "-"
+
+
+def plan_table(r: dict[str, Any]) -> Table | None:
+    """What the time-budget planner chose and why (a report's ``plan``); None for a job without a budget.
+
+    ``r`` is a report: ``GET /v1/models/{id}/report``, or the ``metrics`` of a model or a finished job.
+    """
+    plan = r.get("plan")
+    if not plan:
+        return None
+    rows: list[tuple[str, Any]] = [
+        ("budget", _seconds(plan.get("budget_s"))
+         + (" (the default budget for this device)" if plan.get("default_budget") else "")),
+        ("device", str(plan.get("device", "-"))),
+        ("estimated", f"{_seconds(plan.get('estimate_seconds'))} (measuring the speed "
+         f"{_seconds(plan.get('measure_seconds'))})"),
+        ("took", _seconds(plan.get("seconds"))),
+    ]
+    rows += [(f"planned {k}", v if isinstance(v, str) else json.dumps(v))
+             for k, v in (plan.get("planned") or {}).items()]
+    if plan.get("kept"):
+        rows.append(("you set", ", ".join(plan["kept"])))
+    lf = r.get("lr_finder")
+    if lf:
+        rows.append(("lr picked", f"{lf['lr']:.2g} ({lf.get('method', '-')})"))
+    rows += [("why" if i == 0 else "", f"- {line}") for i, line in enumerate(plan.get("why") or [])]
+    for key, title in (("deadline", "deadline"), ("members_skipped", "members skipped")):
+        note = (plan.get(key) or r.get(key) or {}).get("note")
+        if note:
+            rows.append((title, note))
+    return _fields(f"plan for the time budget of {_seconds(plan.get('budget_s'))}", rows)
+
+
 def predictions_table(body: dict[str, Any]) -> Table:
     t = _table("file", "rank", "label", "probability", title=f"model {body['model_id']}")
     for p in body["predictions"]:

@@ -1,12 +1,14 @@
 """The console in a real browser: chromium driven by Playwright against a real uvicorn and a real worker.
 
-Sign in, upload a dataset, train the fast preset, watch the job finish, read the report, predict.
-Any console error or page error fails the test. With ``ZOOFIT_SCREENSHOTS=<folder>`` each page is
-saved there as a PNG (``docs/console`` holds the committed ones).
+Sign in, upload a dataset, train the fast preset, watch the job finish, read the report, predict; and
+a time-budgeted model's page shows its plan. Any console error or page error fails the test. With
+``ZOOFIT_SCREENSHOTS=<folder>`` each page is saved there as a PNG (``docs/console`` holds the committed
+ones; ``plan-card.png`` is the plan card alone).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,9 +21,10 @@ import pytest
 
 from service.processes import stop_process
 from service.sample_data import png_bytes
-from tests.conftest import issue_key
+from tests.conftest import api_client, issue_key
 from tests.integration.test_queue_end_to_end import start_worker
-from tests.utils.data import animals, animals_zip
+from tests.utils.data import TINY_JOB, animals, animals_zip
+from tests.utils.server import serve
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +200,146 @@ def test_console_end_to_end(server, tmp_path) -> None:
             print("\n".join(errors))
             print((logs / "api.log").read_text(errors="replace")[-3000:])
             print((logs / "worker.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            browser.close()
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture
+def planned_models(make_settings, monkeypatch):
+    """A live API (uvicorn in a thread of the test) holding two models trained in-process: one with a time
+    budget (its report has a plan and a learning-rate range test), one without. (url, key, settings, ids)."""
+    import torch
+
+    from service.api.deps import get_enqueue
+    from service.app import create_app
+    from service.config import get_settings
+    from service.db import JobStatus
+    from workers.jobs import run_job
+
+    _chromium_or_skip()
+    torch.set_num_threads(1)
+    settings = make_settings(torch_threads="1", predict_threads="1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ids = {}
+    with api_client(settings, "alice", enqueue=lambda _job_id: None) as client:
+        ds = client.post("/v1/datasets", files={"file": ("a.zip", animals_zip(6, 3), "application/zip")})
+        assert ds.status_code == 201, ds.text
+        # The tiny network (kept): the planner measures it, plans the rest for 8 s and trains with lr 'auto'.
+        for name, job in (("plan", {"backbone": "test_efficientnet", "weights": "none", "budget_s": 8}),
+                          ("plain", TINY_JOB)):
+            r = client.post("/v1/jobs", json={"dataset_id": ds.json()["id"], **job})
+            assert r.status_code == 202, r.text
+            assert run_job(r.json()["id"], settings=settings) == JobStatus.SUCCEEDED
+            ids[name] = client.get(f"/v1/jobs/{r.json()['id']}").json()["model_id"]
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[get_enqueue] = lambda: lambda _job_id: None
+    with serve(app) as url:
+        yield url, issue_key(settings, "alice"), settings, ids
+
+
+def _manifest_file(settings, model_id: str) -> Path:
+    from service.db import ModelRow, session_scope
+
+    with session_scope(settings) as s:
+        row = s.get(ModelRow, model_id)
+        assert row is not None
+        return Path(settings.data_dir / row.store_key / "manifest.json")  # the report's one stored copy
+
+
+def _add_plan_notes(settings, model_id: str) -> dict:
+    """Give the model's stored plan a default budget, a deadline and skipped members (as a tight budget would)."""
+    manifest_file = _manifest_file(settings, model_id)
+    manifest = json.loads(manifest_file.read_text())
+    notes = {
+        "deadline": {"member": 1, "epoch": 3, "note": "stopped in member 2, epoch 4; every member trained so far "
+                     "is kept with its best weights"},
+        "members_skipped": {"planned": 3, "trained": 2, "member_s": 4.2, "left_s": 1.0,
+                            "note": "member 3 of 3 not started: a member takes about 4 s and 1 s were left before "
+                            "the deadline"},
+    }
+    manifest["report"]["plan"].update(default_budget=True, **notes)
+    manifest_file.write_text(json.dumps(manifest))
+    return notes
+
+
+def test_model_page_shows_the_plan(planned_models) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from models.report import Plan
+
+    url, key, settings, ids = planned_models
+    report = httpx.get(f"{url}/v1/models/{ids['plan']}/report", headers={"Authorization": f"Bearer {key}"}).json()
+    plan = Plan.model_validate(report["plan"])
+    assert plan.why and plan.throughputs and "image_size" in plan.planned and report["lr_finder"]
+    errors: list[str] = []
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: m.type == "error" and not _expected_noise(m)
+                and errors.append(f"console: {m.text} ({m.location})"))
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        page.set_default_timeout(20_000)
+        try:
+            page.goto(url + "/")
+            page.fill("input[name=key]", key)
+            page.click("button:has-text('Sign in')")
+            expect(page.get_by_role("heading", name="Datasets")).to_be_visible()
+
+            # A model trained without a budget: no plan card (and no lr finder: its lr was set).
+            page.goto(f"{url}/#/models/{ids['plain']}")
+            expect(page.get_by_test_id("val-acc")).to_contain_text("%")
+            expect(page.get_by_role("heading", name="Per class")).to_be_visible()
+            expect(page.get_by_test_id("plan")).to_have_count(0)
+            expect(page.get_by_test_id("lr-finder")).to_have_count(0)
+
+            page.goto(f"{url}/#/models/{ids['plan']}")
+            card = page.get_by_test_id("plan")
+            expect(card).to_be_visible()
+            expect(card.get_by_test_id("plan-why").locator("li")).to_have_text(plan.why)
+            expect(card.locator("[data-testid=plan-fields] tr[data-field=image_size] td").nth(1)).to_have_text(
+                f"{plan.planned['image_size']} px")
+            expect(card.locator("[data-testid=plan-fields] tr[data-field=backbone]")).to_contain_text(
+                "test_efficientnet you set")  # kept: the job set it
+            expect(card.get_by_test_id("plan-budget")).to_have_text("8.0 s")
+            rows = card.locator("[data-testid=plan-throughputs] tbody tr")
+            expect(rows).to_have_count(len(plan.throughputs))
+            expect(rows.first).to_contain_text(f"{plan.throughputs[0].size} px")
+            # the row the plan trains stands out
+            expect(card.locator("[data-testid=plan-throughputs] tr.chosen")).to_contain_text(
+                f"{plan.planned['image_size']} px")
+            picked = float(card.get_by_test_id("lr-picked").inner_text())
+            assert picked == pytest.approx(report["lr_finder"]["lr"], rel=0.05)
+            expect(card.locator("[data-testid=lr-finder] .figure img[src^='blob:']")).to_be_attached(timeout=60_000)
+            expect(card.get_by_test_id("plan-deadline")).to_have_count(0)
+
+            # Where the deadline cut training and members were skipped, the card says so.
+            notes = _add_plan_notes(settings, ids["plan"])
+            page.reload()
+            expect(card.get_by_test_id("plan-deadline")).to_contain_text(notes["deadline"]["note"])
+            expect(card.get_by_test_id("plan-members-skipped")).to_contain_text(notes["members_skipped"]["note"])
+            expect(card.get_by_test_id("plan-budget")).to_contain_text("the default budget for this device")
+            expect(card.locator("[data-testid=lr-finder] .figure img[src^='blob:']")).to_be_attached(timeout=60_000)
+            page.wait_for_load_state("networkidle")
+            if SCREENSHOTS:
+                Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+                card.screenshot(path=str(Path(SCREENSHOTS) / "plan-card.png"))
+
+            # lr 'auto' without a budget: no plan, the range test in a card of its own.
+            manifest_file = _manifest_file(settings, ids["plan"])
+            manifest = json.loads(manifest_file.read_text())
+            del manifest["report"]["plan"]
+            manifest_file.write_text(json.dumps(manifest))
+            page.reload()
+            expect(page.get_by_test_id("lr-finder-card").locator(".figure img[src^='blob:']")).to_be_attached()
+            expect(page.get_by_test_id("plan")).to_have_count(0)
+        except Exception:
+            if SCREENSHOTS:
+                page.screenshot(path=str(Path(SCREENSHOTS) / "plan-failure.png"), full_page=True)
+            print("\n".join(errors))
             raise
         finally:
             browser.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import stat
 import zipfile
 
@@ -151,7 +152,7 @@ def test_login_checks_the_key_and_stores_it(api, capsys, monkeypatch):
     assert json.loads(out) == {"data": [], "count": 0}
 
 
-def _model_trained_through_the_cli(api, capsys, tmp_path) -> str:
+def _model_trained_through_the_cli(api, capsys, tmp_path, recipe: dict | None = None) -> str:
     """Upload, submit a tiny recipe from a file, train it (in process), return the model id the CLI shows."""
     from workers.jobs import run_job
 
@@ -159,9 +160,9 @@ def _model_trained_through_the_cli(api, capsys, tmp_path) -> str:
     archive = tmp_path / "a.zip"
     archive.write_bytes(animals_zip(6, 3))
     ds_id = json.loads(zoofit(capsys, "datasets", "upload", str(archive), "--json")[1])["id"]
-    recipe = tmp_path / "tiny.json"
-    recipe.write_text(json.dumps({**TINY_JOB, "dataset_id": ds_id}))
-    job = json.loads(zoofit(capsys, "jobs", "submit", "-f", str(recipe), "--json")[1])
+    recipe_file = tmp_path / "tiny.json"
+    recipe_file.write_text(json.dumps({**(TINY_JOB if recipe is None else recipe), "dataset_id": ds_id}))
+    job = json.loads(zoofit(capsys, "jobs", "submit", "-f", str(recipe_file), "--json")[1])
     assert run_job(job["id"], settings=settings) == JobStatus.SUCCEEDED
     return str(json.loads(zoofit(capsys, "jobs", "show", job["id"], "--json")[1])["model_id"])
 
@@ -173,8 +174,10 @@ def test_report_figures_and_predict(api, capsys, tmp_path):
     assert code == 0, err
     for name in ("bear", "bird", "cat", "precision", "recall", "f1", "support", "macro avg"):
         assert name in out
+    assert "time budget" not in out  # no budget, no plan
     for name in ("curves", "confusion", "reliability"):
         assert (tmp_path / "figs" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "figs" / "lr_finder.png").exists()  # its lr was set: no range test
     report = json.loads(zoofit(capsys, "models", "report", model_id, "--json")[1])
     assert [c["label"] for c in report["evaluation"]["per_class"]] == ["bear", "bird", "cat"]
 
@@ -190,6 +193,31 @@ def test_report_figures_and_predict(api, capsys, tmp_path):
     assert all(len(p["top_k"]) == 2 for p in body["predictions"])
     code, out, _ = zoofit(capsys, "models", "predict", model_id, str(images[0]), "--top-k", "3")
     assert code == 0 and images[0].name in out and "probability" in out
+
+
+def test_a_budgeted_model_shows_its_plan(api, capsys, tmp_path):
+    # The tiny network (kept); the planner measures it and plans the rest for 8 s, with lr 'auto'.
+    model_id = _model_trained_through_the_cli(
+        api, capsys, tmp_path, {"backbone": "test_efficientnet", "weights": "none", "budget_s": 8})
+    report = json.loads(zoofit(capsys, "models", "report", model_id, "--json")[1])
+    plan = report["plan"]
+    assert plan["why"] and report["lr_finder"]
+
+    code, out, err = zoofit(capsys, "models", "report", model_id, "--save-figures", str(tmp_path / "figs"))
+    assert code == 0, err
+    assert "plan for the time budget of 8.0 s" in out and "precision" in out
+    assert re.search(rf"planned image_size\s*│\s*{plan['planned']['image_size']}\s", out), out
+    assert "you set" in out and "backbone, weights" in out
+    assert f"{report['lr_finder']['lr']:.2g}" in out
+    for line in plan["why"]:
+        assert line[:40] in out, (line, out)
+    assert "estimated" in out and "took" in out
+    assert (tmp_path / "figs" / "lr_finder.png").read_bytes().startswith(b"\x89PNG")
+    # the model and its job show the plan too (their metrics are the report)
+    job_id = json.loads(zoofit(capsys, "models", "show", model_id, "--json")[1])["job_id"]
+    for argv in (("models", "show", model_id), ("jobs", "show", job_id)):
+        code, out, err = zoofit(capsys, *argv)
+        assert code == 0 and "plan for the time budget of 8.0 s" in out and plan["why"][0][:40] in out, (argv, out, err)
 
 
 def test_zip_folder_streams_in_chunks(tmp_path):

@@ -37,6 +37,30 @@ def _evaluation() -> dict:
     }
 
 
+def _plan() -> dict:
+    return {
+        "budget_s": 60.0, "default_budget": True, "device": "cpu", "kept": ["backbone"],
+        "planned": {"image_size": 128, "freeze": {"mode": "linear_probe"}, "optimizer.lr": "auto"},
+        "why": ["5 training images per class (< 20): only a new linear classifier trains"],
+        "throughputs": [], "measure_seconds": 1.25, "estimate_seconds": 52.5, "seconds": 48.0,
+    }
+
+
+def test_the_plan_says_what_the_planner_chose_and_why() -> None:
+    assert render.plan_table({"val_acc": 1.0}) is None and render.plan_table({"plan": None}) is None
+    out = shown(render.plan_table({
+        "plan": {**_plan(), "deadline": {"member": 0, "epoch": 3, "note": "stopped in member 1, epoch 4"}},
+        "members_skipped": {"note": "member 2 of 2 not started"},  # the report's own copy (older reports)
+        "lr_finder": {"lr": 0.0031, "method": "steepest"},
+    }))
+    for text in ("plan for the time budget of 60.0 s", "60.0 s (the default budget for this device)", "52.5 s",
+                 "(measuring the speed 1.2 s)", "48.0 s", "planned image_size", "128",
+                 '{"mode": "linear_probe"}', "you set", "backbone", "0.0031 (steepest)",
+                 "5 training images per class (< 20): only a new linear classifier trains",
+                 "stopped in member 1, epoch 4", "member 2 of 2 not started"):
+        assert text in out, (text, out)
+
+
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
@@ -53,6 +77,8 @@ def _evaluation() -> dict:
          ["[x]", "bad [/b] label"]),
         (lambda: summary_table("j", {"status": "failed", "error": "class [/b] [unlabeled]"}),
          ["class [/b] [unlabeled]"]),
+        (lambda: render.plan_table({"plan": {**_plan(), "why": NAMES, "members_skipped": {"note": "[/b] skipped"}}}),
+         [*NAMES, "[/b] skipped"]),
     ],
 )
 def test_api_strings_are_shown_verbatim(table, expected: list[str]) -> None:
