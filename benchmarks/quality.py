@@ -341,7 +341,13 @@ def targets(rows: list[Row]) -> list[str]:
     return out
 
 
+# What follows this line in docs/quality.md is written by hand and kept when the table is regenerated.
+KEPT_MARKER = "<!-- written by hand below: benchmarks/quality.py keeps it -->"
+
+
 def write_doc(rows: list[Row], command: str, meta: dict[str, Any]) -> None:
+    old = DOC.read_text() if DOC.exists() else ""
+    kept = old[old.index(KEPT_MARKER):] if KEPT_MARKER in old else KEPT_MARKER + "\n"
     ran = sorted({(r.dataset, r.per_class) for r in rows})
     kinds = sorted({r.row for r in rows}, key=lambda x: ROWS.index(x) if x in ROWS else 99)
     text = f"""# Quality: what a user gets, on held-out images
@@ -363,10 +369,12 @@ The full grid (3 datasets x 50 and 200 a class x 6 rows; LFW has only 100 a clas
 takes hours on 2 cores:
 
     ZOOFIT_TORCH_THREADS=2 python -m benchmarks.quality --datasets animals,lfw,mnist --sizes 50,200 \\
-        --rows plain,budget60,budget180,budget600,hand,timm
+        --rows plain,budget60,budget180,budget600,hand,issue,timm
 
 Rows: `plain` = `{{"dataset_id"}}` alone (the default CPU budget, `ZOOFIT_DEFAULT_BUDGET_CPU_S`);
 `budgetN` = `budget_s: N`; `hand` = docs/techniques.md's best row (adagrad, 64 px, top stage, 8 epochs);
+`issue` = issue #14's hand-picked recipe (96 px, 3 groups frozen, light augmentation, Nesterov 0.02,
+12 epochs, 2 members);
 `timm` = timm `train.py`'s defaults rebuilt with `create_transform`, `create_optimizer_v2`,
 `create_scheduler_v2` (224 px, SGD 0.05, label smoothing 0.1, cosine, batch 128, everything trains) on the
 same bundled Lite0 weights, stopped at the wall time of the `plain` row.
@@ -375,7 +383,7 @@ same bundled Lite0 weights, stopped at the wall time of the `plain` row.
 
 ## Targets, on what ran
 
-""" + "\n".join(f"- {t}" for t in targets(rows)) + "\n"
+""" + "\n".join(f"- {t}" for t in targets(rows)) + "\n\n" + kept
     DOC.write_text(text)
 
 

@@ -120,6 +120,8 @@ def _set_paths(model: BaseModel, prefix: str = "") -> set[str]:
     out: set[str] = set()
     for name in model.model_fields_set:
         value = getattr(model, name)
+        if value is None and type(model).model_fields[name].default is None:
+            continue  # an optional section sent as null is its default, not a choice
         path = f"{prefix}{name}"
         if isinstance(value, BaseModel) and value.model_fields_set:
             out |= _set_paths(value, path + ".")

@@ -181,6 +181,7 @@ def lr_finder_figure(report: dict[str, Any]) -> Figure:
             ax.axvline(value, color="C3" if name == "picked" else "C7", linestyle=style, label=f"{name} {value:.2g}")
     ax.set_xscale("log")
     ax.set(title=f"learning-rate range test ({lf.get('iterations', len(lrs))} steps)", xlabel="lr", ylabel="loss")
+    ax.ticklabel_format(axis="y", useOffset=False)  # a small fall in loss reads as losses, not "+1.097"
     ax.legend(fontsize="small")
     return fig
 

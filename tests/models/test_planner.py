@@ -233,3 +233,12 @@ def test_a_chosen_network_or_size_is_never_swapped(monkeypatch: pytest.MonkeyPat
     spec = TrainSpec.model_validate({"keep": sorted(fields), **fields})
     planned, plan = planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 3000.0)
     assert planned.backbone == spec.backbone and "backbone" not in plan.planned
+
+
+def test_an_optional_section_sent_as_null_is_not_a_field_set() -> None:
+    # The console's new-job form sends "sweep": null for a section left unticked: that is the
+    # default, not a choice, so the job still gets the default budget and the plan keeps nothing.
+    spec = TrainSpec.model_validate({"sweep": None})
+    assert explicit_fields(spec) == []
+    assert explicit_fields(TrainSpec.model_validate({"sweep": None, "epochs": 3})) == ["epochs"]
+    assert default_budget_applies(TrainSpec.model_validate({"keep": explicit_fields(spec)}))
