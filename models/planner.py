@@ -233,6 +233,10 @@ def plan_recipe(
         cheapest = min(simplest, key=lambda t: sum(member_seconds(t, w, 1, False)))
         cache_s, epoch_s = member_seconds(cheapest, w, 1, False)
         e = epochs or max(1, int((train_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
+        if epochs is None and cheapest.depth == "linear_probe":
+            # A probe's epochs on cached features cost next to nothing next to its cache: one epoch
+            # would serve a barely trained head if the machine is faster than measured.
+            e = max(e, PROBE_EPOCHS // 3)
         total = SETUP_S + cache_s + e * epoch_s
         choice = Choice(cheapest.size, cheapest.depth, e, 1, False, cache_s, epoch_s, 0.0, total)
         why.append(
