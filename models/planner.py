@@ -233,7 +233,7 @@ def plan_recipe(
         cheapest = min(simplest, key=lambda t: sum(member_seconds(t, w, 1, False)))
         cache_s, epoch_s = member_seconds(cheapest, w, 1, False)
         e = epochs or max(1, int((train_s - SETUP_S - cache_s) // max(epoch_s, 1e-9)))
-        if epochs is None and cheapest.depth == "linear_probe":
+        if epochs is None and cheapest.depth == "linear_probe" and cheapest.cached:
             # A probe's epochs on cached features cost next to nothing next to its cache: one epoch
             # would serve a barely trained head if the machine is faster than measured.
             e = max(e, PROBE_EPOCHS // 3)
@@ -640,17 +640,22 @@ def plan_job(
     for bigger in _ladder_above(spec, keep):
         if not _saturated(choice, train_s, sizes, kept_epochs, kept_members):
             break
-        # Only the sizes at least as large as the one planned: the bigger network is for a budget to spare.
-        big_sizes = [s for s in _sizes_for(bigger) if s >= choice.size] or _sizes_for(bigger)[-1:]
+        # Sizes from the one planned up to the largest the job was admitted at (its decoded bytes,
+        # models.budget.job_cost, count the first backbone's sizes): the bigger network is for time to spare.
+        big_sizes = [s for s in _sizes_for(bigger) if choice.size <= s <= max(sizes)]
+        left_to_measure = MEASURE_SHARE * budget_s - (time.perf_counter() - t0)
+        if not big_sizes or left_to_measure <= 0:
+            break
         rows = measure_throughput(images, bigger, head_features, classes, big_sizes, [choice.depth],
-                                  device=device, log=say)
+                                  device=device, time_cap_s=left_to_measure, log=say)
         measured = time.perf_counter() - t0
         train_s = max(budget_s - measured - reserve, 0.0)
         big_w = Workload(n_train=w.n_train, n_val=w.n_val, classes=classes,
                          native=BACKBONES[bigger].input_size, views=w.views)
         big, big_why = plan_for(rows, big_w, train_s)
         table += rows
-        enough = big.epochs >= (kept_epochs or TARGET_EPOCHS) and big.members >= min(2, kept_members or 2)
+        enough = (big.depth == choice.depth and big.seconds <= train_s
+                  and big.epochs >= (kept_epochs or TARGET_EPOCHS) and big.members >= min(2, kept_members or 2))
         if not enough:
             why.append(f"backbone kept: {bigger} would train {big.epochs} epochs, {big.members} member(s) in the time")
             break

@@ -209,7 +209,7 @@ class _Run:
         self.deadline_hit: dict[str, Any] | None = None
         # With a deadline: what each member took (less what a later member does not repeat: the range
         # test, a shared cache's build), so a member that would not finish in time is not started.
-        self.member_seconds: list[float] = []
+        self.member_seconds: dict[str, float] = {}  # by backbone: the last member's
         self.shared_build_s = 0.0
         self.members_skipped: dict[str, Any] | None = None
         # optimizer.lr 'auto': members are built at a placeholder lr, the finder sets the real one.
@@ -265,7 +265,9 @@ class _Run:
         """
         if self.deadline is None or not self.member_seconds:
             return False
-        need = self.member_seconds[-1] * MEMBER_PACE_MARGIN
+        backbone = self.spec.member_backbones()[i]
+        # A backbone not trained yet (a mixed ensemble): the slowest pace seen, to be safe.
+        need = self.member_seconds.get(backbone, max(self.member_seconds.values())) * MEMBER_PACE_MARGIN
         left = self.deadline - time.perf_counter()
         if left >= need:
             return False
@@ -416,6 +418,7 @@ class _Run:
                 t_lr = time.perf_counter()
                 self.find_lr(m)
                 lr_s = time.perf_counter() - t_lr
+            t_loop = time.perf_counter()
             if m.optimizer is None:
                 train_lbfgs_member(self, m)
             else:
@@ -427,10 +430,16 @@ class _Run:
             m.close()
         self.applied.append(m.applied)
         if resume is None:
-            built_shared = self.shared_cache is not None and self.shared_cache is not cache_before
-            self.member_seconds.append(
-                time.perf_counter() - t0 - lr_s - (self.shared_build_s if built_shared else 0.0)
-            )
+            # Its setup (a later member that reuses a shared cache does not rebuild it), then its epochs
+            # at this member's pace, as many as the recipe's (one that patience stopped early says so).
+            # (in a mixed ensemble the next member of this backbone finds another's cache: it rebuilds)
+            built_shared = (self.shared_cache is not None and self.shared_cache is not cache_before
+                            and not self.spec.ensemble.backbones)
+            setup_s = t_loop - t0 - lr_s - (self.shared_build_s if built_shared else 0.0)
+            loop_s = time.perf_counter() - t_loop
+            ran = int(m.applied.get("epochs_run") or 0)
+            epochs_s = loop_s * self.spec.epochs / ran if m.optimizer is not None and ran > 0 else loop_s
+            self.member_seconds[backbone] = setup_s + max(epochs_s, loop_s)
 
     def find_lr(self, m: MemberSetup) -> None:
         """``optimizer.lr: 'auto'``: the range test on member ``m`` (the first), then its real optimizer."""

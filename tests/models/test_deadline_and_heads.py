@@ -12,7 +12,7 @@ import torch
 from models.artifact import load_predictor, save_artifact
 from models.data import ImageArray
 from models.spec import TrainSpec
-from models.training import TrainHooks, train
+from models.training import TrainHooks, _Run, train
 
 
 def test_deadline_stops_mid_member_and_keeps_the_best_weights(
@@ -84,20 +84,39 @@ def _slow_epochs(seconds: float) -> Callable[[object], None]:
 def test_a_member_that_would_miss_the_deadline_is_not_started(
     lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec]
 ) -> None:
-    # Each member takes >= 4 s (4 epochs of >= 1 s). After the first, less than that is left before
-    # the deadline: the second is not started (before, it started and the deadline cut it short).
+    # Each member takes M = 4 s of sleep (2 epochs of 2 s) plus its compute C; the deadline is at 8 s.
+    # The first member ends before it while C < 4 s, and then 8 - M < M is left: the second is not
+    # started (before, it started and the deadline cut it short).
     torch.set_num_threads(1)
-    spec = tiny_spec(epochs=4, patience=None, ensemble={"members": 3})
+    spec = tiny_spec(epochs=2, patience=None, ensemble={"members": 3})
     t0 = time.perf_counter()
-    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(deadline=t0 + 7.0, on_epoch=_slow_epochs(1.0)))
-    took = time.perf_counter() - t0
+    result = train(lfw_data, spec, device="cpu", hooks=TrainHooks(deadline=t0 + 8.0, on_epoch=_slow_epochs(2.0)))
     report = result.report()
-    assert len(result.members) == 1 and result.members[0].epochs_run == 4
+    assert len(result.members) == 1 and result.members[0].epochs_run == 2
     assert report.get("deadline") is None  # nothing was cut short
     skipped = report["members_skipped"]
     assert (skipped["planned"], skipped["trained"]) == (3, 1)
     assert skipped["member_s"] >= 4.0 and skipped["left_s"] < skipped["member_s"]
-    assert took < 7.0, took  # ended early rather than at the deadline
+
+
+def _paced_run(spec: TrainSpec, deadline_in: float, seconds: dict[str, float]) -> _Run:
+    """A ``_Run`` that has trained members at these paces, without data (the pace check only)."""
+    run = object.__new__(_Run)
+    run.spec, run.deadline, run.member_seconds = spec, time.perf_counter() + deadline_in, seconds
+    run.members_skipped = None
+    run.log = lambda _m: None
+    return run
+
+
+def test_the_pace_check_uses_the_next_members_backbone(tiny_spec: Callable[..., TrainSpec]) -> None:
+    mixed = tiny_spec(ensemble={"members": 3, "backbones": ["tf_efficientnet_lite0"]})
+    # member 1 is lite0: its pace is unknown, so the slowest seen (5 s) counts, and 4 s are left
+    assert _paced_run(mixed, 4.0, {"test_efficientnet": 5.0}).member_would_miss_deadline(1)
+    # member 2 is test_efficientnet again: 1 s a member fits the 4 s left, whatever lite0 took
+    assert not _paced_run(mixed, 4.0, {"test_efficientnet": 1.0, "tf_efficientnet_lite0": 9.0}
+                          ).member_would_miss_deadline(2)
+    # no member trained yet: nothing to judge by, never skipped
+    assert not _paced_run(mixed, 4.0, {}).member_would_miss_deadline(1)
 
 
 def test_members_that_fit_before_the_deadline_all_train(
