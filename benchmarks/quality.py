@@ -171,7 +171,8 @@ def run_zoofit(row: str, decode: Callable[[int], ImageArray], settings: Settings
                                    max_pixel_epochs=settings.job_max_pixel_epochs)
     lr = result.sections.get("lr_finder", {}).get("lr", planned.optimizer.lr)
     stages = f" {planned.freeze.stages}" if planned.freeze.mode == "first_n" else ""
-    note = (f"{planned.image_size} px, {planned.freeze.mode}{stages}, {planned.epochs} ep, "
+    net = "" if planned.backbone == BACKBONE else f"{planned.backbone.removeprefix('tf_efficientnet_')}, "
+    note = (f"{net}{planned.image_size} px, {planned.freeze.mode}{stages}, {planned.epochs} ep, "
             f"{len(result.members)}/{planned.ensemble.members} m, head {planned.head_features}, lr {lr:.3g}"
             + (", deadline" if "deadline" in result.sections else ""))
     return result, note
