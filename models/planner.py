@@ -192,6 +192,7 @@ def plan_recipe(
     by_key = {(t.size, t.depth): t for t in table}
     allowed = sorted({t.size for t in table} if sizes is None else set(sizes))
     choice: Choice | None = None
+    squeezed: Choice | None = None  # the rule's depth at fewer epochs than its target
     for d in ladder:
         probe = d == "linear_probe"
         target = epochs or (PROBE_EPOCHS if probe else TARGET_EPOCHS)
@@ -221,10 +222,22 @@ def plan_recipe(
             # members); then the largest that trains them at all; failing that, the most epochs.
             share = [c for c in fits if c.epochs == (epochs or target) and c.seconds <= train_s * FIRST_MEMBER_SHARE]
             full = share or [c for c in fits if c.epochs == (epochs or target)]
-            choice = max(full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
-            if d != ladder[0]:
+            best = max(full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
+            shallower = ladder[ladder.index(d) + 1] if ladder.index(d) + 1 < len(ladder) else None
+            if not full and shallower not in (None, "linear_probe") and depth is None:
+                # A fine-tune squeezed below its epochs loses to a shallower one that trains them
+                # (docs/quality.md: animals at 200 a class, 3 groups frozen at 64 px for 7 epochs
+                # 0.956 against the top stage at 96 px for 12 epochs 0.965): try the shallower first.
+                squeezed = squeezed or best
+                why.append(f"{d} trains only {best.epochs} of {target} epochs in {train_s:.0f} s: trying {shallower}")
+                continue
+            choice = best
+            if d != ladder[0] and squeezed is None:
                 why.append(f"the rule's depth does not fit {train_s:.0f} s even at the smallest size: {d} instead")
             break
+    if choice is None and squeezed is not None:
+        choice = squeezed  # the shallower depth did not train its epochs either: the rule's, squeezed
+        why.append(f"{choice.depth} after all: the shallower depth does not train its epochs either")
     if choice is None:
         # Nothing fits: the simplest recipe (a linear probe, unless a depth is kept) at its cheapest;
         # the deadline ends it in time with what it reached.

@@ -259,3 +259,18 @@ def test_a_burst_of_other_work_during_one_timed_call_does_not_set_the_speed() ->
 
     assert best_of(step, 3) < 0.05
     assert len(calls) == 4
+
+
+def test_a_squeezed_fine_tune_gives_way_to_a_shallower_one_that_trains_its_epochs() -> None:
+    # 200 a class: the rule fine-tunes all but 3 groups; in this time that trains only a few epochs,
+    # while the top stage trains all of them: the top stage is planned, and the plan says why.
+    w = workload(200)
+    rule, _ = plan_recipe(table(), w, 3600.0)
+    assert rule.depth == "most"  # with time enough, the rule's depth
+    for train_s in (240.0, 300.0):
+        choice, why = plan_recipe(table(), w, train_s)
+        squeezed = [line for line in why if line.startswith("most trains only")]
+        assert choice.depth == "top" and choice.epochs == TARGET_EPOCHS and squeezed, (train_s, why)
+    # a depth the user kept is never swapped
+    kept, _ = plan_recipe(table(), w, 60.0, depth="most")
+    assert kept.depth == "most"
