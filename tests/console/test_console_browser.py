@@ -113,6 +113,10 @@ def test_console_end_to_end(server, tmp_path) -> None:
     def shot(page, name: str) -> None:
         if shots:
             Path(shots).mkdir(parents=True, exist_ok=True)
+            # Every figure and thumbnail loaded first (lazy ones load once scrolled to), not alt text.
+            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+            page.wait_for_function("() => Array.from(document.images).every((i) => i.complete)", timeout=20_000)
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
 
     archive = tmp_path / "animals.zip"
