@@ -62,6 +62,7 @@ RESERVE_MIN_S = 0.5
 THROUGHPUT_SAFETY = 0.6
 # Bundled ImageNet backbones in order of capacity: a budget the smaller one cannot use buys the next.
 BACKBONE_LADDER = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+DEEPER_MIN_SIZE = 96  # a deeper fine-tune for spare time only at this size or more (64 px lost: docs/quality.md)
 SATURATED_SHARE = 0.5  # a full plan (largest size, target epochs, most members) using less than this is saturated
 HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
 
@@ -159,6 +160,7 @@ def plan_recipe(
     max_pixel_epochs: int | None = None,
     images: int | None = None,
     cache_shared: bool = True,
+    augment: bool | None = None,
 ) -> tuple[Choice, list[str]]:
     """Choose size, depth, epochs and members for ``train_s`` seconds of training (pure).
 
@@ -174,11 +176,13 @@ def plan_recipe(
         images: images in the dataset (for the cap).
         cache_shared: members after the first reuse its frozen-prefix cache when they train
             unaugmented (pretrained weights: ``models.training``); False: each builds its own.
+        augment: light augmentation or not; default: the rule's (from ``AUGMENT_FROM`` images a class).
 
     Returns:
         The choice and one line per decision, saying why.
     """
     per_class = w.n_train / max(w.classes, 1)
+    aug_choice = augment
     why: list[str] = []
     full_s = train_s
     train_s = train_s * THROUGHPUT_SAFETY
@@ -197,7 +201,7 @@ def plan_recipe(
         probe = d == "linear_probe"
         target = epochs or (PROBE_EPOCHS if probe else TARGET_EPOCHS)
         floor = epochs or (PROBE_EPOCHS // 3 if probe else MIN_EPOCHS)
-        augment = per_class >= AUGMENT_FROM and not probe
+        augment = (per_class >= AUGMENT_FROM if aug_choice is None else aug_choice) and not probe
         fits: list[Choice] = []
         for size in allowed:
             t = by_key.get((size, d))
@@ -561,6 +565,13 @@ def _ladder_above(spec: TrainSpec, keep: list[str]) -> list[str]:
     return [b for b in above if bundled_available(b)]
 
 
+def _deeper_than(depth: str) -> str | None:
+    """The next depth that trains more of the network, short of all of it (never from a probe)."""
+    if depth not in ("top",):
+        return None
+    return DEPTHS[DEPTHS.index(depth) + 1]
+
+
 def _saturated(
     choice: Choice, train_s: float, sizes: list[int], kept_epochs: int | None, kept_members: int | None
 ) -> bool:
@@ -634,11 +645,14 @@ def plan_job(
     kept_epochs = spec.epochs if _kept(keep, "epochs") else None
     kept_members = spec.ensemble.members if _kept(keep, "ensemble.members") else None
 
-    def plan_for(rows: list[Throughput], work: Workload, seconds: float) -> tuple[Choice, list[str]]:
+    def plan_for(
+        rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None, aug: bool | None = None
+    ) -> tuple[Choice, list[str]]:
         return plan_recipe(
             rows, work, seconds,
             sizes=None,
-            depth=kept_depth,
+            depth=depth or kept_depth,
+            augment=aug,
             epochs=kept_epochs,
             members=kept_members,
             max_pixel_epochs=max_pixel_epochs,
@@ -650,6 +664,28 @@ def plan_job(
 
     choice, why = plan_for(table, w, train_s)
     backbone = spec.backbone
+    deeper = _deeper_than(choice.depth)
+    if (deeper is not None and kept_depth is None and not _kept(keep, "augment") and max(sizes) >= DEEPER_MIN_SIZE
+            and _saturated(choice, train_s, sizes, kept_epochs, kept_members)):
+        # Time to spare at the rule's depth: one step deeper with light augmentation (the shape of
+        # issue #14's hand recipe), if it trains its epochs at a useful size with two members or more.
+        rows = measure_throughput(images, spec.backbone, head_features, classes,
+                                  [s for s in sizes if s >= DEEPER_MIN_SIZE], [deeper], device=device,
+                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0), log=say)
+        measured = time.perf_counter() - t0
+        train_s = max(budget_s - measured - reserve, 0.0)
+        deep, deep_why = plan_for(table + rows, w, train_s, depth=deeper, aug=True)
+        table += rows
+        if (deep.depth == deeper and deep.epochs >= (kept_epochs or TARGET_EPOCHS) and deep.size >= DEEPER_MIN_SIZE
+                and deep.members >= min(2, kept_members or 2) and deep.seconds <= train_s):
+            why = why + [
+                f"{deeper} with light augmentation: at {choice.depth} the plan used only {choice.seconds:.0f} s of "
+                f"{train_s:.0f} s at its largest size, most epochs and members; the time buys fine-tuning more"
+            ] + deep_why[1:]
+            choice = deep
+        else:
+            why.append(f"{choice.depth} kept: {deeper} would train {deep.epochs} epochs at {deep.size} px, "
+                       f"{deep.members} member(s) in the time")
     for bigger in _ladder_above(spec, keep):
         if not _saturated(choice, train_s, sizes, kept_epochs, kept_members):
             break

@@ -211,8 +211,21 @@ def _plan(monkeypatch: pytest.MonkeyPatch, budget_s: float, **fields: object):
     return planner.plan_job(images, labels, spec, budget_s)
 
 
-def test_a_budget_one_backbone_cannot_use_buys_a_larger_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spare_time_buys_a_deeper_augmented_fine_tune_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 a class: the rule trains the top stage; that plan is saturated at 3000 s, so one step deeper
+    # with light augmentation (issue #14's hand recipe's shape) when it trains its epochs with members.
     planned, plan = _plan(monkeypatch, 3000.0)
+    assert (planned.freeze.mode, planned.freeze.stages, planned.augment.preset) == ("first_n", 3, "light")
+    assert planned.epochs == TARGET_EPOCHS and planned.ensemble.members >= 2 and planned.image_size >= 96
+    assert any(line.startswith("most with light augmentation:") for line in plan.why)
+    # a budget the top stage fills keeps it, unaugmented
+    planned, plan = _plan(monkeypatch, 600.0)
+    assert planned.freeze.stages == 7 and planned.augment.preset == "none"
+    assert not any("light augmentation:" in line for line in plan.why)
+
+
+def test_a_budget_one_backbone_cannot_use_buys_a_larger_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    planned, plan = _plan(monkeypatch, 3000.0, augment={"preset": "none"})  # kept: no deeper step
     # lite0's plan is saturated (224 px, 12 epochs, 5 members in a fraction of the time): the planner
     # moves up the bundled ladder, each step only while the smaller plan leaves most of the time.
     assert planned.backbone == "tf_efficientnet_lite2" and plan.planned["backbone"] == "tf_efficientnet_lite2"
