@@ -42,8 +42,9 @@ PRESETS: dict[str, Preset] = {
             "Best accuracy (10 minutes)",
             "A 600-second time budget with Polyak (EMA) weights and greedy selection of the ensemble's "
             "members on validation: the planner fills the time with the largest size and the most members "
-            "that fit, and when EfficientNet-Lite0 cannot use the time (a small dataset, a GPU) it moves to "
-            "the larger bundled Lite1 or Lite2. The most accurate, and the slowest.",
+            "that fit; when that leaves most of the time unused (a small dataset, a GPU) it fine-tunes more "
+            "of the network with light augmentation, or moves to the larger bundled EfficientNet-Lite1 or "
+            "Lite2. The most accurate, and the slowest.",
             {"budget_s": 600, "ensemble": {"ema": True, "greedy": True}},
         ),
     )
