@@ -174,6 +174,7 @@ def run_zoofit(row: str, decode: Callable[[int], ImageArray], settings: Settings
     net = "" if planned.backbone == BACKBONE else f"{planned.backbone.removeprefix('tf_efficientnet_')}, "
     note = (f"{net}{planned.image_size} px, {planned.freeze.mode}{stages}, {planned.epochs} ep, "
             f"{len(result.members)}/{planned.ensemble.members} m, head {planned.head_features}, lr {lr:.3g}"
+            + (f", aug {planned.augment.preset}" if planned.augment.enabled else "")
             + (", deadline" if "deadline" in result.sections else ""))
     return result, note
 
