@@ -14,6 +14,7 @@ from models.budget import default_budget_applies, explicit_fields, job_cost
 from models.data import load_folder
 from models.planner import (
     BACKBONE_LADDER,
+    DEEPER_MIN_MEMBERS,
     DEPTHS,
     MAX_MEMBERS,
     MIN_EPOCHS,
@@ -211,17 +212,28 @@ def _plan(monkeypatch: pytest.MonkeyPatch, budget_s: float, **fields: object):
     return planner.plan_job(images, labels, spec, budget_s)
 
 
-def test_spare_time_buys_a_deeper_augmented_fine_tune_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 40 a class: the rule trains the top stage; that plan is saturated at 3000 s, so one step deeper
-    # with light augmentation (issue #14's hand recipe's shape) when it trains its epochs with members.
-    planned, plan = _plan(monkeypatch, 3000.0)
+@pytest.mark.parametrize("budget_s", [200.0, 3000.0])
+def test_time_for_several_deeper_members_buys_a_deeper_augmented_fine_tune(
+    monkeypatch: pytest.MonkeyPatch, budget_s: float
+) -> None:
+    # 40 a class: the rule trains the top stage; once one step deeper with light augmentation (issue
+    # #14's hand recipe's shape) trains its epochs with DEEPER_MIN_MEMBERS members, it is planned instead.
+    planned, plan = _plan(monkeypatch, budget_s)
     assert (planned.freeze.mode, planned.freeze.stages, planned.augment.preset) == ("first_n", 3, "light")
-    assert planned.epochs == TARGET_EPOCHS and planned.ensemble.members >= 2 and planned.image_size >= 96
+    assert planned.epochs == TARGET_EPOCHS and planned.ensemble.members >= DEEPER_MIN_MEMBERS
     assert any(line.startswith("most with light augmentation:") for line in plan.why)
-    # a budget the top stage fills keeps it, unaugmented
-    planned, plan = _plan(monkeypatch, 600.0)
+    assert {t.depth for t in plan.throughputs} >= {"top", "most"}
+
+
+def test_a_deeper_fine_tune_with_too_few_members_keeps_the_top_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 150 s the deeper fine-tune trains 12 epochs but only 2 members: the top stage stays, unaugmented.
+    planned, plan = _plan(monkeypatch, 150.0)
     assert planned.freeze.stages == 7 and planned.augment.preset == "none"
-    assert not any("light augmentation:" in line for line in plan.why)
+    assert planned.epochs == TARGET_EPOCHS
+    assert any(line.startswith("top kept: most would train") for line in plan.why)
+    # a depth or augmentation the user set is not second-guessed: nothing deeper is measured
+    planned, plan = _plan(monkeypatch, 3000.0, augment={"preset": "none"})
+    assert {t.depth for t in plan.throughputs if t.backbone == "tf_efficientnet_lite0"} == {"linear_probe", "top"}
 
 
 def test_a_budget_one_backbone_cannot_use_buys_a_larger_one(monkeypatch: pytest.MonkeyPatch) -> None:
