@@ -207,9 +207,9 @@ def setup_member(
     if gradual:
         mode, stages = gradual_freeze(fs, 0, n_groups)
         freeze = apply_freeze(model, mode=mode, stages=stages, train_bn=fs.train_bn)
-    model.to(ctx.device)
-    if ctx.cuda:
-        model.to(memory_format=torch.channels_last)
+    # channels_last on the CPU too: the same arithmetic, and oneDNN's convolutions run faster in it (on
+    # the 2-core machine: a deeper fine-tune's training step 1.4-1.5x, the frozen prefix 1.3-2.6x).
+    model.to(ctx.device).to(memory_format=torch.channels_last)
     head_group, scheduler = _head_group_and_schedule(model, optimizer, spec)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None
     ema = polyak(model, spec.ensemble.ema_decay) if spec.ensemble.ema else None

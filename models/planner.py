@@ -376,7 +376,9 @@ def measure_throughput(
     dev = resolve_device(device)
     t_start = time.perf_counter()
     head = HeadConfig(features=head_features)
+    # channels_last, as training runs it (models.member)
     model = create_classifier(backbone, weights="none", num_classes=num_classes, head=head).to(dev)
+    model = model.to(memory_format=torch.channels_last)
     steps = model_steps(model)
     n_groups = len(parameter_groups(model))
     batch = torch.from_numpy(np.ascontiguousarray(images[:MEASURE_BATCH])).permute(0, 3, 1, 2).float().to(dev)
@@ -394,6 +396,7 @@ def measure_throughput(
                 log(f"planner: throughput measurement stopped before {size} px (its time share is spent)")
             break
         x = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.contiguous(memory_format=torch.channels_last)
         for depth in depths:
             fs = freeze_of(depth, n_groups)
             apply_freeze(model, mode=fs["mode"], stages=fs.get("stages", 0), train_bn=False)
@@ -490,14 +493,14 @@ def compare_heads(
     classes = int(labels.max()) + 1
     model: Any = create_classifier(
         backbone, weights=weights, num_classes=classes, head=HeadConfig(features="multi_stage")
-    ).to(dev).eval()
+    ).to(dev).to(memory_format=torch.channels_last).eval()
     mean = torch.tensor(mean_std[0], device=dev).view(1, 3, 1, 1)
     std = torch.tensor(mean_std[1], device=dev).view(1, 3, 1, 1)
     feats = []
     with torch.inference_mode():
         for start in range(0, len(images), 128):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + 128])).to(dev)
-            x = (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            x = ((x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
             feats.append(model.multi_stage_features(x).float().cpu())
     f = torch.cat(feats)
     last_width = int(model.num_features)

@@ -305,9 +305,7 @@ class _Run:
             x = normalize_batch(self.images[idx], pre, self.device)
         else:
             x = normalize_transform(pre)(augment_batch(self.images[idx].permute(0, 3, 1, 2), augment))
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last)  # as the model (models.member)
 
     def evaluate(
         self,
