@@ -207,8 +207,8 @@ def setup_member(
     if gradual:
         mode, stages = gradual_freeze(fs, 0, n_groups)
         freeze = apply_freeze(model, mode=mode, stages=stages, train_bn=fs.train_bn)
-    # channels_last on the CPU too: the same arithmetic, and oneDNN's convolutions run faster in it (on
-    # the 2-core machine: a deeper fine-tune's training step 1.4-1.5x, the frozen prefix 1.3-2.6x).
+    # channels_last on the CPU too: the same arithmetic, and oneDNN's convolutions run faster in it (a
+    # whole job 1.43-1.48x on the 2-core machine: BENCHMARKS.md, benchmarks/memory_format.py).
     model.to(ctx.device).to(memory_format=torch.channels_last)
     head_group, scheduler = _head_group_and_schedule(model, optimizer, spec)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp_dtype == torch.float16 else None

@@ -693,16 +693,17 @@ def plan_job(
         train_s = max(budget_s - measured - reserve, 0.0)
         deep, deep_why = plan_for(table + rows, w, train_s, depth=deeper, aug=True)
         table += rows
-        if _trains_enough(deep, deeper, train_s, kept_epochs, min(DEEPER_MIN_MEMBERS, kept_members or 99)):
+        need = min(DEEPER_MIN_MEMBERS, kept_members or DEEPER_MIN_MEMBERS)
+        if _trains_enough(deep, deeper, train_s, kept_epochs, need):
             why = why + [
                 f"{deeper} with light augmentation: it trains {deep.epochs} epochs with {deep.members} members "
-                f"in the {train_s:.0f} s (from {DEEPER_MIN_MEMBERS} members an augmented fine-tune of more of the "
-                f"network beats the {choice.depth} stage's plan)"
+                f"in the {train_s:.0f} s (with {DEEPER_MIN_MEMBERS} members an augmented fine-tune of more of the "
+                f"network beats or ties the {choice.depth} stage's plan: docs/quality.md)"
             ] + deep_why[1:]
             choice = deep
         else:
             why.append(f"{choice.depth} kept: {deeper} would train {deep.epochs} epochs at {deep.size} px, "
-                       f"{deep.members} member(s) in the time (it needs {DEEPER_MIN_MEMBERS})")
+                       f"{deep.members} member(s) in the time (it needs {need})")
     for bigger in _ladder_above(spec, keep):
         if not _saturated(choice, train_s, sizes, kept_epochs, kept_members):
             break
