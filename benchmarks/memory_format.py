@@ -14,12 +14,11 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from models.freezing import apply_freeze
 from models.heads import HeadConfig, create_classifier
-from models.planner import best_of
-from models.prefix import forward_steps, frozen_prefix, model_steps
+from models.planner import best_of, time_depth
+from models.prefix import model_steps
 
 SHAPES = ((3, 64), (3, 96), (7, 160), (7, 224))  # (frozen groups, image size): deeper fine-tune, top stage
 
@@ -30,29 +29,14 @@ def rates(frozen: int, size: int, channels_last: bool, batch: int, device: torch
     model = create_classifier("tf_efficientnet_lite0", weights="none", num_classes=10, head=HeadConfig())
     apply_freeze(model, mode="first_n", stages=frozen, train_bn=False)
     model = model.to(device).to(memory_format=fmt)
-    steps = model_steps(model)
-    assert steps is not None
-    k = frozen_prefix(steps)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.arange(batch, device=device) % 10
-    model.eval()
-    with torch.no_grad():
-        h = forward_steps(steps, x, 0, k)
-
-    def prefix() -> None:
-        with torch.no_grad():
-            forward_steps(steps, x, 0, k)
-
-    def step() -> None:
-        model.train()
-        loss = F.cross_entropy(forward_steps(steps, h, k), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return batch / best_of(prefix, 3, sync=sync), batch / best_of(step, 3, sync=sync)
+    # the planner's own timing of a depth (models.planner.time_depth), in either layout
+    prefix_s, train_s, _eval_s, _cached = time_depth(
+        model, model_steps(model), x, y, lambda fn: best_of(fn, 3, sync=sync)
+    )
+    return batch / prefix_s, batch / train_s
 
 
 def main() -> None:

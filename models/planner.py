@@ -400,7 +400,7 @@ def measure_throughput(
         for depth in depths:
             fs = freeze_of(depth, n_groups)
             apply_freeze(model, mode=fs["mode"], stages=fs.get("stages", 0), train_bn=False)
-            prefix_s, train_s, eval_s, cached = _time_depth(model, steps, x, y, timed)
+            prefix_s, train_s, eval_s, cached = time_depth(model, steps, x, y, timed)
             n = len(x)
             table.append(
                 Throughput(
@@ -417,7 +417,7 @@ def measure_throughput(
     return table
 
 
-def _time_depth(
+def time_depth(
     model: Any, steps: Any, x: Any, y: Any, timed: Callable[[Callable[[], Any]], float]
 ) -> tuple[float, float, float, bool]:
     """Seconds a batch takes: frozen prefix (inference), training step and evaluation of the rest."""

@@ -236,6 +236,8 @@ def test_a_deeper_fine_tune_with_too_few_members_keeps_the_top_stage(monkeypatch
     # a depth or augmentation the user set is not second-guessed: nothing deeper is measured
     planned, plan = _plan(monkeypatch, 3000.0, augment={"preset": "none"})
     assert {t.depth for t in plan.throughputs if t.backbone == "tf_efficientnet_lite0"} == {"linear_probe", "top"}
+    planned, plan = _plan(monkeypatch, 3000.0, freeze={"mode": "first_n", "stages": 7})
+    assert {t.depth for t in plan.throughputs} == {"top"} and planned.freeze.stages == 7
 
 
 def test_a_budget_one_backbone_cannot_use_buys_a_larger_one(monkeypatch: pytest.MonkeyPatch) -> None:
