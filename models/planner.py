@@ -8,11 +8,12 @@
 2. **plans** (``plan_recipe``, pure: unit-tested on synthetic tables) by the lecture's rule, in
    training images per class: little data trains less of the network (a linear probe on the
    pretrained features), more data fine-tunes more (the top stage, then most of it, then all).
-   Then the largest image size whose one member fits ``FIRST_MEMBER_SHARE`` of the budget at
-   ``TARGET_EPOCHS`` epochs; what is left buys more members (an averaged ensemble), up to
-   ``MAX_MEMBERS``, and only once one member trains its full epochs. It plans for
-   ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets busier after measuring). When
-   even the smallest size does not fit, fewer epochs, then a deeper freeze, then a linear probe.
+   Then the largest image size whose one member fits ``FIRST_MEMBER_SHARE`` of the budget at its
+   target epochs (``target_epochs``: 6 for an augmented fine-tune of "most", else 12); what is left buys
+   more members (an averaged ensemble), up to ``MAX_MEMBERS``, and only once one member trains its
+   full epochs. It plans for ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets
+   busier after measuring). When even the smallest size does not fit, fewer epochs, then a deeper
+   freeze, then a linear probe.
    When the top stage trains its epochs, one step deeper with light augmentation is measured and
    planned instead if it trains its epochs with ``DEEPER_MIN_MEMBERS`` members; a plan with most of
    the time still unused then moves up the bundled ``BACKBONE_LADDER``;
@@ -50,6 +51,10 @@ DEPTHS = ("linear_probe", "top", "most", "all")
 
 CANDIDATE_SIZES = (64, 96, 128, 160, 192, 224, 256)
 TARGET_EPOCHS = 12
+# An augmented fine-tune of all but the first groups learns in half the epochs: two members of 6 epochs
+# tie two of 12 in half the time (MNIST 0.955 vs 0.957, animals 0.9375 vs 0.9385; one of 12: 0.946,
+# 0.920), so the time buys members instead (``python -m benchmarks.half_time --grid epochs``).
+AUGMENTED_DEEP_EPOCHS = 6
 MIN_EPOCHS = 4
 PROBE_EPOCHS = 30
 MAX_MEMBERS = 5
@@ -66,9 +71,21 @@ THROUGHPUT_SAFETY = 0.6
 # Bundled ImageNet backbones in order of capacity: a budget the smaller one cannot use buys the next.
 BACKBONE_LADDER = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 # A deeper, augmented fine-tune replaces the top stage's plan when it trains its epochs with this many
-# members: one such member loses to the top stage (animals 0.891 vs 0.918 in 75 s), four win or tie
-# (MNIST 0.9675 vs 0.942, animals 0.935 vs 0.9365 in 180 s; docs/quality.md).
-DEEPER_MIN_MEMBERS = 3
+# members at this size or more: one member of 6 epochs at 96 px loses to the top stage (MNIST 0.943,
+# animals 0.918), two win or tie (0.955 and 0.9375 against the plain job's 0.9405 and 0.941), and at
+# 64 px two or three lose 1.4-2.6 points to two at 96 px (python -m benchmarks.half_time --grid epochs).
+DEEPER_MIN_MEMBERS = 2
+DEEPER_MIN_SIZE = 96
+# ...on data like ImageNet's, where the top stage's features already fit, it needs this many: animals
+# at 75 s, 3 members 0.933 against the top stage's 0.941; at 180 s, 4 members 0.950 against 0.9365.
+DEEPER_MIN_MEMBERS_LIKE_IMAGENET = 4
+# The data is unlike ImageNet (the lecture's transfer table: different data, fine-tune more) when a linear
+# probe on several stages' features joined reaches under this share of the last stage's validation loss:
+# MNIST 0.29-0.63, animals 0.79-0.88 (at 64-160 px, 50 and 200 a class); LFW's last stage is perfect
+# (a ratio of two losses near 0 says nothing: under PROBE_LOSS_FLOOR the last stage fits).
+UNLIKE_IMAGENET_LOSS_RATIO = 0.7
+PROBE_LOSS_FLOOR = 0.05
+DOMAIN_PROBE_PER_CLASS = 100  # training images a class the probes see at most (the pass costs ~2 ms an image)
 SATURATED_SHARE = 0.5  # a full plan (largest size, target epochs, most members) using less than this is saturated
 HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
 
@@ -117,6 +134,13 @@ def member_seconds(t: Throughput, w: Workload, epochs: int, augment: bool) -> tu
     cache_s = (w.n_train * views + w.n_val) / t.prefix_img_s if t.cached and t.prefix_img_s > 0 else 0.0
     epoch_s = w.n_train / t.train_img_s + w.n_val / t.eval_img_s
     return cache_s, epoch_s
+
+
+def target_epochs(depth: str, augment: bool) -> int:
+    """The epochs a member at ``depth`` trains before the time buys more members instead."""
+    if depth == "linear_probe":
+        return PROBE_EPOCHS
+    return AUGMENTED_DEEP_EPOCHS if augment and depth == "most" else TARGET_EPOCHS
 
 
 def depth_for(per_class: float) -> tuple[str, str]:
@@ -205,9 +229,9 @@ def plan_recipe(
     squeezed: Choice | None = None  # the rule's depth at fewer epochs than its target
     for d in ladder:
         probe = d == "linear_probe"
-        target = epochs or (PROBE_EPOCHS if probe else TARGET_EPOCHS)
-        floor = epochs or (PROBE_EPOCHS // 3 if probe else MIN_EPOCHS)
         augment = (per_class >= AUGMENT_FROM if aug_choice is None else aug_choice) and not probe
+        target = epochs or target_epochs(d, augment)
+        floor = epochs or (PROBE_EPOCHS // 3 if probe else MIN_EPOCHS)
         fits: list[Choice] = []
         for size in allowed:
             t = by_key.get((size, d))
@@ -279,7 +303,7 @@ def plan_recipe(
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
-    elif choice.epochs < (PROBE_EPOCHS if choice.depth == "linear_probe" else TARGET_EPOCHS):
+    elif choice.epochs < target_epochs(choice.depth, choice.augment):
         choice.members = 1
         why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
     else:
@@ -455,7 +479,9 @@ def _probe_acc(train_x: Any, train_y: Any, val_x: Any, val_y: Any, classes: int)
 
     mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6
     xt, xv = (train_x - mean) / std, (val_x - mean) / std
-    lin = torch.nn.Linear(xt.shape[1], classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same probe every time: a decision is taken on its figures
+        lin = torch.nn.Linear(xt.shape[1], classes)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
     wd = 1e-3
 
@@ -526,6 +552,51 @@ def compare_heads(
     }
 
 
+def domain_probe(
+    images: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    spec: TrainSpec,
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Whether the data looks unlike ImageNet: ``compare_heads`` on at most ``DOMAIN_PROBE_PER_CLASS``
+    training images a class, judged by ``UNLIKE_IMAGENET_LOSS_RATIO`` (the report's ``plan.domain``)."""
+    from .zoo import preprocess_for
+
+    rng = np.random.default_rng(spec.seed)
+    train_rows = np.concatenate([
+        rng.permutation(train_idx[labels[train_idx] == c])[:DOMAIN_PROBE_PER_CLASS] for c in np.unique(labels)
+    ])
+    val_rows = np.concatenate([
+        rng.permutation(val_idx[labels[val_idx] == c])[: max(DOMAIN_PROBE_PER_CLASS // 4, 1)]
+        for c in np.unique(labels)
+    ])
+    rows = np.concatenate([train_rows, val_rows])
+    pre = preprocess_for(spec.backbone, images.shape[1])
+    probes = compare_heads(
+        images[rows], labels[rows], np.arange(len(train_rows)), np.arange(len(train_rows), len(rows)),
+        spec.backbone, spec.weights, (pre.mean, pre.std), device=device,
+    )
+    last, multi = probes["probes"]["last"], probes["probes"]["multi_stage"]
+    ratio = multi["val_loss"] / max(last["val_loss"], 1e-6)
+    unlike = last["val_loss"] > PROBE_LOSS_FLOOR and ratio < UNLIKE_IMAGENET_LOSS_RATIO
+    return {
+        "probes": probes["probes"],
+        "loss_ratio": round(ratio, 3),
+        "unlike_imagenet": unlike,
+        "seconds": probes["seconds"],
+        "why": (
+            f"linear probes at {images.shape[1]} px, validation loss: several stages joined {multi['val_loss']:.3f}, "
+            f"the last stage {last['val_loss']:.3f} (ratio {ratio:.2f}): "
+            + ("unlike ImageNet (earlier stages fit better: fine-tuning more of the network pays)" if unlike else
+               f"like ImageNet (ratio >= {UNLIKE_IMAGENET_LOSS_RATIO}, or the last stage's loss under "
+               f"{PROBE_LOSS_FLOOR}: its features fit)")
+        ),
+    }
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -543,6 +614,7 @@ class Plan:
     measure_seconds: float
     estimate_seconds: float
     head: dict[str, Any] | None = None
+    domain: dict[str, Any] | None = None
     spec: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     deadline: dict[str, Any] | None = None
@@ -590,7 +662,7 @@ def _saturated(
     return (
         choice.size == max(sizes)
         and choice.depth != "linear_probe"
-        and choice.epochs >= (kept_epochs or TARGET_EPOCHS)
+        and choice.epochs >= (kept_epochs or target_epochs(choice.depth, choice.augment))
         and choice.members >= (kept_members or MAX_MEMBERS)
         and choice.seconds < SATURATED_SHARE * train_s
     )
@@ -598,8 +670,8 @@ def _saturated(
 
 def _trains_enough(c: Choice, depth: str, train_s: float, kept_epochs: int | None, min_members: int) -> bool:
     """Whether plan ``c`` is at ``depth`` and trains its target epochs with ``min_members`` in ``train_s``."""
-    return (c.depth == depth and c.seconds <= train_s and c.epochs >= (kept_epochs or TARGET_EPOCHS)
-            and c.members >= min_members)
+    return (c.depth == depth and c.seconds <= train_s
+            and c.epochs >= (kept_epochs or target_epochs(c.depth, c.augment)) and c.members >= min_members)
 
 
 def plan_job(
@@ -680,25 +752,35 @@ def plan_job(
         )
 
     choice, why = plan_for(table, w, train_s)
+    domain: dict[str, Any] | None = None
     backbone = spec.backbone
     deeper = _deeper_than(choice.depth)
-    if (deeper is not None and kept_depth is None and not _kept(keep, "augment")
-            and choice.epochs >= (kept_epochs or TARGET_EPOCHS)):
+    deep_sizes = [s for s in sizes if s >= DEEPER_MIN_SIZE]
+    if (deeper is not None and deep_sizes and kept_depth is None and not _kept(keep, "augment")
+            and choice.epochs >= (kept_epochs or target_epochs(choice.depth, choice.augment))):
         # The top stage trains its epochs: one step deeper with light augmentation (the shape of issue
-        # #14's hand recipe) wins once it too trains its epochs with a few members. Measured from the
-        # smallest size up, within what is left of the measuring share (the smallest always).
-        rows = measure_throughput(images, spec.backbone, head_features, classes, sizes, [deeper], device=device,
-                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0), log=say)
+        # #14's hand recipe) wins once it too trains its epochs with a few members. Measured from
+        # DEEPER_MIN_SIZE up, within what is left of the measuring share (the smallest always).
+        if multi_stage_supported(spec.backbone) and spec.weights != "none" and not spec.ensemble.backbones:
+            domain = domain_probe(images, labels, train_idx, val_idx, spec, device=device)
+        else:
+            domain = {"unlike_imagenet": False, "why": "no domain probe (it needs pretrained EfficientNet features): "
+                      "the data is taken for ImageNet-like"}
+        rows = measure_throughput(images, spec.backbone, head_features, classes, deep_sizes, [deeper],
+                                  device=device, log=say,
+                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0))
         measured = time.perf_counter() - t0
         train_s = max(budget_s - measured - reserve, 0.0)
         deep, deep_why = plan_for(table + rows, w, train_s, depth=deeper, aug=True)
         table += rows
-        need = min(DEEPER_MIN_MEMBERS, kept_members or DEEPER_MIN_MEMBERS)
+        enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
+        need = min(enough, kept_members or enough)
+        why.append(domain["why"])
         if _trains_enough(deep, deeper, train_s, kept_epochs, need):
             why = why + [
                 f"{deeper} with light augmentation: it trains {deep.epochs} epochs with {deep.members} members "
-                f"in the {train_s:.0f} s (with {DEEPER_MIN_MEMBERS} members an augmented fine-tune of more of the "
-                f"network beats or ties the {choice.depth} stage's plan: docs/quality.md)"
+                f"in the {train_s:.0f} s (with {need} members an augmented fine-tune of more of the network beats "
+                f"or ties the {choice.depth} stage's plan on such data: docs/quality.md)"
             ] + deep_why[1:]
             choice = deep
         else:
@@ -778,6 +860,7 @@ def plan_job(
         throughputs=table,
         measure_seconds=round(measured, 2),
         estimate_seconds=round(measured + choice.seconds, 1),
+        domain=domain,
     )
     return TrainSpec.model_validate(d), plan
 

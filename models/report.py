@@ -264,6 +264,9 @@ class Plan(_Section):
     measure_seconds: float
     estimate_seconds: float = Field(description="what the plan was expected to take, measurement included")
     head: dict[str, Any] | None = Field(None, description="linear probes of the last vs several stages' features")
+    domain: dict[str, Any] | None = Field(
+        None, description="linear probes that judged whether the data looks like ImageNet (how deep to fine-tune)"
+    )
     spec: dict[str, Any] = Field(default_factory=dict, description="the recipe trained")
     seconds: float | None = Field(None, description="what the job took up to the end of training")
     deadline: dict[str, Any] | None = Field(None, description="where the deadline stopped training, if it did")

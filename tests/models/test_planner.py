@@ -13,8 +13,10 @@ import torch
 from models.budget import default_budget_applies, explicit_fields, job_cost
 from models.data import load_folder
 from models.planner import (
+    AUGMENTED_DEEP_EPOCHS,
     BACKBONE_LADDER,
     DEEPER_MIN_MEMBERS,
+    DEEPER_MIN_MEMBERS_LIKE_IMAGENET,
     DEPTHS,
     MAX_MEMBERS,
     MIN_EPOCHS,
@@ -29,6 +31,7 @@ from models.planner import (
     fit_budgeted,
     member_seconds,
     plan_recipe,
+    target_epochs,
 )
 from models.plots import render_figure
 from models.spec import TrainSpec
@@ -173,9 +176,23 @@ def test_a_plan_fits_when_the_device_runs_slower_than_measured(train_s: float) -
 def test_members_only_when_each_trains_its_full_epochs(train_s: float) -> None:
     choice, _ = plan_recipe(table(), workload(40), train_s)
     if choice.members > 1:
-        assert choice.epochs == (PROBE_EPOCHS if choice.depth == "linear_probe" else TARGET_EPOCHS)
+        assert choice.epochs == target_epochs(choice.depth, choice.augment)
     if choice.depth != "linear_probe":
         assert choice.epochs >= MIN_EPOCHS  # a fine-tune of one epoch is worse than a probe
+
+
+@pytest.mark.parametrize("train_s", [300.0, 3000.0])
+def test_an_augmented_fine_tune_of_most_trains_half_the_epochs_and_more_members(train_s: float) -> None:
+    # benchmarks/half_time.py --grid epochs: 2 members of 6 epochs tie 2 of 12 in half the time and beat
+    # 1 of 12; the top stage (no augmentation) keeps its 12.
+    most, why = plan_recipe(table(), workload(200), train_s)
+    assert (most.depth, most.augment, most.epochs) == ("most", True, AUGMENTED_DEEP_EPOCHS)
+    assert most.members > 1 and most.seconds <= train_s
+    top, _ = plan_recipe(table(), workload(40), train_s)
+    assert (top.depth, top.augment, top.epochs) == ("top", False, TARGET_EPOCHS)
+    # the same data, depth and size at 12 epochs would buy fewer members
+    twelve, _ = plan_recipe(table(), workload(200), train_s, sizes=[most.size], depth="most", epochs=TARGET_EPOCHS)
+    assert twelve.members < most.members or twelve.members == MAX_MEMBERS
 
 
 def test_when_nothing_fits_the_simplest_recipe_trains() -> None:
@@ -200,12 +217,15 @@ def _fake_measure(speeds: dict[str, float]):
     return measure
 
 
-def _plan(monkeypatch: pytest.MonkeyPatch, budget_s: float, **fields: object):
+def _plan(monkeypatch: pytest.MonkeyPatch, budget_s: float, *, unlike_imagenet: bool = True, **fields: object):
     import models.planner as planner
 
     monkeypatch.setattr(planner, "measure_throughput", _fake_measure(
         {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 0.8, "tf_efficientnet_lite2": 0.6}
     ))
+    monkeypatch.setattr(planner, "domain_probe", lambda *_a, **_kw: {
+        "unlike_imagenet": unlike_imagenet, "why": f"probes: {'unlike' if unlike_imagenet else 'like'} ImageNet"
+    })
     spec = TrainSpec.model_validate({"keep": sorted(fields), **fields})
     images = np.zeros((500, 64, 64, 3), np.uint8)
     labels = np.arange(500) % 10
@@ -220,16 +240,45 @@ def test_time_for_several_deeper_members_buys_a_deeper_augmented_fine_tune(
     # #14's hand recipe's shape) trains its epochs with DEEPER_MIN_MEMBERS members, it is planned instead.
     planned, plan = _plan(monkeypatch, budget_s)
     assert (planned.freeze.mode, planned.freeze.stages, planned.augment.preset) == ("first_n", 3, "light")
-    assert planned.epochs == TARGET_EPOCHS and planned.ensemble.members >= DEEPER_MIN_MEMBERS
+    assert planned.epochs == AUGMENTED_DEEP_EPOCHS and planned.ensemble.members >= DEEPER_MIN_MEMBERS
     # the backbone trains at the head's lr, as the recipe's (a third of it: 0.9355 against 0.9675 on MNIST)
     assert planned.freeze.backbone_lr_mult == 1.0
     assert any(line.startswith("most with light augmentation:") for line in plan.why)
     assert {t.depth for t in plan.throughputs} >= {"top", "most"}
 
 
+def test_on_data_like_imagenet_the_deeper_fine_tune_needs_more_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The top stage's features fit data like ImageNet's: the deeper shape must afford more members to win.
+    planned, plan = _plan(monkeypatch, 200.0, unlike_imagenet=False)  # 2 deeper members: not enough here
+    assert planned.freeze.stages == 7 and "probes: like ImageNet" in plan.why
+    assert any(f"(it needs {DEEPER_MIN_MEMBERS_LIKE_IMAGENET})" in line for line in plan.why)
+    planned, plan = _plan(monkeypatch, 3000.0, unlike_imagenet=False)
+    assert planned.freeze.stages == 3 and planned.ensemble.members >= DEEPER_MIN_MEMBERS_LIKE_IMAGENET
+
+
+@pytest.mark.parametrize(("dataset", "unlike"), [("mnist", True), ("animals", False)])
+def test_the_domain_probe_tells_digits_from_photographs(dataset: str, unlike: bool) -> None:
+    # Real pretrained features on real images at the planner's smallest size: handwritten digits are unlike
+    # ImageNet, animal photographs are not. (The same verdict on a second call: the probes are seeded.)
+    from benchmarks.quality import decoder, load, split
+    from models.data import stratified_split
+    from models.planner import domain_probe
+
+    torch.set_num_threads(2)
+    raw, raw_labels = load(dataset)
+    tr, _ = split(raw_labels, 50)
+    data = decoder(raw[tr], raw_labels[tr])(64)
+    spec = TrainSpec()
+    train_idx, val_idx = stratified_split(data.labels, spec.val_fraction, spec.seed)
+    found = domain_probe(data.images, data.labels, train_idx, val_idx, spec, device="cpu")
+    assert found["unlike_imagenet"] is unlike, found["why"]
+    assert domain_probe(data.images, data.labels, train_idx, val_idx, spec, device="cpu")["loss_ratio"] == \
+        found["loss_ratio"]
+
+
 def test_a_deeper_fine_tune_with_too_few_members_keeps_the_top_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    # At 150 s the deeper fine-tune trains 12 epochs but only 2 members: the top stage stays, unaugmented.
-    planned, plan = _plan(monkeypatch, 150.0)
+    # At 100 s the deeper fine-tune trains its 6 epochs but only 2 members: the top stage stays, unaugmented.
+    planned, plan = _plan(monkeypatch, 100.0)
     assert planned.freeze.stages == 7 and planned.augment.preset == "none"
     assert planned.epochs == TARGET_EPOCHS
     assert any(line.startswith("top kept: most would train") for line in plan.why)
@@ -263,6 +312,7 @@ def test_a_chosen_network_or_size_is_never_swapped(monkeypatch: pytest.MonkeyPat
 
     speeds = dict.fromkeys((*BACKBONE_LADDER, "resnet18"), 1.0)
     monkeypatch.setattr(planner, "measure_throughput", _fake_measure(speeds))
+    monkeypatch.setattr(planner, "domain_probe", lambda *_a, **_kw: {"unlike_imagenet": True, "why": "probes"})
     spec = TrainSpec.model_validate({"keep": sorted(fields), **fields})
     planned, plan = planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 3000.0)
     assert planned.backbone == spec.backbone and "backbone" not in plan.planned
@@ -296,7 +346,7 @@ def test_a_squeezed_fine_tune_gives_way_to_a_shallower_one_that_trains_its_epoch
     w = workload(200)
     rule, _ = plan_recipe(table(), w, 3600.0)
     assert rule.depth == "most"  # with time enough, the rule's depth
-    for train_s in (240.0, 300.0):
+    for train_s in (200.0, 240.0):
         choice, why = plan_recipe(table(), w, train_s)
         squeezed = [line for line in why if line.startswith("most trains only")]
         assert choice.depth == "top" and choice.epochs == TARGET_EPOCHS and squeezed, (train_s, why)
