@@ -79,13 +79,19 @@ DEEPER_MIN_SIZE = 96
 # ...on data like ImageNet's, where the top stage's features already fit, it needs this many: animals
 # at 75 s, 3 members 0.933 against the top stage's 0.941; at 180 s, 4 members 0.950 against 0.9365.
 DEEPER_MIN_MEMBERS_LIKE_IMAGENET = 4
+# Once the deeper shape buys all MAX_MEMBERS at 6 epochs, 12-epoch members are planned instead if this
+# many fit: at 600 s the 6-epoch plan grew to 224 px and scored 0.949 / 0.9595 (animals / MNIST) where
+# 4-5 members of 12 epochs at 192 px had scored 0.958 / 0.971 (docs/quality.md).
+LONG_DEEPER_MEMBERS = 4
 # The data is unlike ImageNet (the lecture's transfer table: different data, fine-tune more) when a linear
 # probe on several stages' features joined reaches under this share of the last stage's validation loss:
 # MNIST 0.29-0.63, animals 0.79-0.88 (at 64-160 px, 50 and 200 a class); LFW's last stage is perfect
 # (a ratio of two losses near 0 says nothing: under PROBE_LOSS_FLOOR the last stage fits).
 UNLIKE_IMAGENET_LOSS_RATIO = 0.7
 PROBE_LOSS_FLOOR = 0.05
-DOMAIN_PROBE_PER_CLASS = 100  # training images a class the probes see at most (the pass costs ~2 ms an image)
+DOMAIN_PROBE_PER_CLASS = 100  # training images a class the probes see at most (and a quarter as many to validate)
+DOMAIN_PROBE_MIN_PER_CLASS = 10  # fewer say nothing: no probe
+DOMAIN_SHARE = 0.05  # of the budget, for the probes' pass over the network (MNIST 50 a class at 64 px: 1.3-1.9 s)
 SATURATED_SHARE = 0.5  # a full plan (largest size, target epochs, most members) using less than this is saturated
 HEAD_MARGIN = 0.01  # multi_stage must beat the last stage's probe by this much validation accuracy
 
@@ -559,19 +565,19 @@ def domain_probe(
     val_idx: np.ndarray,
     spec: TrainSpec,
     *,
+    per_class: int = DOMAIN_PROBE_PER_CLASS,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Whether the data looks unlike ImageNet: ``compare_heads`` on at most ``DOMAIN_PROBE_PER_CLASS``
-    training images a class, judged by ``UNLIKE_IMAGENET_LOSS_RATIO`` (the report's ``plan.domain``)."""
+    """Whether the data looks unlike ImageNet: ``compare_heads`` on at most ``per_class`` training
+    images a class, judged by ``UNLIKE_IMAGENET_LOSS_RATIO`` (the report's ``plan.domain``)."""
     from .zoo import preprocess_for
 
     rng = np.random.default_rng(spec.seed)
     train_rows = np.concatenate([
-        rng.permutation(train_idx[labels[train_idx] == c])[:DOMAIN_PROBE_PER_CLASS] for c in np.unique(labels)
+        rng.permutation(train_idx[labels[train_idx] == c])[:per_class] for c in np.unique(labels)
     ])
     val_rows = np.concatenate([
-        rng.permutation(val_idx[labels[val_idx] == c])[: max(DOMAIN_PROBE_PER_CLASS // 4, 1)]
-        for c in np.unique(labels)
+        rng.permutation(val_idx[labels[val_idx] == c])[: max(per_class // 4, 1)] for c in np.unique(labels)
     ])
     rows = np.concatenate([train_rows, val_rows])
     pre = preprocess_for(spec.backbone, images.shape[1])
@@ -624,6 +630,27 @@ class Plan:
         d = asdict(self)
         d["throughputs"] = [asdict(t) for t in self.throughputs]
         return d
+
+
+def _judge_domain(
+    images: np.ndarray,
+    labels: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray],
+    spec: TrainSpec,
+    *,
+    probe_img_s: float,
+    budget_s: float,
+    device: str | None,
+) -> dict[str, Any]:
+    """``domain_probe`` within ``DOMAIN_SHARE`` of the budget at ``probe_img_s``; else why not (ImageNet-like)."""
+    per_class = min(DOMAIN_PROBE_PER_CLASS, int(DOMAIN_SHARE * budget_s * probe_img_s / (1.25 * (labels.max() + 1))))
+    if not (multi_stage_supported(spec.backbone) and spec.weights != "none" and not spec.ensemble.backbones):
+        return {"unlike_imagenet": False, "why": "no domain probe (it needs pretrained EfficientNet features): "
+                "the data is taken for ImageNet-like"}
+    if per_class < DOMAIN_PROBE_MIN_PER_CLASS:
+        return {"unlike_imagenet": False, "why": f"no domain probe ({DOMAIN_PROBE_MIN_PER_CLASS} images a class "
+                f"would take over {DOMAIN_SHARE:.0%} of the budget): the data is taken for ImageNet-like"}
+    return domain_probe(images, labels, split[0], split[1], spec, per_class=per_class, device=device)
 
 
 def _sizes_for(backbone: str) -> list[int]:
@@ -735,14 +762,15 @@ def plan_job(
     kept_members = spec.ensemble.members if _kept(keep, "ensemble.members") else None
 
     def plan_for(
-        rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None, aug: bool | None = None
+        rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None, aug: bool | None = None,
+        only: list[int] | None = None, epochs: int | None = None,
     ) -> tuple[Choice, list[str]]:
         return plan_recipe(
             rows, work, seconds,
-            sizes=None,
+            sizes=only,
             depth=depth or kept_depth,
             augment=aug,
-            epochs=kept_epochs,
+            epochs=epochs or kept_epochs,
             members=kept_members,
             max_pixel_epochs=max_pixel_epochs,
             images=len(labels),
@@ -761,21 +789,41 @@ def plan_job(
         # The top stage trains its epochs: one step deeper with light augmentation (the shape of issue
         # #14's hand recipe) wins once it too trains its epochs with a few members. Measured from
         # DEEPER_MIN_SIZE up, within what is left of the measuring share (the smallest always).
-        if multi_stage_supported(spec.backbone) and spec.weights != "none" and not spec.ensemble.backbones:
-            domain = domain_probe(images, labels, train_idx, val_idx, spec, device=device)
-        else:
-            domain = {"unlike_imagenet": False, "why": "no domain probe (it needs pretrained EfficientNet features): "
-                      "the data is taken for ImageNet-like"}
-        rows = measure_throughput(images, spec.backbone, head_features, classes, deep_sizes, [deeper],
+        # (the rule's own depth may have been measured already: at 150-499 a class it is this one)
+        unmeasured = [s for s in deep_sizes if not any((t.size, t.depth) == (s, deeper) for t in table)]
+        rows = measure_throughput(images, spec.backbone, head_features, classes, unmeasured, [deeper],
                                   device=device, log=say,
-                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0))
-        measured = time.perf_counter() - t0
-        train_s = max(budget_s - measured - reserve, 0.0)
-        deep, deep_why = plan_for(table + rows, w, train_s, depth=deeper, aug=True)
+                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0)
+                                  ) if unmeasured else []
         table += rows
-        enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
-        need = min(enough, kept_members or enough)
-        why.append(domain["why"])
+        train_s = max(budget_s - (time.perf_counter() - t0) - reserve, 0.0)
+
+        def deep_plan(seconds: float) -> tuple[Choice, list[str]]:
+            # Members first (6 epochs each); once they are all bought, epochs again: 12-epoch members at a
+            # smaller size beat 6-epoch ones at the largest (600 s, docs/quality.md).
+            short = plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes)
+            if kept_epochs is not None or short[0].members < (kept_members or MAX_MEMBERS):
+                return short
+            long = plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, epochs=TARGET_EPOCHS)
+            if not _trains_enough(long[0], deeper, seconds, TARGET_EPOCHS, min(LONG_DEEPER_MEMBERS, kept_members
+                                                                                or LONG_DEEPER_MEMBERS)):
+                return short
+            return long[0], long[1] + [f"{TARGET_EPOCHS} epochs a member: at {AUGMENTED_DEEP_EPOCHS} the members "
+                                       f"were all bought, and {long[0].members} of {TARGET_EPOCHS} epochs fit"]
+
+        deep, deep_why = deep_plan(train_s)
+        need = min(DEEPER_MIN_MEMBERS, kept_members or DEEPER_MIN_MEMBERS)
+        if _trains_enough(deep, deeper, train_s, kept_epochs, need):
+            # Enough for data unlike ImageNet: is it? (the probes' time then comes off the plan's)
+            speed = next((t.prefix_img_s for t in table if t.depth == "linear_probe" and t.size == min(sizes)), 0.0)
+            domain = _judge_domain(images, labels, (train_idx, val_idx), spec, probe_img_s=speed,
+                                   budget_s=budget_s, device=device)
+            why.append(domain["why"])
+            train_s = max(budget_s - (time.perf_counter() - t0) - reserve, 0.0)
+            deep, deep_why = deep_plan(train_s)
+            enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
+            need = min(enough, kept_members or enough)
+        measured = time.perf_counter() - t0
         if _trains_enough(deep, deeper, train_s, kept_epochs, need):
             why = why + [
                 f"{deeper} with light augmentation: it trains {deep.epochs} epochs with {deep.members} members "

@@ -83,7 +83,13 @@ def datasets_show(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:
 
 def _watch(zf: Zoofit, job_id: str, io: Io, out: Console) -> int:
     done = watch(zf.events(job_id), job_id, io.err, out)
-    return 0 if done.get("status") == FINAL_OK else 1
+    if done.get("status") != FINAL_OK:
+        return 1
+    # The done event carries the figures; the time-budget plan is in the job's report (as jobs show prints it).
+    plan = render.plan_table(zf.job(job_id).get("metrics") or {})
+    if plan is not None:
+        out.print(plan)
+    return 0
 
 
 def jobs_submit(zf: Zoofit, args: argparse.Namespace, io: Io) -> int:

@@ -18,6 +18,7 @@ from models.planner import (
     DEEPER_MIN_MEMBERS,
     DEEPER_MIN_MEMBERS_LIKE_IMAGENET,
     DEPTHS,
+    LONG_DEEPER_MEMBERS,
     MAX_MEMBERS,
     MIN_EPOCHS,
     PROBE_EPOCHS,
@@ -240,7 +241,12 @@ def test_time_for_several_deeper_members_buys_a_deeper_augmented_fine_tune(
     # #14's hand recipe's shape) trains its epochs with DEEPER_MIN_MEMBERS members, it is planned instead.
     planned, plan = _plan(monkeypatch, budget_s)
     assert (planned.freeze.mode, planned.freeze.stages, planned.augment.preset) == ("first_n", 3, "light")
-    assert planned.epochs == AUGMENTED_DEEP_EPOCHS and planned.ensemble.members >= DEEPER_MIN_MEMBERS
+    assert planned.ensemble.members >= DEEPER_MIN_MEMBERS
+    if budget_s == 200.0:  # members first, at 6 epochs each
+        assert planned.epochs == AUGMENTED_DEEP_EPOCHS
+    else:  # all members bought at 6 epochs: 12-epoch members, as many as fit
+        assert planned.epochs == TARGET_EPOCHS and planned.ensemble.members >= LONG_DEEPER_MEMBERS
+        assert any(line.startswith("12 epochs a member: at 6 the members were all bought") for line in plan.why)
     # the backbone trains at the head's lr, as the recipe's (a third of it: 0.9355 against 0.9675 on MNIST)
     assert planned.freeze.backbone_lr_mult == 1.0
     assert any(line.startswith("most with light augmentation:") for line in plan.why)
@@ -254,6 +260,46 @@ def test_on_data_like_imagenet_the_deeper_fine_tune_needs_more_members(monkeypat
     assert any(f"(it needs {DEEPER_MIN_MEMBERS_LIKE_IMAGENET})" in line for line in plan.why)
     planned, plan = _plan(monkeypatch, 3000.0, unlike_imagenet=False)
     assert planned.freeze.stages == 3 and planned.ensemble.members >= DEEPER_MIN_MEMBERS_LIKE_IMAGENET
+
+
+def test_at_200_a_class_the_deeper_step_reuses_the_rules_measurements_and_starts_at_96_px(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The rule's depth there is "most", measured from 64 px: when it is squeezed and the top stage is
+    # planned, the deeper step measures only the sizes not measured yet, and never plans 64 px.
+    import models.planner as planner
+
+    calls: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+    fake = _fake_measure({"tf_efficientnet_lite0": 1.0})
+
+    def measure(images, backbone, head_features, classes, sizes, depths, **kw):  # noqa: ANN001, ANN202
+        calls.append((tuple(sizes), tuple(depths)))
+        return fake(images, backbone, head_features, classes, sizes, depths, **kw)
+
+    monkeypatch.setattr(planner, "measure_throughput", measure)
+    monkeypatch.setattr(planner, "domain_probe", lambda *_a, **_kw: {"unlike_imagenet": True, "why": "probes"})
+    labels = np.arange(2500) % 10
+    for budget_s in (250.0, 400.0, 3000.0):
+        calls.clear()
+        planned, plan = planner.plan_job(np.zeros((2500, 64, 64, 3), np.uint8), labels,
+                                         TrainSpec.model_validate({"keep": []}), budget_s)
+        most = [(s, d) for sizes, depths in calls for s in sizes for d in depths if d == "most"]
+        assert len(most) == len(set(most)), calls  # no size of "most" measured twice
+        if planned.freeze.stages == 3:
+            assert planned.image_size >= planner.DEEPER_MIN_SIZE or not any(
+                line.startswith("most with light augmentation") for line in plan.why), plan.why
+
+
+def test_a_domain_probe_that_would_cost_too_much_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pass over the network must fit DOMAIN_SHARE of the budget: else no probe, and the data is taken
+    # for ImageNet-like (the deeper shape then needs the larger member count).
+    import models.planner as planner
+
+    monkeypatch.setattr(planner, "DOMAIN_SHARE", 1e-4)
+    planned, plan = _plan(monkeypatch, 200.0)
+    assert planned.freeze.stages == 7
+    assert any(line.startswith("no domain probe (10 images a class would take over") for line in plan.why)
+    assert any(f"(it needs {DEEPER_MIN_MEMBERS_LIKE_IMAGENET})" in line for line in plan.why)
 
 
 @pytest.mark.parametrize(("dataset", "unlike"), [("mnist", True), ("animals", False)])

@@ -52,8 +52,9 @@ def frame(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
 
 
 def fake_events_app(streams: dict[str, list[tuple[str, dict[str, Any]]]], key: str, seen: list[dict[str, Any]],
-                    drop_after: dict[str, int] | None = None):
-    """A Starlette app serving ``streams[job_id]`` at ``/v1/jobs/{job_id}/events``.
+                    drop_after: dict[str, int] | None = None, jobs: dict[str, dict[str, Any]] | None = None):
+    """A Starlette app serving ``streams[job_id]`` at ``/v1/jobs/{job_id}/events``, and ``jobs[job_id]``
+    at ``/v1/jobs/{job_id}``.
 
     ``seen`` records each connection's ``Last-Event-ID``. A job in ``drop_after`` has its first
     connection cut (mid-response, no clean end) after that many events.
@@ -89,4 +90,12 @@ def fake_events_app(streams: dict[str, list[tuple[str, dict[str, Any]]]], key: s
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/jobs/{job_id}/events", events)])
+    async def job(request: Request):
+        if request.headers.get("authorization") != f"Bearer {key}":
+            return problem(401, "Unauthorized", "missing or invalid API key")
+        job_id = request.path_params["job_id"]
+        if job_id not in (jobs or {}):
+            return problem(404, "Not Found", f"job {job_id} not found")
+        return JSONResponse((jobs or {})[job_id])
+
+    return Starlette(routes=[Route("/v1/jobs/{job_id}/events", events), Route("/v1/jobs/{job_id}", job)])

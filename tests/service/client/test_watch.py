@@ -20,7 +20,10 @@ KEY = "zf_test_key"
 @pytest.fixture(scope="module")
 def stream_server():
     seen: list[dict] = []
-    app = fake_events_app({"ok": SUCCEEDED, "bad": FAILED}, KEY, seen, drop_after={"ok": DROP_AFTER})
+    plan = {"budget_s": 75.0, "default_budget": True, "device": "cpu", "kept": [], "why": ["the rule's depth"],
+            "planned": {"image_size": 96}, "throughputs": [], "measure_seconds": 11.0, "estimate_seconds": 70.0}
+    jobs = {"ok": {"id": "ok", "status": "succeeded", "metrics": {"val_acc": 0.875, "plan": plan}}}
+    app = fake_events_app({"ok": SUCCEEDED, "bad": FAILED}, KEY, seen, drop_after={"ok": DROP_AFTER}, jobs=jobs)
     with serve(app) as url:
         yield url, seen
 
@@ -68,6 +71,10 @@ def test_jobs_watch_exits_non_zero_on_a_failed_job(stream_server, monkeypatch, c
     with pytest.raises(SystemExit) as exit_:
         cli.main(["jobs", "watch", "ok", "--url", url])
     assert exit_.value.code == 0
+    # a job that succeeded ends with its time-budget plan, as jobs show prints it
+    out = capsys.readouterr().out
+    assert "plan for the time budget of 75" in out and "the default budget for this device" in out
+    assert "the rule's depth" in out and out.index("job ok: succeeded") < out.index("plan for the time budget")
 
 
 def test_a_refused_stream_is_an_error_not_a_retry(stream_server, monkeypatch, capsys, tmp_path):
