@@ -45,6 +45,7 @@ from models.data import ImageArray
 from models.evaluation import expected_calibration_error, scale_probs
 from models.planner import fit_budgeted
 from models.results import TrainResult
+from models.runtime import inference_batch
 from models.spec import TrainSpec
 from models.training import TrainHooks, train
 from models.transforms import normalize_batch
@@ -147,8 +148,9 @@ def score_zoofit(result: TrainResult, test: Callable[[int], ImageArray]) -> tupl
     model = result.build_ensemble()
     probs = []
     with torch.inference_mode():
-        for s in range(0, len(data.labels), 128):
-            probs.append(model(normalize_batch(data.images[s : s + 128], result.preprocess)).numpy())
+        batch = inference_batch(torch.device("cpu"), result.preprocess.image_size)
+        for s in range(0, len(data.labels), batch):
+            probs.append(model(normalize_batch(data.images[s : s + batch], result.preprocess)).numpy())
     p = scale_probs(np.concatenate(probs), result.temperature)
     return float((p.argmax(1) == data.labels).mean()), float(expected_calibration_error(p, data.labels))
 

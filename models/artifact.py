@@ -29,7 +29,7 @@ from .heads import HeadConfig, create_classifier
 from .images import to_array
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, ArtifactError, manifest_for, read_manifest
 from .results import TrainResult
-from .runtime import PREDICT_RUNTIMES, resolve_device
+from .runtime import PREDICT_RUNTIMES, inference_batch, resolve_device
 from .spec import TrainSpec, check_name
 from .transforms import normalize_batch, to_nchw_uint8
 from .zoo import Preprocess
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from .onnx_runtime import OnnxEnsemble
 
 WEIGHTS_FILE = "model.safetensors"
-PREDICT_BATCH = 64
 # Test-time augmentation: the views whose ensemble probabilities are averaged.
 #   none: the image as in training (shorter side resized to S, center crop S x S);
 #   hflip: that plus its mirror image;
@@ -242,16 +241,17 @@ class Predictor:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         out = []
         with torch.inference_mode():
-            for start in range(0, n, PREDICT_BATCH):
+            batch = inference_batch(self.device, self.preprocess.image_size)
+            for start in range(0, n, batch):
                 if self.backend is not None:
                     # Every view of the chunk in one run of the graph, then averaged here as below.
-                    chunk = torch.cat([v[start : start + PREDICT_BATCH] for v in views]).permute(0, 3, 1, 2)
+                    chunk = torch.cat([v[start : start + batch] for v in views]).permute(0, 3, 1, 2)
                     raw = torch.from_numpy(self.backend.ensemble_probs(chunk.numpy()))
                     out.append(scale_probs_torch(raw.view(len(views), -1, raw.shape[-1]).mean(dim=0),
                                                  self.temperature))
                     continue
                 probs = torch.stack([
-                    self.model(normalize_batch(v[start : start + PREDICT_BATCH], self.preprocess, self.device)).float()
+                    self.model(normalize_batch(v[start : start + batch], self.preprocess, self.device)).float()
                     for v in views
                 ]).mean(dim=0)
                 out.append(scale_probs_torch(probs, self.temperature).cpu())

@@ -401,7 +401,7 @@ def measure_throughput(
     from .freezing import apply_freeze, parameter_groups
     from .heads import HeadConfig, create_classifier
     from .prefix import model_steps
-    from .runtime import resolve_device
+    from .runtime import inference_batch, resolve_device
 
     dev = resolve_device(device)
     t_start = time.perf_counter()
@@ -430,7 +430,7 @@ def measure_throughput(
         for depth in depths:
             fs = freeze_of(depth, n_groups)
             apply_freeze(model, mode=fs["mode"], stages=fs.get("stages", 0), train_bn=False)
-            prefix_s, train_s, eval_s, cached = time_depth(model, steps, x, y, timed)
+            prefix_s, train_s, eval_s, cached = time_depth(model, steps, x, y, timed, inference_batch(dev, size))
             n = len(x)
             table.append(
                 Throughput(
@@ -448,9 +448,13 @@ def measure_throughput(
 
 
 def time_depth(
-    model: Any, steps: Any, x: Any, y: Any, timed: Callable[[Callable[[], Any]], float]
+    model: Any, steps: Any, x: Any, y: Any, timed: Callable[[Callable[[], Any]], float], chunk: int | None = None
 ) -> tuple[float, float, float, bool]:
-    """Seconds a batch takes: frozen prefix (inference), training step and evaluation of the rest."""
+    """Seconds a batch takes: frozen prefix (inference), training step and evaluation of the rest.
+
+    Inference is timed as training runs it: in chunks of ``chunk`` images (``models.runtime.inference_batch``;
+    default: the whole batch at once).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -458,11 +462,18 @@ def time_depth(
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     k = frozen_prefix(steps) if steps is not None else 0
+    n = chunk or len(x)
+
+    def infer(inputs: Any, start: int, end: int | None = None) -> list[Any]:
+        if steps is None:
+            return [model(inputs[s : s + n]) for s in range(0, len(inputs), n)]
+        return [forward_steps(steps, inputs[s : s + n], start, end) for s in range(0, len(inputs), n)]
+
     model.eval()
     with torch.no_grad():
-        h = forward_steps(steps, x, 0, k) if steps is not None else x
-        prefix_s = timed(lambda: forward_steps(steps, x, 0, k)) if k > 0 else 0.0
-        eval_s = timed(lambda: forward_steps(steps, h, k) if steps is not None else model(x))
+        h = torch.cat(infer(x, 0, k)) if steps is not None else x
+        prefix_s = timed(lambda: infer(x, 0, k)) if k > 0 else 0.0
+        eval_s = timed(lambda: infer(h, k))
 
     def train_step() -> None:
         model.train()
@@ -518,7 +529,7 @@ def compare_heads(
     import torch
 
     from .heads import HeadConfig, create_classifier
-    from .runtime import resolve_device
+    from .runtime import inference_batch, resolve_device
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -530,8 +541,9 @@ def compare_heads(
     std = torch.tensor(mean_std[1], device=dev).view(1, 3, 1, 1)
     feats = []
     with torch.inference_mode():
-        for start in range(0, len(images), 128):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + 128])).to(dev)
+        batch = inference_batch(dev, images.shape[1])
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch])).to(dev)
             x = ((x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
             feats.append(model.multi_stage_features(x).float().cpu())
     f = torch.cat(feats)

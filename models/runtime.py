@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 # What runs a served model's forward passes (``models.artifact.load_predictor``).
 PREDICT_RUNTIMES = ("torch", "onnxruntime")
+# Images in one inference pass (the feature cache, validation, predict, the planner's probes). On a CPU
+# small batches keep the early layers' activations in the caches: Lite0 runs 2-5x faster per image in
+# batches of about this many pixels (16 images at 96 px, 3 at 224 px) than in batches of 128
+# (benchmarks/inference_batch.py, BENCHMARKS.md). A GPU wants large batches.
+CPU_INFERENCE_PIXELS = 16 * 96 * 96
+GPU_INFERENCE_BATCH = 128
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -25,6 +31,13 @@ def resolve_device(device: str | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def inference_batch(device: torch.device, size: int) -> int:
+    """How many images of ``size`` x ``size`` pixels one inference pass on ``device`` takes at once."""
+    if device.type != "cpu":
+        return GPU_INFERENCE_BATCH
+    return max(1, min(GPU_INFERENCE_BATCH, round(CPU_INFERENCE_PIXELS / (size * size))))
 
 
 def has_cuda() -> bool:

@@ -47,12 +47,11 @@ from .prefix import (
     set_prefix_eval,
 )
 from .results import RunOutcome, TrainedMember, TrainResult, finish_ensemble
-from .runtime import available_cpus, resolve_device, torch_threads
+from .runtime import available_cpus, inference_batch, resolve_device, torch_threads
 from .spec import LR_AUTO, EpochRecord, FreezeSpec, TrainSpec
 from .transforms import augment_batch, normalize_batch, normalize_transform
 from .zoo import Preprocess, preprocess_for
 
-EVAL_BATCH = 128
 # optimizer.lr 'auto': the lr members are built with until the finder has run (never trained with).
 LR_PLACEHOLDER = 0.01
 # A member is started under a deadline only if the last one's time, times this, is left (a busier machine).
@@ -319,8 +318,9 @@ class _Run:
         model.eval()
         probs, loss_sum = [], 0.0
         with torch.inference_mode():
-            for start in range(0, len(self.val_idx), EVAL_BATCH):
-                rows = np.arange(start, min(start + EVAL_BATCH, len(self.val_idx)))
+            batch = inference_batch(self.device, pre.image_size)
+            for start in range(0, len(self.val_idx), batch):
+                rows = np.arange(start, min(start + batch, len(self.val_idx)))
                 with self.autocast():
                     if cache is not None and steps is not None:
                         out = forward_steps(steps, cache.val_batch(rows), cached)
@@ -395,7 +395,7 @@ class _Run:
                 ),
                 device=self.device,
                 bounds=self.cache_bounds,
-                batch=EVAL_BATCH,
+                batch=inference_batch(self.device, pre.image_size),
                 autocast=self.autocast if self.cuda else None,
                 should_stop=self.check_stop,
             )
