@@ -241,7 +241,7 @@ class Predictor:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         out = []
         with torch.inference_mode():
-            batch = inference_batch(self.device, self.preprocess.image_size)
+            batch = inference_batch(self.device, self.preprocess.image_size, self.runtime)
             for start in range(0, n, batch):
                 if self.backend is not None:
                     # Every view of the chunk in one run of the graph, then averaged here as below.

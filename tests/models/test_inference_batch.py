@@ -15,7 +15,7 @@ import models.runtime
 import models.training
 from models.artifact import load_predictor, save_artifact
 from models.data import ImageArray
-from models.runtime import GPU_INFERENCE_BATCH, inference_batch
+from models.runtime import GPU_INFERENCE_BATCH, ONNX_INFERENCE_BATCH, inference_batch
 from models.spec import TrainSpec
 from models.training import train
 
@@ -29,6 +29,7 @@ def test_a_cpu_takes_fewer_images_the_larger_they_are() -> None:
     assert inference_batch(cpu, 32) == GPU_INFERENCE_BATCH  # never more than a GPU's
     assert inference_batch(cpu, 4000) == 1
     assert inference_batch(torch.device("cuda"), 224) == GPU_INFERENCE_BATCH
+    assert inference_batch(cpu, 224, "onnxruntime") == ONNX_INFERENCE_BATCH  # it plans its own memory
 
 
 @pytest.fixture
