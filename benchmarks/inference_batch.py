@@ -5,8 +5,11 @@ chunks of ``models.runtime.inference_batch`` images: on a CPU small batches keep
 large activations in the caches. This prints, for the shapes the planner plans, the frozen prefix
 (what the feature cache computes) and the whole network (validation without a cache, predict), at
 each batch size, and the ratio to 128 (the chunk every pass used before), measured in the same run.
+``--jobs`` then trains whole recipes (issue #14's hand recipe, and the top stage at 224 px) on the
+quality benchmark's MNIST split twice, in chunks of 128 (the baseline) and in zoofit's, and scores
+both on the held-out images.
 
-    ZOOFIT_TORCH_THREADS=2 python -m benchmarks.inference_batch
+    ZOOFIT_TORCH_THREADS=2 python -m benchmarks.inference_batch [--jobs]
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Any
 
 import torch
 
+import models.runtime
 from models.freezing import apply_freeze
 from models.heads import HeadConfig, create_classifier
 from models.prefix import forward_steps, frozen_prefix, model_steps
-from models.runtime import inference_batch
+from models.runtime import GPU_INFERENCE_BATCH, inference_batch
 
 # (frozen groups, image size): the deeper fine-tune and the top stage at the sizes the planner plans
 SHAPES = ((3, 96), (3, 160), (3, 224), (7, 96), (7, 160), (7, 224))
@@ -42,11 +46,48 @@ def rate(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch: int, reps: i
     return len(x) / best
 
 
+# whole jobs: issue #14's recipe, and the top stage at the size where chunks matter most
+JOBS = {
+    "issue #14's recipe (96 px, most, aug, 2 m)": {},
+    "top stage 224 px, 3 m": {"image_size": 224, "freeze": {"mode": "first_n", "stages": 7},
+                              "augment": {"preset": "none"}, "ensemble": {"members": 3}},
+}
+
+
+def jobs() -> None:
+    """Seconds and held-out accuracy of whole jobs in chunks of 128 and in zoofit's, one after the other."""
+    from benchmarks.quality import ISSUE, decoder, load, score_zoofit, split
+    from models.spec import TrainSpec
+    from models.training import train
+
+    images, labels = load("mnist")
+    parts = split(labels, 50)
+    assert parts is not None
+    tr, te = parts
+    decode, test = decoder(images[tr], labels[tr]), decoder(images[te], labels[te])
+    ours = models.runtime.CPU_INFERENCE_PIXELS
+    print("job | chunk 128: s, acc | zoofit's: s, acc | speed-up")
+    for name, fields in JOBS.items():
+        spec = TrainSpec.model_validate({**ISSUE, **fields})
+        data = decode(spec.image_size or 96)
+        out = []
+        for pixels in (GPU_INFERENCE_BATCH * 4096 * 4096, ours):  # the first: 128 images whatever their size
+            models.runtime.CPU_INFERENCE_PIXELS = pixels
+            t = time.perf_counter()
+            result = train(data, spec)
+            seconds = time.perf_counter() - t
+            out.append((seconds, score_zoofit(result, test)[0]))
+        models.runtime.CPU_INFERENCE_PIXELS = ours
+        (s0, a0), (s1, a1) = out
+        print(f"{name} | {s0:.1f}, {a0:.4f} | {s1:.1f}, {a1:.4f} | {s0 / s1:.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--jobs", action="store_true", help="also time whole jobs both ways (about 4 minutes)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("ZOOFIT_TORCH_THREADS", "2")))
     device = torch.device(args.device)
@@ -70,6 +111,8 @@ def main() -> None:
                 print(f"{frozen:6d} {size:5d}  {what:7s} | " + "  ".join(f"{r:10.1f}" for r in rates)
                       + " | " + " ".join(f"{r / base:4.2f}" for r in rates)
                       + f" | b{chunk}: {ours:.1f}, {ours / base:.2f}")
+    if args.jobs:
+        jobs()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@
    busier after measuring). When even the smallest size does not fit, fewer epochs, then a deeper
    freeze, then a linear probe.
    When the top stage trains its epochs, one step deeper with light augmentation is measured and
-   planned instead if it trains its epochs with ``DEEPER_MIN_MEMBERS`` members; a plan with most of
-   the time still unused then moves up the bundled ``BACKBONE_LADDER``;
+   planned instead (``_deeper_step``) if it trains its epochs with enough members: ``DEEPER_MIN_MEMBERS``
+   on data a domain probe finds unlike ImageNet (``domain_probe``), ``DEEPER_MIN_MEMBERS_LIKE_IMAGENET``
+   otherwise; a plan with most of the time still unused then moves up the bundled ``BACKBONE_LADDER``
+   (``_larger_backbone``);
 3. for a linear probe, **compares heads** on validation: a linear probe on the last stage's
    pooled features against one on several stages' features joined (``head_features``), both
    from one pass over the frozen pretrained network, and keeps the better;
@@ -60,7 +62,9 @@ PROBE_EPOCHS = 30
 MAX_MEMBERS = 5
 FIRST_MEMBER_SHARE = 0.5  # the first member may take this share of the training time at most
 AUGMENT_FROM = 150  # training images per class from which light augmentation pays (cached views)
-MEASURE_BATCH = 16
+# Images a measured training step takes: the job's batch size, up to this (on a CPU a step of 32 images at
+# 224 px runs 27% slower per image than one of 16, at 96 px 12% faster: the job's own size is what counts).
+MAX_MEASURE_BATCH = 64
 MEASURE_REPS = 2  # timed runs of each step after a warm-up; the fastest counts (see best_of)
 MEASURE_SHARE = 0.15  # measurement stops adding sizes once it has used this share of the budget
 SETUP_S = 1.0  # building a member (weights, cache allocation) before its first batch
@@ -389,8 +393,12 @@ def measure_throughput(
     device: str | None = None,
     time_cap_s: float | None = None,
     log: Callable[[str], None] | None = None,
+    batch_size: int = 32,
 ) -> list[Throughput]:
     """Time a batch of ``images`` (uint8 ``[N, S, S, 3]``, resized) at each size and depth.
+
+    The training step is timed on ``batch_size`` images (the job's, at most ``MAX_MEASURE_BATCH``);
+    inference in the chunks training runs it in (``models.runtime.inference_batch``).
 
     Sizes are measured in increasing order and measurement stops once ``time_cap_s`` is spent
     (larger sizes would not fit the budget anyway). Random weights: speed does not depend on them.
@@ -411,8 +419,8 @@ def measure_throughput(
     model = model.to(memory_format=torch.channels_last)
     steps = model_steps(model)
     n_groups = len(parameter_groups(model))
-    batch = torch.from_numpy(np.ascontiguousarray(images[:MEASURE_BATCH])).permute(0, 3, 1, 2).float().to(dev)
-    batch = batch / 127.5 - 1.0
+    sample = np.ascontiguousarray(images[: min(batch_size, MAX_MEASURE_BATCH)])
+    batch = torch.from_numpy(sample).permute(0, 3, 1, 2).float().to(dev) / 127.5 - 1.0
     y = torch.arange(len(batch), device=dev) % num_classes
     table: list[Throughput] = []
 
@@ -713,6 +721,163 @@ def _trains_enough(c: Choice, depth: str, train_s: float, kept_epochs: int | Non
             and c.epochs >= (kept_epochs or target_epochs(c.depth, c.augment)) and c.members >= min_members)
 
 
+@dataclass
+class _Job:
+    """What one ``plan_job`` call plans for: the data, the fields the user kept, the clock."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    spec: TrainSpec
+    keep: list[str]
+    split: tuple[np.ndarray, np.ndarray]
+    budget_s: float
+    started: float
+    device: str | None
+    say: Callable[[str], None]
+    max_pixel_epochs: int | None
+    kept_depth: str | None
+    kept_epochs: int | None
+    kept_members: int | None
+    head_features: str
+
+    @property
+    def reserve(self) -> float:
+        return max(RESERVE_MIN_S, RESERVE_SHARE * self.budget_s)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def train_s(self) -> float:
+        """Seconds left for training: the budget less what planning took and the reserve."""
+        return max(self.budget_s - self.elapsed() - self.reserve, 0.0)
+
+    def measure_left(self) -> float:
+        """What is left of the measuring share of the budget."""
+        return max(MEASURE_SHARE * self.budget_s - self.elapsed(), 0.0)
+
+    def measure(self, backbone: str, sizes: list[int], depths: list[str], cap_s: float) -> list[Throughput]:
+        return measure_throughput(
+            self.images, backbone, self.head_features, int(self.labels.max()) + 1, sizes, depths,
+            device=self.device, time_cap_s=cap_s, log=self.say, batch_size=self.spec.batch_size,
+        )
+
+    def plan_for(
+        self, rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None,
+        aug: bool | None = None, only: list[int] | None = None, epochs: int | None = None,
+    ) -> tuple[Choice, list[str]]:
+        """``plan_recipe`` with what the user kept."""
+        spec = self.spec
+        return plan_recipe(
+            rows, work, seconds,
+            sizes=only,
+            depth=depth or self.kept_depth,
+            augment=aug,
+            epochs=epochs or self.kept_epochs,
+            members=self.kept_members,
+            max_pixel_epochs=self.max_pixel_epochs,
+            images=len(self.labels),
+            # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
+            cache_shared=spec.weights != "none" and not spec.ensemble.backbones
+            and not (_kept(self.keep, "augment") and spec.augment.enabled),
+        )
+
+
+def _deeper_step(
+    job: _Job, table: list[Throughput], w: Workload, choice: Choice, why: list[str], sizes: list[int]
+) -> tuple[Choice, list[str], dict[str, Any] | None]:
+    """One step deeper than the top stage, with light augmentation, where it wins (issue #14's recipe's shape).
+
+    When the top stage trains its epochs, the deeper depth is measured from ``DEEPER_MIN_SIZE`` up
+    (within what is left of the measuring share; ``table`` gains its rows) and planned; if it trains
+    its epochs with ``DEEPER_MIN_MEMBERS`` members, the domain probe says how many it needs (2 on data
+    unlike ImageNet, ``DEEPER_MIN_MEMBERS_LIKE_IMAGENET`` otherwise). Returns the choice, its why
+    lines and the probe's verdict (None when it did not run).
+    """
+    deeper = _deeper_than(choice.depth)
+    deep_sizes = [s for s in sizes if s >= DEEPER_MIN_SIZE]
+    kept_epochs, kept_members = job.kept_epochs, job.kept_members
+    if (deeper is None or not deep_sizes or job.kept_depth is not None or _kept(job.keep, "augment")
+            or choice.epochs < (kept_epochs or target_epochs(choice.depth, choice.augment))):
+        return choice, why, None
+    # (the rule's own depth may have been measured already: at 150-499 a class it is this one)
+    unmeasured = [s for s in deep_sizes if not any((t.size, t.depth) == (s, deeper) for t in table)]
+    if unmeasured:
+        table += job.measure(job.spec.backbone, unmeasured, [deeper], job.measure_left())
+
+    def deep_plan(seconds: float) -> tuple[Choice, list[str]]:
+        # Members first (6 epochs each); once they are all bought, epochs again: 12-epoch members at a
+        # smaller size beat 6-epoch ones at the largest (600 s, docs/quality.md).
+        short = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes)
+        if kept_epochs is not None or short[0].members < (kept_members or MAX_MEMBERS):
+            return short
+        long = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, epochs=TARGET_EPOCHS)
+        if not _trains_enough(long[0], deeper, seconds, TARGET_EPOCHS,
+                              min(LONG_DEEPER_MEMBERS, kept_members or LONG_DEEPER_MEMBERS)):
+            return short
+        return long[0], long[1] + [f"{TARGET_EPOCHS} epochs a member: at {AUGMENTED_DEEP_EPOCHS} the members "
+                                   f"were all bought, and {long[0].members} of {TARGET_EPOCHS} epochs fit"]
+
+    train_s = job.train_s()
+    deep, deep_why = deep_plan(train_s)
+    need = min(DEEPER_MIN_MEMBERS, kept_members or DEEPER_MIN_MEMBERS)
+    domain: dict[str, Any] | None = None
+    if _trains_enough(deep, deeper, train_s, kept_epochs, need):
+        # Enough for data unlike ImageNet: is it? (the probes' time then comes off the plan's)
+        speed = next((t.prefix_img_s for t in table if t.depth == "linear_probe" and t.size == min(sizes)), 0.0)
+        domain = _judge_domain(job.images, job.labels, job.split, job.spec, probe_img_s=speed,
+                               budget_s=job.budget_s, device=job.device)
+        why = why + [domain["why"]]
+        train_s = job.train_s()
+        deep, deep_why = deep_plan(train_s)
+        enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
+        need = min(enough, kept_members or enough)
+    if not _trains_enough(deep, deeper, train_s, kept_epochs, need):
+        return choice, why + [f"{choice.depth} kept: {deeper} would train {deep.epochs} epochs at {deep.size} px, "
+                              f"{deep.members} member(s) in the time (it needs {need})"], domain
+    return deep, why + [
+        f"{deeper} with light augmentation: it trains {deep.epochs} epochs with {deep.members} members "
+        f"in the {train_s:.0f} s (with {need} members an augmented fine-tune of more of the network beats "
+        f"or ties the {choice.depth} stage's plan on such data: docs/quality.md)"
+    ] + deep_why[1:], domain
+
+
+@dataclass
+class _BackboneStep:
+    """What trying a larger backbone gave: its why lines, and the plan, data and sizes on it if it moved."""
+
+    why: list[str]
+    moved: tuple[Choice, Workload, list[int]] | None = None
+
+
+def _larger_backbone(
+    job: _Job, table: list[Throughput], w: Workload, choice: Choice, backbones: tuple[str, str], sizes: list[int]
+) -> _BackboneStep | None:
+    """The plan on the larger of ``backbones`` (current, bigger), when the current plan has everything more
+    time could buy on its own (else None)."""
+    current, bigger = backbones
+    train_s = job.train_s()
+    if not _saturated(choice, train_s, sizes, job.kept_epochs, job.kept_members):
+        return None
+    # Sizes from the one planned up to the largest the job was admitted at (its decoded bytes,
+    # models.budget.job_cost, count the first backbone's sizes): the bigger network is for time to spare.
+    big_sizes = [s for s in _sizes_for(bigger) if choice.size <= s <= max(sizes)]
+    if not big_sizes or job.measure_left() <= 0:
+        return None
+    rows = job.measure(bigger, big_sizes, [choice.depth], job.measure_left())
+    train_s = job.train_s()
+    big_w = Workload(n_train=w.n_train, n_val=w.n_val, classes=w.classes,
+                     native=BACKBONES[bigger].input_size, views=w.views)
+    big, big_why = job.plan_for(rows, big_w, train_s)
+    table += rows
+    if not _trains_enough(big, choice.depth, train_s, job.kept_epochs, min(2, job.kept_members or 2)):
+        return _BackboneStep([f"backbone kept: {bigger} would train {big.epochs} epochs, {big.members} member(s) "
+                              "in the time"])
+    return _BackboneStep([
+        f"backbone {bigger}: the {current} plan used only {choice.seconds:.0f} s of {train_s:.0f} s at its "
+        f"largest size, most epochs and members; a larger pretrained network is what the time can buy"
+    ] + big_why, (big, big_w, big_sizes))
+
+
 def plan_job(
     images: np.ndarray,
     labels: np.ndarray,
@@ -750,7 +915,6 @@ def plan_job(
     train_idx, val_idx = stratified_split(labels, spec.val_fraction, spec.seed)
     w = Workload(n_train=len(train_idx), n_val=len(val_idx), classes=classes,
                  native=BACKBONES[spec.backbone].input_size, views=spec.cache.views)
-    per_class = w.n_train / classes
     sizes = _candidate_sizes(spec, keep)
     n_groups = len(parameter_groups(
         create_classifier(spec.backbone, weights="none", num_classes=classes, head=HeadConfig())
@@ -760,117 +924,28 @@ def plan_job(
         f = spec.freeze
         partial = "most" if f.stages < n_groups - 2 else "top"
         kept_depth = {"linear_probe": "linear_probe", "none": "all"}.get(f.mode, partial)
-    rule, _ = depth_for(per_class)
-    depths = [kept_depth] if kept_depth else list(DEPTHS[: DEPTHS.index(rule) + 1])
-    head_features = spec.head_features if _kept(keep, "head_features") else "last"
-    reserve = max(RESERVE_MIN_S, RESERVE_SHARE * budget_s)
-    table = measure_throughput(
-        images, spec.backbone, head_features, classes, sizes, depths, device=device,
-        time_cap_s=MEASURE_SHARE * budget_s, log=say,
+    job = _Job(
+        images=images, labels=labels, spec=spec, keep=keep, split=(train_idx, val_idx), budget_s=budget_s,
+        started=t0, device=device, say=say, max_pixel_epochs=max_pixel_epochs, kept_depth=kept_depth,
+        kept_epochs=spec.epochs if _kept(keep, "epochs") else None,
+        kept_members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
+        head_features=spec.head_features if _kept(keep, "head_features") else "last",
     )
-    measured = time.perf_counter() - t0
-    train_s = max(budget_s - measured - reserve, 0.0)
-    kept_epochs = spec.epochs if _kept(keep, "epochs") else None
-    kept_members = spec.ensemble.members if _kept(keep, "ensemble.members") else None
-
-    def plan_for(
-        rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None, aug: bool | None = None,
-        only: list[int] | None = None, epochs: int | None = None,
-    ) -> tuple[Choice, list[str]]:
-        return plan_recipe(
-            rows, work, seconds,
-            sizes=only,
-            depth=depth or kept_depth,
-            augment=aug,
-            epochs=epochs or kept_epochs,
-            members=kept_members,
-            max_pixel_epochs=max_pixel_epochs,
-            images=len(labels),
-            # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
-            cache_shared=spec.weights != "none" and not spec.ensemble.backbones
-            and not (_kept(keep, "augment") and spec.augment.enabled),
-        )
-
-    choice, why = plan_for(table, w, train_s)
-    domain: dict[str, Any] | None = None
+    rule, _ = depth_for(w.n_train / classes)
+    depths = [kept_depth] if kept_depth else list(DEPTHS[: DEPTHS.index(rule) + 1])
+    table = job.measure(spec.backbone, sizes, depths, MEASURE_SHARE * budget_s)
+    choice, why = job.plan_for(table, w, job.train_s())
+    choice, why, domain = _deeper_step(job, table, w, choice, why, sizes)
     backbone = spec.backbone
-    deeper = _deeper_than(choice.depth)
-    deep_sizes = [s for s in sizes if s >= DEEPER_MIN_SIZE]
-    if (deeper is not None and deep_sizes and kept_depth is None and not _kept(keep, "augment")
-            and choice.epochs >= (kept_epochs or target_epochs(choice.depth, choice.augment))):
-        # The top stage trains its epochs: one step deeper with light augmentation (the shape of issue
-        # #14's hand recipe) wins once it too trains its epochs with a few members. Measured from
-        # DEEPER_MIN_SIZE up, within what is left of the measuring share (the smallest always).
-        # (the rule's own depth may have been measured already: at 150-499 a class it is this one)
-        unmeasured = [s for s in deep_sizes if not any((t.size, t.depth) == (s, deeper) for t in table)]
-        rows = measure_throughput(images, spec.backbone, head_features, classes, unmeasured, [deeper],
-                                  device=device, log=say,
-                                  time_cap_s=max(MEASURE_SHARE * budget_s - (time.perf_counter() - t0), 0.0)
-                                  ) if unmeasured else []
-        table += rows
-        train_s = max(budget_s - (time.perf_counter() - t0) - reserve, 0.0)
-
-        def deep_plan(seconds: float) -> tuple[Choice, list[str]]:
-            # Members first (6 epochs each); once they are all bought, epochs again: 12-epoch members at a
-            # smaller size beat 6-epoch ones at the largest (600 s, docs/quality.md).
-            short = plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes)
-            if kept_epochs is not None or short[0].members < (kept_members or MAX_MEMBERS):
-                return short
-            long = plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, epochs=TARGET_EPOCHS)
-            if not _trains_enough(long[0], deeper, seconds, TARGET_EPOCHS, min(LONG_DEEPER_MEMBERS, kept_members
-                                                                                or LONG_DEEPER_MEMBERS)):
-                return short
-            return long[0], long[1] + [f"{TARGET_EPOCHS} epochs a member: at {AUGMENTED_DEEP_EPOCHS} the members "
-                                       f"were all bought, and {long[0].members} of {TARGET_EPOCHS} epochs fit"]
-
-        deep, deep_why = deep_plan(train_s)
-        need = min(DEEPER_MIN_MEMBERS, kept_members or DEEPER_MIN_MEMBERS)
-        if _trains_enough(deep, deeper, train_s, kept_epochs, need):
-            # Enough for data unlike ImageNet: is it? (the probes' time then comes off the plan's)
-            speed = next((t.prefix_img_s for t in table if t.depth == "linear_probe" and t.size == min(sizes)), 0.0)
-            domain = _judge_domain(images, labels, (train_idx, val_idx), spec, probe_img_s=speed,
-                                   budget_s=budget_s, device=device)
-            why.append(domain["why"])
-            train_s = max(budget_s - (time.perf_counter() - t0) - reserve, 0.0)
-            deep, deep_why = deep_plan(train_s)
-            enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
-            need = min(enough, kept_members or enough)
-        measured = time.perf_counter() - t0
-        if _trains_enough(deep, deeper, train_s, kept_epochs, need):
-            why = why + [
-                f"{deeper} with light augmentation: it trains {deep.epochs} epochs with {deep.members} members "
-                f"in the {train_s:.0f} s (with {need} members an augmented fine-tune of more of the network beats "
-                f"or ties the {choice.depth} stage's plan on such data: docs/quality.md)"
-            ] + deep_why[1:]
-            choice = deep
-        else:
-            why.append(f"{choice.depth} kept: {deeper} would train {deep.epochs} epochs at {deep.size} px, "
-                       f"{deep.members} member(s) in the time (it needs {need})")
     for bigger in _ladder_above(spec, keep):
-        if not _saturated(choice, train_s, sizes, kept_epochs, kept_members):
+        step = _larger_backbone(job, table, w, choice, (backbone, bigger), sizes)
+        if step is None:
             break
-        # Sizes from the one planned up to the largest the job was admitted at (its decoded bytes,
-        # models.budget.job_cost, count the first backbone's sizes): the bigger network is for time to spare.
-        big_sizes = [s for s in _sizes_for(bigger) if choice.size <= s <= max(sizes)]
-        left_to_measure = MEASURE_SHARE * budget_s - (time.perf_counter() - t0)
-        if not big_sizes or left_to_measure <= 0:
+        why = why + step.why
+        if step.moved is None:
             break
-        rows = measure_throughput(images, bigger, head_features, classes, big_sizes, [choice.depth],
-                                  device=device, time_cap_s=left_to_measure, log=say)
-        measured = time.perf_counter() - t0
-        train_s = max(budget_s - measured - reserve, 0.0)
-        big_w = Workload(n_train=w.n_train, n_val=w.n_val, classes=classes,
-                         native=BACKBONES[bigger].input_size, views=w.views)
-        big, big_why = plan_for(rows, big_w, train_s)
-        table += rows
-        if not _trains_enough(big, choice.depth, train_s, kept_epochs, min(2, kept_members or 2)):
-            why.append(f"backbone kept: {bigger} would train {big.epochs} epochs, {big.members} member(s) in the time")
-            break
-        why = why + [
-            f"backbone {bigger}: the {backbone} plan used only {choice.seconds:.0f} s of {train_s:.0f} s at its "
-            f"largest size, most epochs and members; a larger pretrained network is what the time can buy"
-        ] + big_why
-        choice, w, backbone, sizes = big, big_w, bigger, big_sizes
+        (choice, w, sizes), backbone = step.moved, bigger
+    measured = time.perf_counter() - t0
     d = spec.model_dump(mode="json")
     planned: dict[str, Any] = {}
 

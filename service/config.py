@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     predict_max_top_k: int = Field(20, ge=1)
     model_cache_size: int = Field(4, ge=1, description="trained models kept loaded in memory")
     predict_batch_max: int = Field(
-        32, ge=1, description="images of concurrent requests run in one forward pass at most (1: no batching)"
+        32, ge=1, description="images of concurrent requests predicted together at most (1: no batching); the "
+        "model runs them in chunks sized for the device (models.runtime.inference_batch)"
     )
     predict_batch_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="how long a request waits for others to share its forward pass"

@@ -399,3 +399,22 @@ def test_a_squeezed_fine_tune_gives_way_to_a_shallower_one_that_trains_its_epoch
     # a depth the user kept is never swapped
     kept, _ = plan_recipe(table(), w, 60.0, depth="most")
     assert kept.depth == "most"
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_the_training_step_is_timed_at_the_jobs_batch_size(monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
+    # A CPU step of 32 images at 224 px runs 27% slower per image than one of 16: timed at another size,
+    # the plan promised members the run then had no time for (MNIST, 60 s: 1 of 2 trained).
+    import models.planner as planner
+
+    timed: list[int] = []
+    real = planner.time_depth
+
+    def recording(model, steps, x, y, timer, chunk=None):  # noqa: ANN001, ANN202
+        timed.append(int(x.shape[0]))
+        return real(model, steps, x, y, timer, chunk)
+
+    monkeypatch.setattr(planner, "time_depth", recording)
+    images = np.random.default_rng(0).integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    planner.measure_throughput(images, "test_efficientnet", "last", 3, [32], ["top"], batch_size=batch_size)
+    assert timed == [batch_size]
