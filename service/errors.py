@@ -7,7 +7,7 @@ from typing import Any
 
 class ServiceError(Exception):
     status = 400
-    retry_after: int | None = None  # seconds, sent as Retry-After (every 503 has one)
+    retry_after: int | None = None  # seconds, sent as Retry-After (every 429 and 503 has one)
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -19,7 +19,7 @@ class ServiceError(Exception):
         return self
 
     def headers(self) -> dict[str, str] | None:
-        """The answer's headers: ``Retry-After`` on a 503 (5 s unless the error says otherwise)."""
+        """The answer's headers: ``Retry-After`` on a 429 (the error's) and a 503 (5 s unless it says otherwise)."""
         retry = self.retry_after if self.retry_after is not None else (5 if self.status == 503 else None)
         return None if retry is None else {"Retry-After": str(retry)}
 
@@ -47,9 +47,13 @@ class Unprocessable(ServiceError):
 
 
 class TooManyRequests(ServiceError):
-    """A count limit that frees up: retry once some of the caller's work has finished."""
+    """A count limit that frees up: retry once some of the caller's work has finished (``retry_after`` s)."""
 
     status = 429
+
+    def __init__(self, message: str, *, retry_after: int, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
 
 
 class Unavailable(ServiceError):

@@ -35,6 +35,8 @@ log = logging.getLogger("zoofit.events")
 
 # Events read in one poll at most; a poll that gets this many polls again at once.
 POLL_LIMIT = 500
+# Retry-After of a 429 over the tenant's open streams: a stream closes when its job ends or its client leaves.
+STREAM_RETRY_AFTER_S = 10
 # While the database is away a poller waits twice as long after each failed poll, up to this.
 MAX_BACKOFF_S = 10.0
 # ... and the process says so in its log at most once in this many seconds (not once per job per poll).
@@ -136,7 +138,7 @@ class EventHub:
         if self._tenants[tenant] >= s.events_max_streams_per_tenant:
             raise TooManyRequests(
                 f"tenant {tenant!r} has {s.events_max_streams_per_tenant} event streams open already "
-                "(ZOOFIT_EVENTS_MAX_STREAMS_PER_TENANT); close one first")
+                "(ZOOFIT_EVENTS_MAX_STREAMS_PER_TENANT); close one first", retry_after=STREAM_RETRY_AFTER_S)
         sub = Subscription(job_id, tenant, after, s.events_queue_max)
         self._tenants[tenant] += 1
         feed = self._feeds.get(job_id)

@@ -16,6 +16,10 @@ from service.config import Settings
 from service.db import DatasetRow, JobRow, JobStatus
 from service.errors import TooManyRequests, Unprocessable
 
+# Retry-After of a 429 over the queued-jobs limit: a queued job starts when one of the tenant's running
+# ones ends, and a CPU job runs a minute or more (the default budget is 75 s).
+QUEUE_RETRY_AFTER_S = 30
+
 
 def check_class_count(settings: Settings, classes: int, what: str) -> None:
     """Refuse ``what`` (a dataset, an upload) with more than ``max_classes`` classes: 422."""
@@ -73,5 +77,5 @@ def check_queue_room(session: Session, settings: Settings, tenant: str) -> None:
         raise TooManyRequests(
             f"tenant {tenant!r} already has {queued} queued jobs, the limit (ZOOFIT_TENANT_MAX_QUEUED_JOBS={cap}); "
             "submit again once some have started or finished, or cancel some",
-            limit="ZOOFIT_TENANT_MAX_QUEUED_JOBS", value=cap, actual=queued,
+            limit="ZOOFIT_TENANT_MAX_QUEUED_JOBS", value=cap, actual=queued, retry_after=QUEUE_RETRY_AFTER_S,
         )

@@ -15,7 +15,7 @@ from sqlalchemy import event
 from service.config import Settings
 from service.db import JobRow, get_engine, new_id, session_scope
 from service.errors import TooManyRequests, Unavailable
-from service.event_hub import EventHub, Subscription
+from service.event_hub import STREAM_RETRY_AFTER_S, EventHub, Subscription
 from service.events import append_event, append_status, read_events
 from tests.conftest import api_client
 from tests.utils.events import stream_events
@@ -322,7 +322,9 @@ def test_live_events_reach_a_client_and_disconnect_cleans_up(make_settings):
             live = next(events)
             assert live.event == "stage" and int(live.id) > 0
             assert hub.watched() == [job_id] and hub.streams == 1
-            assert http.get(f"/v1/jobs/{job_id}/events").status_code == 429  # one stream per tenant here
+            refused = http.get(f"/v1/jobs/{job_id}/events")
+            assert refused.status_code == 429  # one stream per tenant here
+            assert refused.headers["Retry-After"] == str(STREAM_RETRY_AFTER_S)
         # The client went away mid-stream: the server notices and lets go of the stream and its poller.
         deadline = time.monotonic() + 10
         while (hub.streams or hub.watched()) and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from service.db import JobRow, JobStatus, session_scope, utcnow
+from service.quotas import QUEUE_RETRY_AFTER_S
 from tests.conftest import api_client, issue_key
 from tests.utils.data import TINY_JOB, animals_zip
 from workers.reconcile import reconcile
@@ -55,6 +56,7 @@ def test_queued_jobs_over_the_tenant_limit_are_429_naming_the_limit(make_setting
         detail = r.json()["detail"]
         assert "3 queued jobs" in detail and "ZOOFIT_TENANT_MAX_QUEUED_JOBS=3" in detail, detail
         assert r.json()["limit"] == "ZOOFIT_TENANT_MAX_QUEUED_JOBS" and r.json()["value"] == 3
+        assert r.headers["Retry-After"] == str(QUEUE_RETRY_AFTER_S)  # when a client might try again
         assert alice.get("/v1/jobs").json()["count"] == 3  # nothing recorded for the refused one
         # the limit is per tenant: bob is not affected
         _submit(bob, _dataset(bob))
