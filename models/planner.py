@@ -8,10 +8,11 @@
 2. **plans** (``plan_recipe``, pure: unit-tested on synthetic tables) by the lecture's rule, in
    training images per class: little data trains less of the network (a linear probe on the
    pretrained features), more data fine-tunes more (the top stage, then most of it, then all).
-   Then the largest image size whose one member fits ``FIRST_MEMBER_SHARE`` of the budget at its
-   target epochs (``target_epochs``: 6 for an augmented fine-tune of "most", else 12); what is left buys
-   more members (an averaged ensemble), up to ``MAX_MEMBERS``, and only once one member trains its
-   full epochs. It plans for ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets
+   Then the largest image size at which the time buys all ``MAX_MEMBERS`` members at their target
+   epochs (``target_epochs``: 6 for an augmented fine-tune of "most", else 12): members before size;
+   failing that, the largest whose one member fits ``FIRST_MEMBER_SHARE`` of the budget, and what is
+   left buys more members (an averaged ensemble), only once one member trains its full epochs.
+   It plans for ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets
    busier after measuring). When even the smallest size does not fit, fewer epochs, then a deeper
    freeze, then a linear probe.
    When the top stage trains its epochs, one step deeper with light augmentation is measured and
@@ -188,6 +189,25 @@ class Choice:
     seconds: float
 
 
+def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
+    """``(cache seconds, seconds)`` of a member after the first one of plan ``c`` (one member planned).
+
+    A later member builds its own cache only when its features differ (augmented views, random weights).
+    """
+    cache_s = 0.0 if cache_shared and not c.augment else c.cache_s
+    return cache_s, SETUP_S + cache_s + c.epochs * c.epoch_s
+
+
+def _members_in(c: Choice, seconds: float, cache_shared: bool) -> int:
+    """Members of plan ``c`` (one member planned) that ``seconds`` buy at the measured speed, up to ``MAX_MEMBERS``.
+
+    Training starts a member only when the last one's pace says it ends before the deadline
+    (``models.training``), so a slower machine trains fewer, none cut short.
+    """
+    extra = int(max(seconds - c.seconds, 0.0) // _later_member(c, cache_shared)[1])
+    return max(1, min(MAX_MEMBERS, 1 + extra))
+
+
 def plan_recipe(
     table: list[Throughput],
     w: Workload,
@@ -236,6 +256,7 @@ def plan_recipe(
     by_key = {(t.size, t.depth): t for t in table}
     allowed = sorted({t.size for t in table} if sizes is None else set(sizes))
     choice: Choice | None = None
+    all_members = False
     squeezed: Choice | None = None  # the rule's depth at fewer epochs than its target
     for d in ladder:
         probe = d == "linear_probe"
@@ -266,7 +287,13 @@ def plan_recipe(
             # members); then the largest that trains them at all; failing that, the most epochs.
             share = [c for c in fits if c.epochs == (epochs or target) and c.seconds <= train_s * FIRST_MEMBER_SHARE]
             full = share or [c for c in fits if c.epochs == (epochs or target)]
-            best = max(full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
+            # Members before size: of those, the largest size at which the time buys every member (at
+            # 180-600 s, 96-192 px with 4-5 members beat 192-224 px with 2-4: docs/quality.md), down to
+            # DEEPER_MIN_SIZE (animals at 200 a class: 5 members at 64 px 0.9785, 3 at 96 px 0.9865).
+            every = [c for c in full if c.size >= DEEPER_MIN_SIZE
+                     and _members_in(c, full_s, cache_shared) >= (members or MAX_MEMBERS)]
+            best = max(every or full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
+            all_members = bool(every) and (members or MAX_MEMBERS) > 1
             shallower = ladder[ladder.index(d) + 1] if ladder.index(d) + 1 < len(ladder) else None
             if not full and shallower not in (None, "linear_probe") and depth is None:
                 # A fine-tune squeezed below its epochs loses to a shallower one that trains them
@@ -300,6 +327,13 @@ def plan_recipe(
             f"nothing fits {train_s:.0f} s at {MIN_EPOCHS} epochs: the cheapest recipe ({choice.size} px, "
             f"{choice.depth}), the deadline stops it in time"
         )
+    elif all_members and choice.size < max(c.size for c in fits):
+        why.append(
+            f"{choice.size} px: the largest measured size at which the {full_s:.0f} s for training buy all "
+            f"{members or MAX_MEMBERS} members of {choice.epochs} epochs at 100% of the measured speed (members "
+            f"before size: larger images with fewer members did worse; cache {choice.cache_s:.1f} s, "
+            f"{choice.epoch_s:.2f} s an epoch)"
+        )
     else:
         why.append(
             f"{choice.size} px: the largest measured size at which one member trains {choice.epochs} epochs "
@@ -307,9 +341,7 @@ def plan_recipe(
             f"{full_s:.0f} s for training: a shared machine slows down; cache {choice.cache_s:.1f} s, "
             f"{choice.epoch_s:.2f} s an epoch)"
         )
-    # A later member builds its own cache only when its features differ (augmented views, random weights).
-    later_cache_s = 0.0 if cache_shared and not choice.augment else choice.cache_s
-    per_member = SETUP_S + later_cache_s + choice.epochs * choice.epoch_s
+    later_cache_s, per_member = _later_member(choice, cache_shared)
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
@@ -317,11 +349,7 @@ def plan_recipe(
         choice.members = 1
         why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
     else:
-        # Members at the measured speed: training starts a member only when the last one's pace says it
-        # ends before the deadline (models.training), so a slower machine trains fewer, none cut short.
-        left = full_s - choice.seconds
-        extra = int(max(left, 0.0) // per_member)
-        choice.members = max(1, min(MAX_MEMBERS, 1 + extra))
+        choice.members = _members_in(choice, full_s, cache_shared)  # at the measured speed
         why.append(
             f"{choice.members} member(s): each takes about {per_member:.1f} s, and an averaged ensemble is worth "
             f"more than a longer run once the epochs are enough (at most {MAX_MEMBERS}; a member that the last "

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # What runs a served model's forward passes (``models.artifact.load_predictor``).
 PREDICT_RUNTIMES = ("torch", "onnxruntime")
 # Images in one inference pass (the feature cache, validation, predict, the planner's probes). On a CPU
-# small batches keep the early layers' activations in the caches: Lite0 runs 2-5x faster per image in
+# small batches keep the early layers' activations in the caches: Lite0 runs 2-8x faster per image in
 # batches of about this many pixels (16 images at 96 px, 3 at 224 px) than in batches of 128
 # (benchmarks/inference_batch.py, BENCHMARKS.md). A GPU wants large batches.
 CPU_INFERENCE_PIXELS = 16 * 96 * 96

@@ -17,8 +17,10 @@ from models.planner import (
     BACKBONE_LADDER,
     DEEPER_MIN_MEMBERS,
     DEEPER_MIN_MEMBERS_LIKE_IMAGENET,
+    DEEPER_MIN_SIZE,
     DEPTHS,
     LONG_DEEPER_MEMBERS,
+    MAX_MEASURE_BATCH,
     MAX_MEMBERS,
     MIN_EPOCHS,
     PROBE_EPOCHS,
@@ -401,20 +403,58 @@ def test_a_squeezed_fine_tune_gives_way_to_a_shallower_one_that_trains_its_epoch
     assert kept.depth == "most"
 
 
-@pytest.mark.parametrize("batch_size", [8, 32])
-def test_the_training_step_is_timed_at_the_jobs_batch_size(monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
+@pytest.mark.parametrize(("batch_size", "timed"), [(8, 8), (32, 32), (100, MAX_MEASURE_BATCH)])
+def test_the_training_step_is_timed_at_the_jobs_batch_size(
+    monkeypatch: pytest.MonkeyPatch, batch_size: int, timed: int
+) -> None:
     # A CPU step of 32 images at 224 px runs 27% slower per image than one of 16: timed at another size,
     # the plan promised members the run then had no time for (MNIST, 60 s: 1 of 2 trained).
     import models.planner as planner
 
-    timed: list[int] = []
+    seen: list[int] = []
     real = planner.time_depth
 
     def recording(model, steps, x, y, timer, chunk=None):  # noqa: ANN001, ANN202
-        timed.append(int(x.shape[0]))
+        seen.append(int(x.shape[0]))
         return real(model, steps, x, y, timer, chunk)
 
     monkeypatch.setattr(planner, "time_depth", recording)
-    images = np.random.default_rng(0).integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 255, (100, 32, 32, 3), dtype=np.uint8)
     planner.measure_throughput(images, "test_efficientnet", "last", 3, [32], ["top"], batch_size=batch_size)
-    assert timed == [batch_size]
+    assert seen == [timed]
+
+
+@pytest.mark.parametrize("per_class", [40, 200])
+def test_members_before_size(per_class: int) -> None:
+    # At 180-600 s, 192-224 px with 2-4 members scored below 96-192 px with 4-5 (docs/quality.md):
+    # a plan takes the largest size at which the time buys every member, and a larger one only beyond.
+    w = workload(per_class)
+    switched = 0
+    for train_s in (60.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 2400.0, 4800.0):
+        choice, why = plan_recipe(table(), w, train_s)
+        smaller = [s for s in (96, 128, 160, 224) if s < choice.size]  # never under 96 px for members
+        if choice.members < MAX_MEMBERS:  # no smaller size would have bought them all
+            assert all(plan_recipe(table(), w, train_s, sizes=[s])[0].members < MAX_MEMBERS for s in smaller)
+        if any("members before size" in line for line in why):
+            switched += 1
+            assert choice.size >= DEEPER_MIN_SIZE and choice.members == MAX_MEMBERS
+        assert choice.seconds <= train_s
+    assert switched  # the rule chose a smaller size somewhere in the range
+
+
+@pytest.mark.parametrize("batch_size", [8, 100])
+def test_a_job_is_measured_at_its_own_batch_size(monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
+    import models.planner as planner
+
+    asked: list[int] = []
+    fake = _fake_measure({"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite1": 0.8, "tf_efficientnet_lite2": 0.6})
+
+    def measure(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        asked.append(kw["batch_size"])
+        return fake(*args, **kw)
+
+    monkeypatch.setattr(planner, "measure_throughput", measure)
+    monkeypatch.setattr(planner, "domain_probe", lambda *_a, **_kw: {"unlike_imagenet": True, "why": "probes"})
+    spec = TrainSpec.model_validate({"batch_size": batch_size, "keep": []})
+    planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 200.0)
+    assert asked and set(asked) == {batch_size}
