@@ -24,6 +24,7 @@ from .artifact import WEIGHTS_FILE, Predictor, load_predictor
 from .card import model_card, preprocess_doc
 from .export import QUANTIZATIONS, ExportError, atomic_path, export_format, quantize_onnx, write_onnx, write_torchscript
 from .manifest import MANIFEST_FILE
+from .runtime import inference_batch
 from .spec import check_name
 
 CHECKSUMS_FILE = "SHA256SUMS"
@@ -42,15 +43,28 @@ def sha256_file(path: Path) -> str:
 
 
 def run_exported(path: Path, fmt: str, images_nchw: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """``probabilities`` of an exported model file for ``uint8 [N, 3, S, S]`` images."""
+    """``probabilities`` of an exported model file for ``uint8 [N, 3, S, S]`` images.
+
+    In chunks (``models.runtime.inference_batch``), as the service predicts: a whole validation set
+    in one pass would hold every image's activations at once.
+    """
+    runtime = "onnxruntime" if fmt == "onnx" else "torch"
+    batch = inference_batch(torch.device("cpu"), int(images_nchw.shape[-1]), runtime)
     if fmt == "onnx":
         from .onnx_runtime import OnnxEnsemble
 
         session = OnnxEnsemble(path, threads=threads).session
-        return np.asarray(session.run(["probabilities"], {"images": np.ascontiguousarray(images_nchw)})[0])
-    module = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return module(torch.from_numpy(np.ascontiguousarray(images_nchw)))[0].numpy()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return np.asarray(session.run(["probabilities"], {"images": np.ascontiguousarray(x)})[0])
+    else:
+        module = torch.jit.load(str(path), map_location="cpu")
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(np.ascontiguousarray(x)))[0].numpy()
+
+    return np.concatenate([run(images_nchw[s : s + batch]) for s in range(0, len(images_nchw), batch)])
 
 
 def compare(want: np.ndarray, got: np.ndarray) -> dict[str, Any]:

@@ -91,3 +91,34 @@ def test_the_api_schema_names_the_same_formats_and_quantizations() -> None:
 
     assert set(get_args(ExportFormatName)) == set(EXPORT_FORMATS)
     assert set(get_args(QuantizationName)) == set(QUANTIZATIONS)
+
+
+def test_an_exported_model_checks_a_validation_set_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.runtime
+
+    predictor = random_predictor(["test_efficientnet"], SIZE)
+    images = image_batch(10, SIZE).transpose(0, 3, 1, 2)
+    seen: list[int] = []  # images in each onnxruntime run
+    for fmt, writer in (("onnx", write_onnx), ("torchscript", write_torchscript)):
+        path = writer(predictor, tmp_path / export_format(fmt).file)
+        whole = run_exported(path, fmt, images, threads=2)  # 10 images: one chunk either way
+        monkeypatch.setattr(models.runtime, "ONNX_INFERENCE_BATCH", 4)
+        monkeypatch.setattr(models.runtime, "CPU_INFERENCE_PIXELS", 4 * SIZE * SIZE)
+        if fmt == "onnx":
+            import models.onnx_runtime
+
+            real = models.onnx_runtime.OnnxEnsemble
+
+            class Counting(real):  # type: ignore[misc,valid-type]
+                def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+                    super().__init__(*a, **kw)
+                    run = self.session.run
+                    self.session = type("S", (), {"run": staticmethod(
+                        lambda names, feed: seen.append(len(feed["images"])) or run(names, feed))})()
+
+            monkeypatch.setattr(models.onnx_runtime, "OnnxEnsemble", Counting)
+        chunked = run_exported(path, fmt, images, threads=2)
+        if fmt == "onnx":
+            assert seen == [4, 4, 2]
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+        monkeypatch.undo()
