@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1093,7 +1094,7 @@ def fit_budgeted(
     say = hooks.log or (lambda _m: None)
     sizes = _candidate_sizes(spec, explicit_fields(spec))
     first = decode(min(sizes))
-    with torch_threads(num_threads or 0) if num_threads else _nullcontext():
+    with torch_threads(num_threads or 0) if num_threads else nullcontext():
         planned, plan = plan_job(
             first.images, first.labels, spec, budget_s, default_budget=default_budget, device=device,
             max_pixel_epochs=max_pixel_epochs, log=say, started=t0,
@@ -1118,11 +1119,3 @@ def fit_budgeted(
     plan.members_skipped = result.sections.get("members_skipped")
     result.sections["plan"] = plan.to_dict()
     return result, planned
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

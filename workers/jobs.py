@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
@@ -198,7 +199,9 @@ class JobReporter:
     """Writes progress to the job record (fenced by ``lease``) and answers 'was I cancelled?' cheaply.
 
     Every write raises ``JobLost`` once another worker holds the job, and so does
-    ``should_stop``: training unwinds at once.
+    ``should_stop``: training unwinds at once. ``should_stop`` also raises Celery's
+    ``SoftTimeLimitExceeded`` once the attempt has run ``job_time_limit_s``: Celery's own timer is
+    best effort (celery#6873) and once let a job run past both its soft and its hard limit.
     """
 
     def __init__(self, lease: Lease, total_epochs: int, members: int) -> None:
@@ -209,6 +212,7 @@ class JobReporter:
         self.members = members
         self._last_check = 0.0
         self._cancelled = False
+        self._time_limit_at = time.monotonic() + self.settings.job_time_limit_s
         # Kept in every progress update of this attempt, e.g. ``resumed_from``.
         self.sticky: dict[str, Any] = {}
 
@@ -292,6 +296,8 @@ class JobReporter:
         # Called between batches: look at the database at most every second (the heartbeat
         # thread keeps the record fresh). Raises JobLost once the job is another worker's.
         self.lease.check()
+        if time.monotonic() >= self._time_limit_at:
+            raise SoftTimeLimitExceeded(_time_limit_error(self.settings))
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= 1.0:
             self._last_check = now
@@ -327,8 +333,6 @@ def run_job(job_id: str, *, worker: str = "local", redelivered: bool = False,
 
 def _run_claimed(lease: Lease) -> str | None:
     """Train the job ``lease`` holds and record the outcome; every write is fenced by the lease."""
-    from celery.exceptions import SoftTimeLimitExceeded
-
     from models.artifact import save_artifact
     from models.checkpoint import STATE_FILE, save_state
     from models.data import load_folder

@@ -15,7 +15,7 @@ from service.sample_data import png_bytes
 from tests.conftest import api_client
 from tests.utils.data import TINY_JOB, animals, animals_zip
 from tests.utils.events import stream_events
-from tests.utils.workers import start_worker, wait_status
+from tests.utils.workers import log_tail, start_worker, wait_status
 from workers.jobs import checkpoint_dir
 
 pytestmark = pytest.mark.integration
@@ -206,19 +206,21 @@ def test_job_survives_redis_losing_its_message(make_settings, pg_url, redis_url,
             stop_process(worker)
 
 
-def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg_url, redis_url):
-    """Celery's soft time limit reaches the task: the job fails with a one-line cause, once.
+def test_job_over_its_time_limit_fails_and_the_worker_lives_on(make_settings, pg_url, redis_url, tmp_path):
+    """The time limit reaches the task: the job fails with a one-line cause, once.
 
     The limit leaves room for the worker's first task to import torch (seconds on a busy machine):
     a limit that runs out before the claim leaves the job queued for the reconciler instead.
     """
     settings = make_settings(database_url=pg_url, broker_url=redis_url, job_time_limit_s="20")
-    worker = start_worker("limit")
+    log = tmp_path / "worker.log"
+    with log.open("wb") as log_file:
+        worker = start_worker("limit", log_file)
     try:
         with api_client(settings) as client:
             job = submit(client, {**TINY_JOB, "epochs": 1000}, per_class=20)  # far longer than 20 s
-            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
-            assert (j["status"], j["error"]) == ("failed", "exceeded the time limit of 20 s")
+            j = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120, log=log)
+            assert (j["status"], j["error"]) == ("failed", "exceeded the time limit of 20 s"), log_tail(log)
             assert j["attempts"] == 1 and j["model_id"] is None and len(j["history"]) < 1000
             assert not checkpoint_dir(settings, job["id"]).exists()
             time.sleep(1)

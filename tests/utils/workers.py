@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import IO
 
 from sqlalchemy import update
@@ -48,12 +49,21 @@ def start_worker(
     )
 
 
-def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    """The job once its status is one of ``statuses`` (polled through the API)."""
+def wait_status(client, job_id: str, statuses: set[str], timeout: float = 180, log: Path | None = None) -> dict:
+    """The job once its status is one of ``statuses`` (polled through the API); a timeout's message
+    ends with the last lines of the worker's ``log``, where one was kept."""
     deadline = time.monotonic() + timeout
     while True:
         j = client.get(f"/v1/jobs/{job_id}").json()
         if j["status"] in statuses:
             return j
-        assert time.monotonic() < deadline, f"job stuck in {j['status']}: {j['progress']}"
+        assert time.monotonic() < deadline, f"job stuck in {j['status']}: {j['progress']}{log_tail(log)}"
         time.sleep(0.25)
+
+
+def log_tail(log: Path | None, lines: int = 40) -> str:
+    """The last ``lines`` of a worker's log, for an assertion's message ('' without one)."""
+    if log is None or not log.is_file():
+        return ""
+    tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    return "\nthe worker's log ends:\n" + "\n".join(tail)

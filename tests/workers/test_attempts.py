@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import update
 import models.training
 from models.checkpoint import STATE_FILE
 from service.db import JobRow, JobStatus, session_scope, utcnow
+from tests.utils.data import TINY_JOB
 from tests.utils.workers import heartbeat_stops, submit
 from workers.jobs import checkpoint_dir, claim_job, run_job
 from workers.reconcile import reconcile
@@ -82,6 +84,34 @@ def test_a_job_over_its_time_limit_fails_cleanly(make_settings, monkeypatch) -> 
         assert run_job(job_id, settings=settings) == JobStatus.FAILED
         j = client.get(f"/v1/jobs/{job_id}").json()
     assert j["error"] == "exceeded the time limit of 90 s"
+    assert j["progress"]["stage"] == "failed" and j["model_id"] is None
+    assert not checkpoint_dir(settings, job_id).exists()
+
+
+def test_a_job_over_its_time_limit_fails_without_celerys_timer(make_settings) -> None:
+    """The worker checks the time limit itself, between batches: Celery's soft and hard limits are
+    best effort (celery#6873: a timer that never fires) and once let a job run far past both."""
+    from tests.conftest import api_client
+
+    settings = make_settings(job_time_limit_s="4")
+    with api_client(settings, enqueue=lambda _job_id: None) as client:
+        job_id = submit(client, {**TINY_JOB, "epochs": 1000})  # minutes of epochs
+
+        def cancel_if_still_running() -> None:  # the old code ran all 1000 epochs: end it as cancelled
+            with session_scope(settings) as s:
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=True))
+
+        watchdog = threading.Timer(60, cancel_if_still_running)
+        watchdog.start()
+        started = time.monotonic()
+        try:
+            status = run_job(job_id, settings=settings)  # in this process: no Celery, no timer
+        finally:
+            watchdog.cancel()
+        elapsed = time.monotonic() - started
+        j = client.get(f"/v1/jobs/{job_id}").json()
+    assert (status, j["error"]) == (JobStatus.FAILED, "exceeded the time limit of 4 s")
+    assert elapsed < 30 and 0 < len(j["history"]) < 1000
     assert j["progress"]["stage"] == "failed" and j["model_id"] is None
     assert not checkpoint_dir(settings, job_id).exists()
 
