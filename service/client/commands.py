@@ -318,7 +318,8 @@ def run(args: argparse.Namespace, io: Io | None = None, http: httpx.Client | Non
         with Zoofit(target.url, target.key, http=http) as zf:
             return int(args.client_run(zf, args, io))
     except ApiError as exc:
-        io.note(f"zoofit: {exc.message}")
+        retry = f" (the API asks to retry after {exc.retry_after:.0f} s)" if exc.retry_after is not None else ""
+        io.note(f"zoofit: {exc.message}{retry}")
     except httpx.TransportError as exc:
         io.note(f"zoofit: cannot reach the API: {exc.__class__.__name__}: {exc}")
     except (NotLoggedIn, RecipeError, StreamLost, RuntimeError, ValueError, OSError) as exc:

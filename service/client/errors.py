@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 
 class ApiError(Exception):
-    """The API answered with an error status; ``message`` is its one-line ``detail``."""
+    """The API answered with an error status; ``message`` is its one-line ``detail``, ``retry_after``
+    the seconds its ``Retry-After`` asked for (a 429 or a 503), None without one."""
 
-    def __init__(self, status: int, message: str, body: Any = None) -> None:
+    def __init__(self, status: int, message: str, body: Any = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.body = body
+        self.retry_after = retry_after
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds the answer's ``Retry-After`` asks the client to wait (RFC 9110: seconds or an HTTP
+    date), None without a readable one."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _one_line(text: str) -> str:
@@ -78,4 +99,4 @@ def raise_for_error(response: httpx.Response) -> httpx.Response:
         body = response.json()
     except ValueError:
         body = None
-    raise ApiError(response.status_code, error_message(response), body)
+    raise ApiError(response.status_code, error_message(response), body, retry_after(response))

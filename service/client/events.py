@@ -16,11 +16,15 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, connect_sse
 
-from service.client.errors import ApiError, raise_for_error
+from service.client.errors import ApiError, error_message, raise_for_error, retry_after
 
 # The server sends ``: ping`` every 15 s; no byte for this long means the connection is dead.
 READ_TIMEOUT_S = 45.0
-RETRY_STATUSES = frozenset({502, 503, 504})
+# Answers worth opening the stream again for: too many streams open (429: one may close) and a
+# gateway or server away for a moment. Their Retry-After, when longer, replaces the backoff.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_BACKOFF_S = 10.0
+MAX_RETRY_AFTER_S = 300.0  # a server asking for longer is taken at this word
 
 
 class StreamLost(Exception):
@@ -54,7 +58,8 @@ def iter_events(
         headers: sent on every connection (authorization).
         last_event_id: resume after this event instead of replaying the job from its first.
         retries: failed reconnections in a row before :class:`StreamLost`.
-        backoff_s: the first wait before reconnecting; it doubles up to 10 s, or follows the server's ``retry:``.
+        backoff_s: the first wait before reconnecting; it doubles up to 10 s, or follows the server's
+            ``retry:``; a 429's or 503's ``Retry-After``, when longer, is waited instead.
         sleep: how to wait (tests pass a no-op).
 
     Raises:
@@ -68,9 +73,16 @@ def iter_events(
         h = dict(headers)
         if last_event_id is not None:
             h["Last-Event-ID"] = last_event_id
+        asked: float | None = None  # the server's Retry-After on a refusal worth retrying
+        why = "dropped"
         try:
             with connect_sse(http, "GET", url, headers=h, timeout=timeout) as source:
-                if source.response.status_code not in RETRY_STATUSES:
+                status = source.response.status_code
+                if status in RETRY_STATUSES:
+                    source.response.read()
+                    asked = retry_after(source.response)
+                    why = f"answered {status} ({error_message(source.response)})"
+                else:
                     raise_for_error(source.response)
                     for sse in source.iter_sse():
                         if sse.retry is not None:
@@ -88,5 +100,6 @@ def iter_events(
             pass  # dropped, timed out, or not a stream (a proxy's error page): open it again
         failures += 1
         if failures > retries:
-            raise StreamLost(f"the event stream at {url} dropped {failures} times in a row")
-        sleep(min(wait * 2 ** (failures - 1), 10.0))
+            raise StreamLost(f"the event stream at {url} {why} {failures} times in a row")
+        delay = min(wait * 2 ** (failures - 1), MAX_BACKOFF_S)
+        sleep(max(delay, min(asked or 0.0, MAX_RETRY_AFTER_S)))

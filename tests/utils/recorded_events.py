@@ -52,12 +52,15 @@ def frame(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
 
 
 def fake_events_app(streams: dict[str, list[tuple[str, dict[str, Any]]]], key: str, seen: list[dict[str, Any]],
-                    drop_after: dict[str, int] | None = None, jobs: dict[str, dict[str, Any]] | None = None):
+                    drop_after: dict[str, int] | None = None, jobs: dict[str, dict[str, Any]] | None = None,
+                    busy: dict[str, tuple[int, str]] | None = None):
     """A Starlette app serving ``streams[job_id]`` at ``/v1/jobs/{job_id}/events``, and ``jobs[job_id]``
     at ``/v1/jobs/{job_id}``.
 
     ``seen`` records each connection's ``Last-Event-ID``. A job in ``drop_after`` has its first
-    connection cut (mid-response, no clean end) after that many events.
+    connection cut (mid-response, no clean end) after that many events. A job in ``busy`` has its
+    first ``n`` connections refused with 429 and ``Retry-After: <its value>``, as the API's limit
+    on open streams does (``n`` < 0: every connection).
     """
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -76,6 +79,11 @@ def fake_events_app(streams: dict[str, list[tuple[str, dict[str, Any]]]], key: s
             return problem(404, "Not Found", f"job {job_id} not found")
         last = request.headers.get("last-event-id")
         seen.append({"job": job_id, "last_event_id": last})
+        refusals, wait = (busy or {}).get(job_id, (0, ""))
+        if refusals < 0 or len([s for s in seen if s["job"] == job_id]) <= refusals:
+            response = problem(429, "Too Many Requests", "tenant 'default' has 2 event streams open already")
+            response.headers["Retry-After"] = wait
+            return response
         start = int(last) if last else 0
         cut = (drop_after or {}).get(job_id) if len([s for s in seen if s["job"] == job_id]) == 1 else None
 

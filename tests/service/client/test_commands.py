@@ -21,13 +21,16 @@ from tests.utils.server import serve
 
 
 @pytest.fixture
-def api(make_settings, enqueued, monkeypatch, tmp_path):
-    """(url, key, settings) of a live API; the CLI finds both in ZOOFIT_URL / ZOOFIT_API_KEY."""
+def api(make_settings, enqueued, monkeypatch, tmp_path, request):
+    """(url, key, settings) of a live API; the CLI finds both in ZOOFIT_URL / ZOOFIT_API_KEY.
+
+    Parametrize it indirectly with a dict of further settings.
+    """
     from service.api.deps import get_enqueue, get_enqueue_export
     from service.app import create_app
     from service.config import get_settings
 
-    settings = make_settings(torch_threads="1", predict_threads="1")
+    settings = make_settings(torch_threads="1", predict_threads="1", **getattr(request, "param", {}))
     app = create_app(settings)
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_enqueue] = lambda: enqueued.append
@@ -132,6 +135,21 @@ def test_an_api_error_prints_its_one_line_message_and_exits_non_zero(api, capsys
     assert code == 1 and out == "" and err.count("\n") == 1 and "epochs" in err
     code, out, err = zoofit(capsys, "jobs", "submit", "--preset", "fastest", "--dataset", "x")
     assert code == 1 and "fast, balanced, best" in err
+
+
+@pytest.mark.parametrize("api", [{"tenant_max_queued_jobs": "1"}], indirect=True)
+def test_a_refusal_to_retry_later_says_when(api, capsys, tmp_path):
+    """A 429 (here: the queued-jobs limit) prints the API's message and its Retry-After."""
+    from service.quotas import QUEUE_RETRY_AFTER_S
+
+    code, out, err = zoofit(capsys, "datasets", "upload", str(write_folder(tmp_path, 3)), "--json")
+    ds_id = json.loads(out)["id"]
+    code, out, err = zoofit(capsys, "jobs", "submit", "--dataset", ds_id, "--set", "epochs=1")
+    assert code == 0, err
+    code, out, err = zoofit(capsys, "jobs", "submit", "--dataset", ds_id, "--set", "epochs=1")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "already has 1 queued jobs" in err, err
+    assert err.rstrip().endswith(f"(the API asks to retry after {QUEUE_RETRY_AFTER_S} s)"), err
 
 
 def test_login_checks_the_key_and_stores_it(api, capsys, monkeypatch):

@@ -43,3 +43,28 @@ def test_error_message(status, kwargs, message):
 def test_success_passes_through():
     r = _response(200, json={"ok": True})
     assert raise_for_error(r) is r
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("30", 30.0),
+    (" 7 ", 7.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: retry now
+    ("soon", None),
+    ("-5", None),
+    (None, None),
+])
+def test_retry_after_is_read_from_seconds_or_a_date(header, seconds):
+    r = _response(429, json={"detail": "slow down"}, headers={"Retry-After": header} if header else {})
+    with pytest.raises(ApiError) as exc:
+        raise_for_error(r)
+    assert exc.value.retry_after == seconds
+
+
+def test_retry_after_as_a_date_counts_from_now():
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    with pytest.raises(ApiError) as exc:
+        raise_for_error(_response(503, content=b"", headers={"Retry-After": when}))
+    assert exc.value.retry_after is not None and 110 <= exc.value.retry_after <= 120

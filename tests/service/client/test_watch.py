@@ -23,7 +23,8 @@ def stream_server():
     plan = {"budget_s": 75.0, "default_budget": True, "device": "cpu", "kept": [], "why": ["the rule's depth"],
             "planned": {"image_size": 96}, "throughputs": [], "measure_seconds": 11.0, "estimate_seconds": 70.0}
     jobs = {"ok": {"id": "ok", "status": "succeeded", "metrics": {"val_acc": 0.875, "plan": plan}}}
-    app = fake_events_app({"ok": SUCCEEDED, "bad": FAILED}, KEY, seen, drop_after={"ok": DROP_AFTER}, jobs=jobs)
+    app = fake_events_app({"ok": SUCCEEDED, "bad": FAILED, "busy": SUCCEEDED, "full": SUCCEEDED}, KEY, seen,
+                          drop_after={"ok": DROP_AFTER}, jobs=jobs, busy={"busy": (2, "7"), "full": (-1, "3")})
     with serve(app) as url:
         yield url, seen
 
@@ -100,6 +101,24 @@ def test_a_stream_that_keeps_failing_gives_up_after_its_retries():
     with Zoofit(f"http://127.0.0.1:{free_port()}", KEY) as zf, pytest.raises(StreamLost):
         list(zf.events("ok", retries=3, backoff_s=0.5, sleep=waits.append))
     assert waits == [0.5, 1.0, 2.0]  # doubling between tries
+
+
+def test_a_stream_over_the_open_streams_limit_waits_as_the_server_asks(stream_server):
+    """A 429 (too many streams open: one may close) is retried after its Retry-After, not the backoff."""
+    from service.client.events import StreamLost
+
+    url, seen = stream_server
+    waits: list[float] = []
+    with Zoofit(url, KEY) as zf:
+        events = list(zf.events("busy", backoff_s=0.5, sleep=waits.append))
+        assert waits == [7.0, 7.0] and events[-1].type == "done"  # refused twice, then the whole stream
+        assert [e.id for e in events] == [str(i) for i in range(1, len(SUCCEEDED) + 1)]
+        waits.clear()
+        with pytest.raises(StreamLost) as lost:
+            list(zf.events("full", retries=2, backoff_s=0.5, sleep=waits.append))
+    assert waits == [3.0, 3.0]  # Retry-After (3 s) over the backoff (0.5, 1.0)
+    assert "answered 429 (tenant 'default' has 2 event streams open already) 3 times in a row" in str(lost.value)
+    assert len([s for s in seen if s["job"] == "full"]) == 3
 
 
 def test_a_piped_epoch_line_stays_one_line_and_shows_a_warm_up_lr():
