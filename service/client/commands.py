@@ -47,7 +47,8 @@ class Io:
         self.out.file.write(json.dumps(data, indent=2) + "\n")
 
     def note(self, text: str) -> None:
-        self.err.print(text, markup=False)
+        # soft_wrap: a long message stays one line (the terminal wraps it; a pipe or a log keeps it whole)
+        self.err.print(text, markup=False, soft_wrap=True)
 
 
 # -- datasets ---------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_a_refusal_to_retry_later_says_when(api, capsys, tmp_path):
     code, out, err = zoofit(capsys, "jobs", "submit", "--dataset", ds_id, "--set", "epochs=1")
     assert code == 0, err
     code, out, err = zoofit(capsys, "jobs", "submit", "--dataset", ds_id, "--set", "epochs=1")
-    assert code == 1 and out == "" and err.count("\n") == 1
+    assert code == 1 and out == "" and err.count("\n") == 1, err
     assert "already has 1 queued jobs" in err, err
     assert err.rstrip().endswith(f"(the API asks to retry after {QUEUE_RETRY_AFTER_S} s)"), err
 
