@@ -193,9 +193,10 @@ class Choice:
 def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
     """``(cache seconds, seconds)`` of a member after the first one of plan ``c`` (one member planned).
 
-    A later member builds its own cache only when its features differ (augmented views, random weights).
+    A later member builds its own cache only when its features differ (random weights, another backbone):
+    augmented views are shared too (``models.member``).
     """
-    cache_s = 0.0 if cache_shared and not c.augment else c.cache_s
+    cache_s = 0.0 if cache_shared else c.cache_s
     return cache_s, SETUP_S + cache_s + c.epochs * c.epoch_s
 
 
@@ -235,8 +236,8 @@ def plan_recipe(
         members: kept members.
         max_pixel_epochs: the admission cap (``job_cost``) the plan must stay under.
         images: images in the dataset (for the cap).
-        cache_shared: members after the first reuse its frozen-prefix cache when they train
-            unaugmented (pretrained weights: ``models.training``); False: each builds its own.
+        cache_shared: members after the first reuse its frozen-prefix cache, augmented views
+            included (pretrained weights, one backbone: ``models.member``); False: each builds its own.
         augment: light augmentation or not; default: the rule's (from ``AUGMENT_FROM`` images a class).
 
     Returns:
@@ -805,9 +806,8 @@ class _Job:
             members=self.kept_members,
             max_pixel_epochs=self.max_pixel_epochs,
             images=len(self.labels),
-            # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
-            cache_shared=spec.weights != "none" and not spec.ensemble.backbones
-            and not (_kept(self.keep, "augment") and spec.augment.enabled),
+            # one backbone, pretrained: models.training shares the cache (augmented views too)
+            cache_shared=spec.weights != "none" and not spec.ensemble.backbones,
         )
 
 

@@ -637,7 +637,8 @@ class _MemberLoop:
         no_grad_to = frozen_prefix(steps) if steps is not None else 0
         if steps is not None and not m.transfer.train_bn:
             set_prefix_eval(steps, no_grad_to)
-        view = epoch % len(cache.train) if cache is not None else 0
+        # Members share the cache's augmented views (models.member): each starts at its own one.
+        view = (epoch + m.index) % len(cache.train) if cache is not None else 0
         n_train = len(run.train_idx)
         loss_sum, correct = 0.0, 0
         # array_split keeps batch sizes within one of each other: no 1-image batch for BatchNorm.

@@ -255,15 +255,42 @@ def test_members_with_the_same_pretrained_prefix_share_one_cache_and_train_the_s
             torch.testing.assert_close(v, b.state_dict[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("differ", ["random weights", "augmentation"])
 def test_members_whose_prefix_features_differ_build_their_own_cache(
-    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], monkeypatch: pytest.MonkeyPatch, differ: str
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # random init: each member's seed gives another prefix; augmentation: each member draws its own views
-    fields = {"weights": "none", "augment": {"preset": "none"}} if differ == "random weights" else {
-        "backbone": "tf_efficientnet_lite0", "weights": "bundled", "augment": {"preset": "light"}}
+    # random init: each member's seed gives another prefix
     spec = tiny_spec(freeze={"mode": "first_n", "stages": 4}, head_dropout=0.0, epochs=1,
-                     ensemble={"members": 2}, **fields)
+                     ensemble={"members": 2}, weights="none", augment={"preset": "none"})
     built = _builds(monkeypatch)
     train(lfw_data, spec, device="cpu", num_threads=1)
     assert len(built) == 2
+
+
+def test_augmented_members_share_one_set_of_views_each_from_its_own_offset(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The views are drawn once, under the job's seed; member i trains epoch e on view (e + i) % views."""
+    from collections import Counter
+
+    from models.prefix import FeatureCache
+
+    spec = tiny_spec(backbone="tf_efficientnet_lite0", weights="bundled", freeze={"mode": "first_n", "stages": 4},
+                     augment={"preset": "light"}, cache={"views": 4}, head_dropout=0.0, epochs=2,
+                     ensemble={"members": 3})
+    built = _builds(monkeypatch)
+    views: Counter[int] = Counter()
+    seen: list[FeatureCache] = []
+    real = FeatureCache.train_batch
+
+    def counting(self: FeatureCache, view: int, rows: np.ndarray) -> torch.Tensor:
+        views[view % len(self.train)] += 1
+        if not seen or seen[-1] is not self:
+            seen.append(self)
+        return real(self, view, rows)
+
+    monkeypatch.setattr(FeatureCache, "train_batch", counting)
+    result = train(lfw_data, spec, device="cpu", num_threads=1)
+    assert len(built) == 1 and len(seen) == 1  # three members, one cache of augmented views
+    assert [m["cache"]["path"] for m in result.applied["members"]] == ["memory"] * 3
+    batches = views[0]  # member 1 epoch 1 (view 0); view 3 is member 3's epoch 2
+    assert batches > 0 and views == {0: batches, 1: 2 * batches, 2: 2 * batches, 3: batches}
