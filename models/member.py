@@ -228,10 +228,9 @@ def setup_member(
     # job's seed (a resumed run draws the same), each member cycling them from its own offset
     # (models.training). Same-run comparison: as accurate as a member's own views, and a 5-member job
     # takes 7-15% less time (BENCHMARKS.md, "Shared augmented views").
-    share = (backbone, n_cache, pre, spec.weights, spec.augment if augment is not None else None)
-    shared = spec.weights != "none"
-    cache, plan = ctx.cache_for(steps, n_cache, fs, pre, augment, spec.seed if shared else seed,
-                                share if shared else None)
+    share = ((backbone, n_cache, pre, spec.weights, spec.augment if augment is not None else None)
+             if spec.weights != "none" else None)
+    cache, plan = ctx.cache_for(steps, n_cache, fs, pre, augment, seed if share is None else spec.seed, share)
     member = MemberSetup(
         index=i,
         backbone=backbone,
