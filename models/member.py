@@ -226,8 +226,8 @@ def setup_member(
     # Members that see the same frozen prefix of the same pretrained weights get the same features: one
     # cache serves them all (built once, not once per member). Augmented views too: drawn once, under the
     # job's seed (a resumed run draws the same), each member cycling them from its own offset
-    # (models.training). Same-run comparison: as accurate as a member's own views, and a 5-member job
-    # takes 7-15% less time (BENCHMARKS.md, "Shared augmented views").
+    # (models.training). Same-run comparison: as accurate as a member's own views, and up to 1.16x
+    # faster (BENCHMARKS.md, "Shared augmented views").
     share = ((backbone, n_cache, pre, spec.weights, spec.augment if augment is not None else None)
              if spec.weights != "none" else None)
     cache, plan = ctx.cache_for(steps, n_cache, fs, pre, augment, seed if share is None else spec.seed, share)

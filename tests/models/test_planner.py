@@ -144,7 +144,7 @@ def _seconds_on(choice, t: list[Throughput], w: Workload) -> float:
     """What ``choice`` takes on a device whose speeds are ``t`` (the lr finder's steps included)."""
     row = next(r for r in t if (r.size, r.depth) == (choice.size, choice.depth))
     cache_s, epoch_s = member_seconds(row, w, choice.epochs, choice.augment)
-    caches = 1  # later members share the first's cache, augmented views included
+    caches = 1 if not choice.augment else choice.members  # unaugmented members share the first's cache
     return 60 * 32 / row.train_img_s + caches * cache_s + choice.members * (SETUP_S + choice.epochs * epoch_s)
 
 
