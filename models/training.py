@@ -346,13 +346,13 @@ class _Run:
         if share is not None and self.shared_cache is not None and self.shared_cache[0] == share:
             self.log("frozen-prefix cache: the previous member's (same backbone, prefix and images)")
             return self.shared_cache[1], self.shared_cache[2]
+        if share is not None:
+            self.close_shared_cache()  # before the build: never two caches in memory at once
         t0 = time.perf_counter()
         cache, plan = self._build_cache(steps, n, fs, pre, augment, seed)
-        if share is not None:
-            self.close_shared_cache()
-            if cache is not None:
-                self.shared_cache = (share, cache, plan)
-                self.shared_build_s = time.perf_counter() - t0
+        if share is not None and cache is not None:
+            self.shared_cache = (share, cache, plan)
+            self.shared_build_s = time.perf_counter() - t0
         return cache, plan
 
     def close_shared_cache(self) -> None:
@@ -637,7 +637,8 @@ class _MemberLoop:
         no_grad_to = frozen_prefix(steps) if steps is not None else 0
         if steps is not None and not m.transfer.train_bn:
             set_prefix_eval(steps, no_grad_to)
-        # Members share the cache's augmented views (models.member): each starts at its own one.
+        # Members share the cache's augmented views (models.member): each starts at its own one (a
+        # member's own cache, of random weights, is cycled the same way).
         view = (epoch + m.index) % len(cache.train) if cache is not None else 0
         n_train = len(run.train_idx)
         loss_sum, correct = 0.0, 0

@@ -190,6 +190,11 @@ def fail_timed_out(job_id: str, settings: Settings) -> bool:
     return True
 
 
+# The worker's own time-limit check (JobReporter.should_stop) fires this long after Celery's soft limit
+# would have; the hard limit follows the soft one by service.queue.HARD_TIME_LIMIT_GRACE_S (60 s).
+TIME_LIMIT_CHECK_GRACE_S = 10.0
+
+
 def _time_limit_error(settings: Settings) -> str:
     limit = settings.job_time_limit_s
     return f"exceeded the time limit of {int(limit) if limit.is_integer() else limit} s"
@@ -200,8 +205,9 @@ class JobReporter:
 
     Every write raises ``JobLost`` once another worker holds the job, and so does
     ``should_stop``: training unwinds at once. ``should_stop`` also raises Celery's
-    ``SoftTimeLimitExceeded`` once the attempt has run ``job_time_limit_s``: Celery's own timer is
-    best effort (celery#6873) and once let a job run past both its soft and its hard limit.
+    ``SoftTimeLimitExceeded`` once the attempt has run ``job_time_limit_s`` (and a grace): Celery's
+    own timer is best effort (celery#6873) and once let a job run past both its soft and its hard
+    limit. Checked between batches only: decoding and planning rely on Celery's limits.
     """
 
     def __init__(self, lease: Lease, total_epochs: int, members: int) -> None:
@@ -212,7 +218,9 @@ class JobReporter:
         self.members = members
         self._last_check = 0.0
         self._cancelled = False
-        self._time_limit_at = time.monotonic() + self.settings.job_time_limit_s
+        # A grace after the limit: Celery's soft limit, when it fires, ends the job first, and its
+        # signal cannot then land in the outcome's own transaction after this check's.
+        self._time_limit_at = time.monotonic() + self.settings.job_time_limit_s + TIME_LIMIT_CHECK_GRACE_S
         # Kept in every progress update of this attempt, e.g. ``resumed_from``.
         self.sticky: dict[str, Any] = {}
 

@@ -227,6 +227,11 @@ RICH = {
         "freeze": {"mode": "first_n", "stages": 3, "backbone_lr_mult": 0.5},
         "schedule": {"name": "plateau", "warmup_epochs": 0, "plateau_patience": 0},
     },
+    # pretrained members sharing one cache of augmented views: a resumed third member draws the same
+    "shared-augmented-views": {
+        "backbone": "tf_efficientnet_lite0", "weights": "bundled", "epochs": 2, "ensemble": {"members": 3},
+        "cache": {"views": 2}, "augment": {"preset": "light"}, "freeze": {"mode": "first_n", "stages": 4},
+    },
     # one cyclic run whose snapshots are the members, while groups unfreeze
     "snapshot-gradual": {
         "epochs": 4, "ensemble": {"members": 2, "snapshot": True},
@@ -239,12 +244,14 @@ RICH = {
 def test_resume_is_exact_with_every_stateful_technique(small, tiny_spec, tmp_path, name) -> None:
     rich = tiny_spec(**RICH[name])
     straight = train(small, rich, device="cpu")
-    member, epoch = (1, 0) if name == "cache-ema-plateau" else (0, 2)
+    member, epoch = {"cache-ema-plateau": (1, 0), "shared-augmented-views": (2, 0)}.get(name, (0, 2))
     _run_until(small, rich, tmp_path, member, epoch)
     state = load_state(tmp_path)
     assert resume_problem(state, small, rich) is None
     if name == "snapshot-gradual":
         assert len(state.finished) == 1  # the first cycle's snapshot is kept in the checkpoint
+    elif name == "shared-augmented-views":
+        assert len(state.finished) == 2  # the cache of members 1-2 is gone: the resumed run builds it again
     else:
         assert state.ema is not None
     resumed = train(small, rich, device="cpu", resume=state)

@@ -50,11 +50,13 @@ def test_success_passes_through():
     (" 7 ", 7.0),
     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: retry now
     ("soon", None),
+    (b"\xb2", None),  # latin-1 off the wire: "²", a digit to str.isdigit, not to float()
     ("-5", None),
     (None, None),
 ])
 def test_retry_after_is_read_from_seconds_or_a_date(header, seconds):
-    r = _response(429, json={"detail": "slow down"}, headers={"Retry-After": header} if header else {})
+    raw = header if isinstance(header, bytes) else (header or "").encode()
+    r = _response(429, json={"detail": "slow down"}, headers=[(b"Retry-After", raw)] if header else [])
     with pytest.raises(ApiError) as exc:
         raise_for_error(r)
     assert exc.value.retry_after == seconds
