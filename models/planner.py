@@ -5,6 +5,8 @@
 1. **measures** the throughput of the device on a batch of the real images (resized), for each
    candidate image size and each candidate frozen depth: the frozen prefix's inference speed (it is
    computed once, into the feature cache), the trainable part's training step, and its evaluation;
+   a depth is not measured past the first size too slow for the time (``could_plan``), and
+   measuring stops before a size whose predicted cost overruns ``MEASURE_SHARE`` of the budget;
 2. **plans** (``plan_recipe``, pure: unit-tested on synthetic tables) by the lecture's rule, in
    training images per class: little data trains less of the network (a linear probe on the
    pretrained features), more data fine-tunes more (the top stage, then most of it, then all).
@@ -155,6 +157,24 @@ def target_epochs(depth: str, augment: bool) -> int:
     return AUGMENTED_DEEP_EPOCHS if augment and depth == "most" else TARGET_EPOCHS
 
 
+def lr_finder_seconds(t: Throughput) -> float:
+    """The range test's seconds at ``t``: about 60 steps of 32 images (``models.lr_finder``)."""
+    return 60 * 32 / t.train_img_s
+
+
+def could_plan(t: Throughput, w: Workload, train_s: float, epochs: int | None = None) -> bool:
+    """Whether ``plan_recipe`` could choose row ``t`` for ``train_s`` seconds of training at all.
+
+    Its cheapest use is one unaugmented member at the floor epochs (``epochs`` when kept), range
+    test included, in ``THROUGHPUT_SAFETY`` of the time: past that, ``plan_recipe`` skips the row. The
+    time only grows with the image size, so a depth whose row cannot be planned needs no larger size
+    measured (``measure_throughput``).
+    """
+    floor = epochs or (PROBE_EPOCHS // 3 if t.depth == "linear_probe" else MIN_EPOCHS)
+    cache_s, epoch_s = member_seconds(t, w, floor, augment=False)
+    return SETUP_S + cache_s + floor * epoch_s + lr_finder_seconds(t) <= train_s * THROUGHPUT_SAFETY
+
+
 def depth_for(per_class: float) -> tuple[str, str]:
     """The lecture's rule: the frozen depth for ``per_class`` training images per class, and why."""
     if per_class < PROBE_BELOW:
@@ -273,7 +293,7 @@ def plan_recipe(
             if t is None:
                 continue
             cache_s, epoch_s = member_seconds(t, w, target, augment)
-            lr_s = 60 * 32 / t.train_img_s  # the range test: ~60 steps of 32
+            lr_s = lr_finder_seconds(t)
             one = SETUP_S + cache_s + target * epoch_s
             budget_one = train_s * (1.0 if members == 1 else FIRST_MEMBER_SHARE)
             e = target
@@ -426,14 +446,18 @@ def measure_throughput(
     time_cap_s: float | None = None,
     log: Callable[[str], None] | None = None,
     batch_size: int = 32,
+    plannable: Callable[[Throughput], bool] | None = None,
 ) -> list[Throughput]:
     """Time a batch of ``images`` (uint8 ``[N, S, S, 3]``, resized) at each size and depth.
 
     The training step is timed on ``batch_size`` images (the job's, at most ``MAX_MEASURE_BATCH``);
     inference in the chunks training runs it in (``models.runtime.inference_batch``).
 
-    Sizes are measured in increasing order and measurement stops once ``time_cap_s`` is spent
-    (larger sizes would not fit the budget anyway). Random weights: speed does not depend on them.
+    Sizes are measured in increasing order. A depth whose row ``plannable`` rejects (``could_plan``:
+    too slow for the time) is not measured at larger sizes, which are slower still; measurement
+    stops before a size whose predicted cost (the last size's, scaled by pixels and depths) would
+    run past ``time_cap_s`` (the first size is always measured). Random weights: speed does not
+    depend on them.
     """
     import torch
     import torch.nn.functional as F
@@ -460,14 +484,25 @@ def measure_throughput(
         sync = torch.cuda.synchronize if dev.type == "cuda" else None
         return best_of(fn, MEASURE_REPS, sync=sync)
 
+    active = list(depths)
+    last: tuple[int, int, float] | None = None  # size, depths measured at it, seconds it took
     for size in sorted(sizes):
-        if time_cap_s is not None and table and time.perf_counter() - t_start > time_cap_s:
+        if not active:
             if log:
-                log(f"planner: throughput measurement stopped before {size} px (its time share is spent)")
+                log(f"planner: nothing measured from {size} px on (no depth there could fit the time)")
             break
+        if time_cap_s is not None and last is not None:
+            prev_size, prev_depths, prev_s = last
+            predicted = prev_s * (size / prev_size) ** 2 * len(active) / prev_depths
+            if time.perf_counter() - t_start + predicted > time_cap_s:
+                if log:
+                    log(f"planner: throughput measurement stopped before {size} px (it would take about "
+                        f"{predicted:.1f} s more than its time share has left)")
+                break
+        t_size, measured_here = time.perf_counter(), len(active)
         x = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         x = x.contiguous(memory_format=torch.channels_last)
-        for depth in depths:
+        for depth in list(active):
             fs = freeze_of(depth, n_groups)
             apply_freeze(model, mode=fs["mode"], stages=fs.get("stages", 0), train_bn=False)
             prefix_s, train_s, eval_s, cached = time_depth(model, steps, x, y, timed, inference_batch(dev, size))
@@ -484,6 +519,11 @@ def measure_throughput(
                     backbone=backbone,
                 )
             )
+            if plannable is not None and not plannable(table[-1]):
+                active.remove(depth)
+                if log and size < max(sizes):
+                    log(f"planner: {depth} not measured above {size} px (one member would not fit the time there)")
+        last = (size, measured_here, time.perf_counter() - t_size)
     return table
 
 
@@ -787,10 +827,17 @@ class _Job:
         """What is left of the measuring share of the budget."""
         return max(MEASURE_SHARE * self.budget_s - self.elapsed(), 0.0)
 
-    def measure(self, backbone: str, sizes: list[int], depths: list[str], cap_s: float) -> list[Throughput]:
+    def plannable(self, w: Workload) -> Callable[[Throughput], bool]:
+        """Whether a measured row could still be planned in the time left (``could_plan``)."""
+        return lambda t: could_plan(t, w, self.train_s(), self.kept_epochs)
+
+    def measure(
+        self, backbone: str, sizes: list[int], depths: list[str], cap_s: float, w: Workload
+    ) -> list[Throughput]:
         return measure_throughput(
             self.images, backbone, self.head_features, int(self.labels.max()) + 1, sizes, depths,
             device=self.device, time_cap_s=cap_s, log=self.say, batch_size=self.spec.batch_size,
+            plannable=self.plannable(w),
         )
 
     def plan_for(
@@ -831,10 +878,16 @@ def _deeper_step(
     if (deeper is None or not deep_sizes or job.kept_depth is not None or _kept(job.keep, "augment")
             or choice.epochs < (kept_epochs or target_epochs(choice.depth, choice.augment))):
         return choice, why, None
-    # (the rule's own depth may have been measured already: at 150-499 a class it is this one)
-    unmeasured = [s for s in deep_sizes if not any((t.size, t.depth) == (s, deeper) for t in table)]
-    if unmeasured:
-        table += job.measure(job.spec.backbone, unmeasured, [deeper], job.measure_left())
+    # (the rule's own depth may have been measured already: at 150-499 a class it is this one, up to
+    # the first size too slow for the time, or as far as the measuring share went)
+    too_slow = min((t.size for t in table if t.depth == deeper and not job.plannable(w)(t)), default=math.inf)
+    unmeasured = [s for s in deep_sizes
+                  if s < too_slow and not any((t.size, t.depth) == (s, deeper) for t in table)]
+    if unmeasured and job.measure_left() > 0:
+        table += job.measure(job.spec.backbone, unmeasured, [deeper], job.measure_left(), w)
+    if not any(t.depth == deeper and t.size in deep_sizes for t in table):
+        return choice, why + [f"{choice.depth} kept: {deeper} was not measured (the measuring share of the "
+                              "budget was spent)"], None
 
     def deep_plan(seconds: float) -> tuple[Choice, list[str]]:
         # Members first (6 epochs each); once they are all bought, epochs again: 12-epoch members at a
@@ -895,10 +948,10 @@ def _larger_backbone(
     big_sizes = [s for s in _sizes_for(bigger) if choice.size <= s <= max(sizes)]
     if not big_sizes or job.measure_left() <= 0:
         return None
-    rows = job.measure(bigger, big_sizes, [choice.depth], job.measure_left())
-    train_s = job.train_s()
     big_w = Workload(n_train=w.n_train, n_val=w.n_val, classes=w.classes,
                      native=BACKBONES[bigger].input_size, views=w.views)
+    rows = job.measure(bigger, big_sizes, [choice.depth], job.measure_left(), big_w)
+    train_s = job.train_s()
     big, big_why = job.plan_for(rows, big_w, train_s)
     table += rows
     if not _trains_enough(big, choice.depth, train_s, job.kept_epochs, min(2, job.kept_members or 2)):
@@ -965,7 +1018,7 @@ def plan_job(
     )
     rule, _ = depth_for(w.n_train / classes)
     depths = [kept_depth] if kept_depth else list(DEPTHS[: DEPTHS.index(rule) + 1])
-    table = job.measure(spec.backbone, sizes, depths, MEASURE_SHARE * budget_s)
+    table = job.measure(spec.backbone, sizes, depths, MEASURE_SHARE * budget_s, w)
     choice, why = job.plan_for(table, w, job.train_s())
     choice, why, domain = _deeper_step(job, table, w, choice, why, sizes)
     backbone = spec.backbone

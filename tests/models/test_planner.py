@@ -458,3 +458,82 @@ def test_a_job_is_measured_at_its_own_batch_size(monkeypatch: pytest.MonkeyPatch
     spec = TrainSpec.model_validate({"batch_size": batch_size, "keep": []})
     planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 200.0)
     assert asked and set(asked) == {batch_size}
+
+
+# --------------------------------------------------------------------------- what measuring costs
+
+
+def test_a_depth_too_slow_for_the_time_is_not_measured_at_larger_sizes() -> None:
+    # Time grows with the image size: once one member of a depth cannot fit at a size, no larger size
+    # of that depth is timed (MNIST at 200 a class, 75 s: measuring fell from 20 s to 10 s).
+    import models.planner as planner
+
+    torch.set_num_threads(1)
+    images = np.random.default_rng(0).integers(0, 255, (16, 64, 64, 3), dtype=np.uint8)
+    lines: list[str] = []
+    rows = planner.measure_throughput(
+        images, "test_efficientnet", "last", 3, [32, 48, 64], ["top", "most"], batch_size=8, log=lines.append,
+        plannable=lambda t: not (t.depth == "most" and t.size >= 48),
+    )
+    assert [(t.size, t.depth) for t in rows] == [(32, "top"), (32, "most"), (48, "top"), (48, "most"), (64, "top")]
+    assert "planner: most not measured above 48 px (one member would not fit the time there)" in lines
+    rows = planner.measure_throughput(images, "test_efficientnet", "last", 3, [32, 48, 64], ["top"], batch_size=8,
+                                      plannable=lambda t: False)
+    assert [t.size for t in rows] == [32]  # nothing could fit: the rest is not measured
+
+
+def test_could_plan_agrees_with_plan_recipe() -> None:
+    # The pruning may only drop rows plan_recipe would never choose: for every row and time, a row it
+    # chooses (as the only one offered) is one could_plan accepts.
+    from models.planner import could_plan
+
+    w = workload(200)
+    for train_s in (5.0, 20.0, 60.0, 200.0, 1000.0):
+        for t in table():
+            if t.depth == "all":
+                continue
+            choice, why = plan_recipe([t], w, train_s, depth=t.depth)
+            chosen = not any(line.startswith("nothing fits") for line in why)
+            assert chosen <= could_plan(t, w, train_s), (t, train_s, why)
+
+
+def test_measuring_stops_before_a_size_it_cannot_afford(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The share is checked before each size against what that size will cost (the last size's time,
+    # scaled by pixels): on a slow machine measuring once took 20.7 s of a 75 s budget meant to give it 11 s.
+    import models.planner as planner
+
+    def slow_depth(model, steps, x, y, timer, chunk=None):  # noqa: ANN001, ANN202
+        time.sleep(0.1 * (x.shape[-1] / 32) ** 2)  # 0.1 s at 32 px, 0.4 s at 64 px, 0.9 s at 96 px
+        return 0.01, 0.01, 0.01, True
+
+    monkeypatch.setattr(planner, "time_depth", slow_depth)
+    images = np.zeros((8, 32, 32, 3), np.uint8)
+    t0 = time.perf_counter()
+    rows = planner.measure_throughput(images, "test_efficientnet", "last", 3, [32, 64, 96], ["top"], batch_size=8,
+                                      time_cap_s=0.8)
+    elapsed = time.perf_counter() - t0
+    assert [t.size for t in rows] == [32, 64]  # 96 px would have ended at about 1.4 s
+    assert elapsed < 0.8 + 0.3, elapsed
+
+
+def test_the_deeper_step_measures_nothing_once_the_measuring_share_is_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the share spent, the deeper depth is not measured (a measure call with nothing left used to time
+    # one size anyway: 4.9 s at 224 px on MNIST): the top stage's plan stands, and the plan says why.
+    import models.planner as planner
+
+    calls: list[tuple[int, ...]] = []
+    fake = _fake_measure({"tf_efficientnet_lite0": 1.0})
+
+    def measure(images, backbone, head_features, classes, sizes, depths, **kw):  # noqa: ANN001, ANN202
+        calls.append(tuple(depths))
+        time.sleep(0.05)
+        return fake(images, backbone, head_features, classes, sizes, depths, **kw)
+
+    monkeypatch.setattr(planner, "measure_throughput", measure)
+    monkeypatch.setattr(planner, "domain_probe", lambda *_a, **_kw: {"unlike_imagenet": True, "why": "probes"})
+    monkeypatch.setattr(planner, "MEASURE_SHARE", 0.01 / 200)
+    spec = TrainSpec.model_validate({"keep": []})
+    planned, plan = planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 200.0)
+    assert calls == [("linear_probe", "top")]
+    assert planned.freeze.stages == 7
+    assert "top kept: most was not measured (the measuring share of the budget was spent)" in plan.why
