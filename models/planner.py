@@ -5,7 +5,8 @@
 1. **measures** the throughput of the device on a batch of the real images (resized), for each
    candidate image size and each candidate frozen depth: the frozen prefix's inference speed (it is
    computed once, into the feature cache), the trainable part's training step, and its evaluation;
-   a depth is not measured past the first size too slow for the time (``could_plan``), and
+   the rule's depth (below) is measured first and shallower ones only if it cannot be planned; a
+   depth is not measured past the first size too slow for the time (``could_plan``), and
    measuring stops before a size whose predicted cost overruns ``MEASURE_SHARE`` of the budget;
 2. **plans** (``plan_recipe``, pure: unit-tested on synthetic tables) by the lecture's rule, in
    training images per class: little data trains less of the network (a linear probe on the
@@ -15,8 +16,9 @@
    failing that, the largest whose one member fits ``FIRST_MEMBER_SHARE`` of the budget, and what is
    left buys more members (an averaged ensemble), only once one member trains its full epochs.
    It plans for ``THROUGHPUT_SAFETY`` of the measured speed (a shared machine gets
-   busier after measuring). When even the smallest size does not fit, fewer epochs, then a deeper
-   freeze, then a linear probe.
+   busier after measuring). When even the smallest size does not fit, fewer epochs (down to
+   ``MIN_EPOCHS``: the rule's depth at fewer epochs beats a shallower one at all of them), then a
+   deeper freeze, then a linear probe.
    When the top stage trains its epochs, one step deeper with light augmentation is measured and
    planned instead (``_deeper_step``) if it trains its epochs with enough members: ``DEEPER_MIN_MEMBERS``
    on data a domain probe finds unlike ImageNet (``domain_probe``), ``DEEPER_MIN_MEMBERS_LIKE_IMAGENET``
@@ -208,6 +210,7 @@ class Choice:
     epoch_s: float
     lr_finder_s: float
     seconds: float
+    fallback: bool = False  # nothing fitted: the cheapest recipe, for the deadline to stop
 
 
 def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
@@ -281,7 +284,6 @@ def plan_recipe(
     allowed = sorted({t.size for t in table} if sizes is None else set(sizes))
     choice: Choice | None = None
     all_members = False
-    squeezed: Choice | None = None  # the rule's depth at fewer epochs than its target
     for d in ladder:
         probe = d == "linear_probe"
         augment = (per_class >= AUGMENT_FROM if aug_choice is None else aug_choice) and not probe
@@ -318,21 +320,17 @@ def plan_recipe(
                      and _members_in(c, full_s, cache_shared) >= (members or MAX_MEMBERS)]
             best = max(every or full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
             all_members = bool(every) and (members or MAX_MEMBERS) > 1
-            shallower = ladder[ladder.index(d) + 1] if ladder.index(d) + 1 < len(ladder) else None
-            if not full and shallower not in (None, "linear_probe") and depth is None:
-                # A fine-tune squeezed below its epochs loses to a shallower one that trains them
-                # (docs/quality.md: animals at 200 a class, 3 groups frozen at 64 px for 7 epochs
-                # 0.956 against the top stage at 96 px for 12 epochs 0.965): try the shallower first.
-                squeezed = squeezed or best
-                why.append(f"{d} trains only {best.epochs} of {target} epochs in {train_s:.0f} s: trying {shallower}")
-                continue
+            if not full:
+                # Squeezed below its epochs, the rule's depth still beats a shallower one that trains
+                # all of them (200 a class, 75 s: 3 groups frozen at 64 px for 6 epochs, one member,
+                # against the top stage at 64 px, 3-4 members of 12: MNIST 0.9675 vs 0.944, animals
+                # 0.959 vs 0.9535; docs/quality.md, fifth round).
+                why.append(f"{d} trains {best.epochs} of its {target} epochs in the {train_s:.0f} s planned for: "
+                           "fewer epochs of the rule's depth beat a shallower depth's full ones")
             choice = best
-            if d != ladder[0] and squeezed is None:
+            if d != ladder[0]:
                 why.append(f"the rule's depth does not fit {train_s:.0f} s even at the smallest size: {d} instead")
             break
-    if choice is None and squeezed is not None:
-        choice = squeezed  # the shallower depth did not train its epochs either: the rule's, squeezed
-        why.append(f"{choice.depth} after all: the shallower depth does not train its epochs either")
     if choice is None:
         # Nothing fits: the simplest recipe (a linear probe, unless a depth is kept) at its cheapest;
         # the deadline ends it in time with what it reached.
@@ -346,7 +344,7 @@ def plan_recipe(
             # would serve a barely trained head if the machine is faster than measured.
             e = max(e, PROBE_EPOCHS // 3)
         total = SETUP_S + cache_s + e * epoch_s
-        choice = Choice(cheapest.size, cheapest.depth, e, 1, False, cache_s, epoch_s, 0.0, total)
+        choice = Choice(cheapest.size, cheapest.depth, e, 1, False, cache_s, epoch_s, 0.0, total, fallback=True)
         why.append(
             f"nothing fits {train_s:.0f} s at {MIN_EPOCHS} epochs: the cheapest recipe ({choice.size} px, "
             f"{choice.depth}), the deadline stops it in time"
@@ -908,7 +906,9 @@ def _deeper_step(
     domain: dict[str, Any] | None = None
     if _trains_enough(deep, deeper, train_s, kept_epochs, need):
         # Enough for data unlike ImageNet: is it? (the probes' time then comes off the plan's)
-        speed = next((t.prefix_img_s for t in table if t.depth == "linear_probe" and t.size == min(sizes)), 0.0)
+        # the probes run the whole network: the linear probe's prefix, or the top stage's (nearly all of it)
+        speed = next((t.prefix_img_s for d in ("linear_probe", "top") for t in table
+                      if t.depth == d and t.size == min(sizes)), 0.0)
         domain = _judge_domain(job.images, job.labels, job.split, job.spec, probe_img_s=speed,
                                budget_s=job.budget_s, device=job.device)
         why = why + [domain["why"]]
@@ -1016,10 +1016,15 @@ def plan_job(
         kept_members=spec.ensemble.members if _kept(keep, "ensemble.members") else None,
         head_features=spec.head_features if _kept(keep, "head_features") else "last",
     )
-    rule, _ = depth_for(w.n_train / classes)
-    depths = [kept_depth] if kept_depth else list(DEPTHS[: DEPTHS.index(rule) + 1])
-    table = job.measure(spec.backbone, sizes, depths, MEASURE_SHARE * budget_s, w)
+    # The rule's depth (or the kept one) first: shallower depths are measured only when it cannot be
+    # planned (at 200 a class, 75 s: measuring 10 s -> 1.5 s).
+    rule = kept_depth or depth_for(w.n_train / classes)[0]
+    table = job.measure(spec.backbone, sizes, [rule], MEASURE_SHARE * budget_s, w)
     choice, why = job.plan_for(table, w, job.train_s())
+    shallower = [] if kept_depth else list(DEPTHS[: DEPTHS.index(rule)])
+    if shallower and choice.fallback:
+        table += job.measure(spec.backbone, sizes, shallower, job.measure_left(), w)
+        choice, why = job.plan_for(table, w, job.train_s())
     choice, why, domain = _deeper_step(job, table, w, choice, why, sizes)
     backbone = spec.backbone
     for bigger in _ladder_above(spec, keep):
