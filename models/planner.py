@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,12 @@ AUGMENTED_DEEP_EPOCHS = 6
 MIN_EPOCHS = 4
 PROBE_EPOCHS = 30
 MAX_MEMBERS = 5
+# When the time buys one member of the augmented fine-tune, two of fewer epochs (down to MIN_EPOCHS) are
+# planned if they fit this share of it at the measured speed (the second starts only if the first's
+# pace leaves it time: models.training). 200 a class, 75 s, 64 px: MNIST 2 members of 4 epochs 0.9725
+# against 1 of 5-6 0.9655-0.9675, animals 0.967 against 0.953-0.959; 2 of 5 planned at 0.9 of the time
+# trained 1 (the first ran 7% slower than measured).
+PAIR_SHARE = 0.85
 FIRST_MEMBER_SHARE = 0.5  # the first member may take this share of the training time at most
 AUGMENT_FROM = 150  # training images per class from which light augmentation pays (cached views)
 # Images a measured training step takes: the job's batch size, up to this (on a CPU a step of 32 images at
@@ -225,6 +231,20 @@ def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
     return cache_s, SETUP_S + cache_s + c.epochs * c.epoch_s
 
 
+def _pair_epochs(c: Choice, seconds: float, cache_shared: bool) -> int | None:
+    """The most epochs (``MIN_EPOCHS`` up to ``c``'s) at which two members of the augmented fine-tune
+    ``c`` fit ``PAIR_SHARE`` of ``seconds`` at the measured speed; None when not even the floor does
+    (or ``c`` is not such a fine-tune)."""
+    if not (c.augment and c.depth == "most"):
+        return None
+    for e in range(max(c.epochs, MIN_EPOCHS), MIN_EPOCHS - 1, -1):
+        one = replace(c, epochs=e)
+        first = c.lr_finder_s + SETUP_S + c.cache_s + e * c.epoch_s
+        if first + _later_member(one, cache_shared)[1] <= seconds * PAIR_SHARE:
+            return e
+    return None
+
+
 def _members_in(c: Choice, seconds: float, cache_shared: bool) -> int:
     """Members of plan ``c`` (one member planned) that ``seconds`` buy at the measured speed, up to ``MAX_MEMBERS``.
 
@@ -311,8 +331,12 @@ def plan_recipe(
         if fits:
             # The largest size whose member trains the target epochs within its share (room for more
             # members); then the largest that trains them at all; failing that, the most epochs.
-            share = [c for c in fits if c.epochs == (epochs or target) and c.seconds <= train_s * FIRST_MEMBER_SHARE]
-            full = share or [c for c in fits if c.epochs == (epochs or target)]
+            # Under DEEPER_MIN_SIZE only when no larger size trains them (animals at 200 a class, the
+            # top stage: 96 px with 1 member 0.9685, 64 px with 4 members 0.9535; docs/quality.md).
+            trained = [c for c in fits if c.epochs == (epochs or target)]
+            share = [c for c in trained if c.seconds <= train_s * FIRST_MEMBER_SHARE]
+            full = ([c for c in share if c.size >= DEEPER_MIN_SIZE] or [c for c in trained if c.size >= DEEPER_MIN_SIZE]
+                    or share or trained)
             # Members before size: of those, the largest size at which the time buys every member (at
             # 180-600 s, 96-192 px with 4-5 members beat 192-224 px with 2-4: docs/quality.md), down to
             # DEEPER_MIN_SIZE (animals at 200 a class: 5 members at 64 px 0.9785, 3 at 96 px 0.9865).
@@ -322,9 +346,9 @@ def plan_recipe(
             all_members = bool(every) and (members or MAX_MEMBERS) > 1
             if not full:
                 # Squeezed below its epochs, the rule's depth still beats a shallower one that trains
-                # all of them (200 a class, 75 s: 3 groups frozen at 64 px for 6 epochs, one member,
-                # against the top stage at 64 px, 3-4 members of 12: MNIST 0.9675 vs 0.944, animals
-                # 0.959 vs 0.9535; docs/quality.md, fifth round).
+                # all of them (200 a class, 75 s, 3 groups frozen at 64 px: MNIST 1 member of 6 epochs
+                # 0.9675 against the top stage's 3 members of 12, 0.944; two members of 4 epochs, the
+                # pair below, 0.9725; animals 0.967 with the pair against the top stage at 96 px 0.9685).
                 why.append(f"{d} trains {best.epochs} of its {target} epochs in the {train_s:.0f} s planned for: "
                            "fewer epochs of the rule's depth beat a shallower depth's full ones")
             choice = best
@@ -363,11 +387,23 @@ def plan_recipe(
             f"{full_s:.0f} s for training: a shared machine slows down; cache {choice.cache_s:.1f} s, "
             f"{choice.epoch_s:.2f} s an epoch)"
         )
+    target = target_epochs(choice.depth, choice.augment)
+    pair = None if members is not None or epochs is not None else _pair_epochs(choice, full_s, cache_shared)
+    paired = pair is not None and (choice.epochs < target or _members_in(choice, full_s, cache_shared) == 1)
+    if paired and pair is not None:
+        why.append(
+            f"2 members of {pair} epochs instead of 1 of {choice.epochs}: the time buys one member of the augmented "
+            "fine-tune, or two of fewer epochs, and two are worth more (200 a class, 75 s: MNIST 0.9725 against "
+            "0.9675, animals 0.967 against 0.959)"
+        )
+        choice.members, choice.epochs = 2, pair
     later_cache_s, per_member = _later_member(choice, cache_shared)
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
-    elif choice.epochs < target_epochs(choice.depth, choice.augment):
+    elif paired:
+        pass  # two members of fewer epochs (above)
+    elif choice.epochs < target:
         choice.members = 1
         why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
     else:
@@ -858,6 +894,23 @@ class _Job:
             and not (_kept(self.keep, "augment") and spec.augment.enabled),
         )
 
+    def domain(self, table: list[Throughput], sizes: list[int]) -> dict[str, Any]:
+        """``_judge_domain`` at the smallest size, at the speed ``table`` gives for a pass over the network."""
+        speed = _network_speed(table, min(sizes))
+        return _judge_domain(self.images, self.labels, self.split, self.spec, probe_img_s=speed,
+                             budget_s=self.budget_s, device=self.device)
+
+
+def _network_speed(table: list[Throughput], size: int) -> float:
+    """Images a second through the whole network at ``size`` (the domain probe's pass), from ``table``:
+    the linear probe's prefix, the top stage's (nearly all of it), or a deeper depth's prefix and rest."""
+    for depth in ("linear_probe", "top"):
+        row = next((t for t in table if t.depth == depth and t.size == size and t.prefix_img_s > 0), None)
+        if row is not None:
+            return row.prefix_img_s
+    row = next((t for t in table if t.size == size and t.prefix_img_s > 0 and t.eval_img_s > 0), None)
+    return 1.0 / (1.0 / row.prefix_img_s + 1.0 / row.eval_img_s) if row is not None else 0.0
+
 
 def _deeper_step(
     job: _Job, table: list[Throughput], w: Workload, choice: Choice, why: list[str], sizes: list[int]
@@ -906,11 +959,7 @@ def _deeper_step(
     domain: dict[str, Any] | None = None
     if _trains_enough(deep, deeper, train_s, kept_epochs, need):
         # Enough for data unlike ImageNet: is it? (the probes' time then comes off the plan's)
-        # the probes run the whole network: the linear probe's prefix, or the top stage's (nearly all of it)
-        speed = next((t.prefix_img_s for d in ("linear_probe", "top") for t in table
-                      if t.depth == d and t.size == min(sizes)), 0.0)
-        domain = _judge_domain(job.images, job.labels, job.split, job.spec, probe_img_s=speed,
-                               budget_s=job.budget_s, device=job.device)
+        domain = job.domain(table, sizes)
         why = why + [domain["why"]]
         train_s = job.train_s()
         deep, deep_why = deep_plan(train_s)

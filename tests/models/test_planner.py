@@ -390,7 +390,7 @@ def test_a_burst_of_other_work_during_one_timed_call_does_not_set_the_speed() ->
 
 def test_a_squeezed_fine_tune_is_kept_over_a_shallower_one_that_trains_its_epochs() -> None:
     # 200 a class: the rule fine-tunes all but 3 groups; in this time that trains only a few epochs, and
-    # still beats the top stage with all of its (75 s: MNIST 0.9675 vs 0.944, animals 0.959 vs 0.9535).
+    # still beats the top stage with all of its (75 s, MNIST: 1 member of 6 epochs 0.9675 vs 0.944).
     w = workload(200)
     rule, _ = plan_recipe(table(), w, 3600.0)
     assert rule.depth == "most"  # with time enough, the rule's depth and its epochs
@@ -402,6 +402,22 @@ def test_a_squeezed_fine_tune_is_kept_over_a_shallower_one_that_trains_its_epoch
     # below its floor of epochs it gives way to the top stage
     choice, why = plan_recipe(table(), w, 150.0)
     assert choice.depth == "top" and any("the rule's depth does not fit" in line for line in why), why
+
+
+def test_sizes_under_96_px_only_when_no_larger_one_trains_the_epochs() -> None:
+    # The top stage at 200 a class: 64 px with room for 4 members scored 0.9535 on animals, 96 px with
+    # one member 0.9685. The planner takes 64 px only when 96 px does not train the target epochs.
+    w = workload(200)
+    seen = set()
+    for train_s in (150.0, 250.0, 290.0, 330.0, 370.0):
+        choice, why = plan_recipe(table(), w, train_s, depth="top")
+        seen.add(choice.size)
+        at_96 = plan_recipe(table(), w, train_s, depth="top", sizes=[96])[0]
+        if at_96.epochs == TARGET_EPOCHS:
+            assert choice.size >= 96, (train_s, why)
+        else:
+            assert choice.size == 64, (train_s, why)
+    assert seen == {64, 96}
 
 
 def test_shallower_depths_are_measured_only_when_the_rules_cannot_be_planned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -559,3 +575,35 @@ def test_the_deeper_step_measures_nothing_once_the_measuring_share_is_spent(monk
     assert calls == [("top",)]
     assert planned.freeze.stages == 7
     assert "top kept: most was not measured (the measuring share of the budget was spent)" in plan.why
+
+
+def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> None:
+    # 200 a class: where the time buys one member of the augmented fine-tune of "most" (squeezed or at its
+    # 6 epochs), two members of fewer epochs are planned when they fit PAIR_SHARE of it at the measured
+    # speed (75 s: MNIST 2 of 4 epochs 0.9725 against 1 of 6 0.9675, animals 0.967 against 0.959).
+    from models.planner import PAIR_SHARE, _later_member
+
+    w = workload(200)
+
+    def pair_s(c, e: int) -> float:  # noqa: ANN001
+        e_c = replace(c, epochs=e)
+        return c.lr_finder_s + SETUP_S + c.cache_s + e * c.epoch_s + _later_member(e_c, True)[1]
+
+    seen = set()
+    for train_s in (240.0, 260.0, 275.0, 290.0):
+        choice, why = plan_recipe(table(), w, train_s)
+        assert choice.depth == "most" and choice.augment, why
+        if any(line.startswith("2 members of") for line in why):
+            seen.add("pair")
+            assert choice.members == 2 and MIN_EPOCHS <= choice.epochs < AUGMENTED_DEEP_EPOCHS, why
+            assert pair_s(choice, choice.epochs) <= train_s * PAIR_SHARE  # they fit the share...
+            assert choice.seconds <= train_s
+        else:
+            seen.add("one")
+            assert choice.members == 1 and pair_s(choice, MIN_EPOCHS) > train_s * PAIR_SHARE, (train_s, why)
+    assert seen == {"one", "pair"}
+    # members or epochs the user kept are never paired
+    kept, why = plan_recipe(table(), w, 275.0, members=1)
+    assert kept.members == 1 and not any(line.startswith("2 members of") for line in why)
+    kept, why = plan_recipe(table(), w, 275.0, epochs=5)
+    assert kept.epochs == 5 and not any(line.startswith("2 members of") for line in why)
