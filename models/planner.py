@@ -79,7 +79,7 @@ AUGMENT_FROM = 150  # training images per class from which light augmentation pa
 # 224 px runs 27% slower per image than one of 16, at 96 px 12% faster: the job's own size is what counts).
 MAX_MEASURE_BATCH = 64
 MEASURE_REPS = 2  # timed runs of each step after a warm-up; the fastest counts (see best_of)
-MEASURE_SHARE = 0.15  # measurement stops adding sizes once it has used this share of the budget
+MEASURE_SHARE = 0.15  # no size above 96 px is measured whose predicted time would run measuring past this share
 SETUP_S = 1.0  # building a member (weights, cache allocation) before its first batch
 RESERVE_SHARE = 0.04  # of the budget, kept for the ensemble's evaluation and saving after the deadline
 RESERVE_MIN_S = 0.5
@@ -269,6 +269,7 @@ def plan_recipe(
     images: int | None = None,
     cache_shared: bool = True,
     augment: bool | None = None,
+    pairs: bool = True,
 ) -> tuple[Choice, list[str]]:
     """Choose size, depth, epochs and members for ``train_s`` seconds of training (pure).
 
@@ -285,6 +286,8 @@ def plan_recipe(
         cache_shared: members after the first reuse its frozen-prefix cache when they train
             unaugmented (pretrained weights: ``models.training``); False: each builds its own.
         augment: light augmentation or not; default: the rule's (from ``AUGMENT_FROM`` images a class).
+        pairs: where one member of the augmented fine-tune is bought, two of fewer epochs may be
+            planned instead (``PAIR_SHARE``); False: not (the deeper step wants its full epochs).
 
     Returns:
         The choice and one line per decision, saying why.
@@ -336,8 +339,9 @@ def plan_recipe(
             # top stage: 96 px with 1 member 0.9685, 64 px with 4 members 0.9535; docs/quality.md).
             trained = [c for c in fits if c.epochs == (epochs or target)]
             share = [c for c in trained if c.seconds <= train_s * FIRST_MEMBER_SHARE]
-            full = ([c for c in share if c.size >= DEEPER_MIN_SIZE] or [c for c in trained if c.size >= DEEPER_MIN_SIZE]
-                    or share or trained)
+            large = [c for c in trained if c.size >= DEEPER_MIN_SIZE]
+            # (of sizes that leave no room for more members, the smallest: it leaves the most)
+            full = ([c for c in share if c.size >= DEEPER_MIN_SIZE] or large[:1] or share or trained)
             # Members before size: of those, the largest size at which the time buys every member (at
             # 180-600 s, 96-192 px with 4-5 members beat 192-224 px with 2-4: docs/quality.md), down to
             # DEEPER_MIN_SIZE (animals at 200 a class: 5 members at 64 px 0.9785, 3 at 96 px 0.9865).
@@ -345,7 +349,7 @@ def plan_recipe(
                      and _members_in(c, full_s, cache_shared) >= (members or MAX_MEMBERS)]
             best = max(every or full, key=lambda c: c.size) if full else max(fits, key=lambda c: (c.epochs, -c.size))
             all_members = bool(every) and (members or MAX_MEMBERS) > 1
-            if not full:
+            if not full and d == ladder[0] and depth is None:
                 # Squeezed below its epochs, the rule's depth still beats a shallower one that trains
                 # all of them (200 a class, 75 s, 3 groups frozen at 64 px: MNIST 1 member of 6 epochs
                 # 0.9675 against the top stage's 3 members of 12, 0.944; two members of 4 epochs, the
@@ -389,7 +393,11 @@ def plan_recipe(
             f"{choice.epoch_s:.2f} s an epoch)"
         )
     target = target_epochs(choice.depth, choice.augment)
-    pair = None if members is not None or epochs is not None else _pair_epochs(choice, full_s, cache_shared)
+    pair = (None if members is not None or epochs is not None or not pairs
+            else _pair_epochs(choice, full_s, cache_shared))
+    if pair is not None and max_pixel_epochs is not None and images is not None \
+            and images * choice.size * choice.size * pair * 2 > max_pixel_epochs:
+        pair = None  # the cap would take the second member and leave the first with fewer epochs
     paired = pair is not None and (choice.epochs < target or _members_in(choice, full_s, cache_shared) == 1)
     if paired and pair is not None:
         why.append(
@@ -491,7 +499,7 @@ def measure_throughput(
     Sizes are measured in increasing order. A depth whose row ``plannable`` rejects (``could_plan``:
     too slow for the time) is not measured at larger sizes, which are slower still; measurement
     stops before a size whose predicted cost (the last size's, scaled by pixels and depths) would
-    run past ``time_cap_s`` (the first size is always measured). Random weights: speed does not
+    run past ``time_cap_s`` (sizes up to ``DEEPER_MIN_SIZE`` are always measured). Random weights: speed does not
     depend on them.
     """
     import torch
@@ -526,7 +534,9 @@ def measure_throughput(
             if log:
                 log(f"planner: nothing measured from {size} px on (no depth there could fit the time)")
             break
-        if time_cap_s is not None and last is not None:
+        if time_cap_s is not None and last is not None and size > DEEPER_MIN_SIZE:
+            # (up to DEEPER_MIN_SIZE always: the first size's time includes one-time setup, and 96 px is
+            # the size plans prefer)
             prev_size, prev_depths, prev_s = last
             predicted = prev_s * (size / prev_size) ** 2 * len(active) / prev_depths
             if time.perf_counter() - t_start + predicted > time_cap_s:
@@ -878,6 +888,7 @@ class _Job:
     def plan_for(
         self, rows: list[Throughput], work: Workload, seconds: float, depth: str | None = None,
         aug: bool | None = None, only: list[int] | None = None, epochs: int | None = None,
+        pairs: bool = True,
     ) -> tuple[Choice, list[str]]:
         """``plan_recipe`` with what the user kept."""
         spec = self.spec
@@ -893,6 +904,7 @@ class _Job:
             # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
             cache_shared=spec.weights != "none" and not spec.ensemble.backbones
             and not (_kept(self.keep, "augment") and spec.augment.enabled),
+            pairs=pairs,
         )
 
     def domain(self, table: list[Throughput], sizes: list[int]) -> dict[str, Any]:
@@ -939,15 +951,16 @@ def _deeper_step(
         table += job.measure(job.spec.backbone, unmeasured, [deeper], job.measure_left(), w)
     if not any(t.depth == deeper and t.size in deep_sizes for t in table):
         return choice, why + [f"{choice.depth} kept: {deeper} was not measured (the measuring share of the "
-                              "budget was spent)"], None
+                              "budget was spent, or it is too slow for the time)"], None
 
     def deep_plan(seconds: float) -> tuple[Choice, list[str]]:
         # Members first (6 epochs each); once they are all bought, epochs again: 12-epoch members at a
         # smaller size beat 6-epoch ones at the largest (600 s, docs/quality.md).
-        short = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes)
+        short = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, pairs=False)
         if kept_epochs is not None or short[0].members < (kept_members or MAX_MEMBERS):
             return short
-        long = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, epochs=TARGET_EPOCHS)
+        long = job.plan_for(table, w, seconds, depth=deeper, aug=True, only=deep_sizes, epochs=TARGET_EPOCHS,
+                            pairs=False)
         if not _trains_enough(long[0], deeper, seconds, TARGET_EPOCHS,
                               min(LONG_DEEPER_MEMBERS, kept_members or LONG_DEEPER_MEMBERS)):
             return short

@@ -418,6 +418,10 @@ def test_sizes_under_96_px_only_when_no_larger_one_trains_the_epochs() -> None:
         else:
             assert choice.size == 64, (train_s, why)
     assert seen == {64, 96}
+    # where only 64 px leaves room for more members, the smallest size from 96 px up (the most members):
+    # 96 px with 4 members, not 128 px with 2
+    choice, why = plan_recipe(table(), workload(40), 100.0)
+    assert (choice.size, choice.members) == (96, 4), why
 
 
 def test_shallower_depths_are_measured_only_when_the_rules_cannot_be_planned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -541,17 +545,18 @@ def test_measuring_stops_before_a_size_it_cannot_afford(monkeypatch: pytest.Monk
     import models.planner as planner
 
     def slow_depth(model, steps, x, y, timer, chunk=None):  # noqa: ANN001, ANN202
-        time.sleep(0.1 * (x.shape[-1] / 32) ** 2)  # 0.1 s at 32 px, 0.4 s at 64 px, 0.9 s at 96 px
+        time.sleep(0.1 * (x.shape[-1] / 48) ** 2)  # 0.1 s at 48 px, 0.4 s at 96 px, 0.7 s at 128 px
         return 0.01, 0.01, 0.01, True
 
     monkeypatch.setattr(planner, "time_depth", slow_depth)
     images = np.zeros((8, 32, 32, 3), np.uint8)
     t0 = time.perf_counter()
-    rows = planner.measure_throughput(images, "test_efficientnet", "last", 3, [32, 64, 96], ["top"], batch_size=8,
-                                      time_cap_s=0.8)
+    rows = planner.measure_throughput(images, "test_efficientnet", "last", 3, [48, 96, 128], ["top"], batch_size=8,
+                                      time_cap_s=0.2)
     elapsed = time.perf_counter() - t0
-    assert [t.size for t in rows] == [32, 64]  # 96 px would have ended at about 1.4 s
-    assert elapsed < 0.8 + 0.3, elapsed
+    # up to 96 px always (the size plans prefer); 128 px would have ended at about 1.2 s
+    assert [t.size for t in rows] == [48, 96]
+    assert elapsed < 1.0, elapsed
 
 
 def test_the_deeper_step_measures_nothing_once_the_measuring_share_is_spent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -574,7 +579,8 @@ def test_the_deeper_step_measures_nothing_once_the_measuring_share_is_spent(monk
     planned, plan = planner.plan_job(np.zeros((500, 64, 64, 3), np.uint8), np.arange(500) % 10, spec, 200.0)
     assert calls == [("top",)]
     assert planned.freeze.stages == 7
-    assert "top kept: most was not measured (the measuring share of the budget was spent)" in plan.why
+    assert ("top kept: most was not measured (the measuring share of the budget was spent, or it is too slow "
+            "for the time)") in plan.why
 
 
 def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> None:
@@ -602,6 +608,14 @@ def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> 
             seen.add("one")
             assert choice.members == 1 and pair_s(choice, MIN_EPOCHS) > train_s * PAIR_SHARE, (train_s, why)
     assert seen == {"one", "pair"}
+    # the pair takes the most epochs that fit
+    choice, _ = plan_recipe(table(), w, 290.0)
+    assert choice.members == 2 and pair_s(choice, choice.epochs + 1) > 290.0 * PAIR_SHARE
+    # never past the admission cap: where the cap would take the second member, the first keeps its epochs
+    images = w.n_train + w.n_val
+    capped, why = plan_recipe(table(), w, 260.0, max_pixel_epochs=images * 64 * 64 * 6, images=images)
+    assert capped.members == 1 and capped.epochs > MIN_EPOCHS, why
+    assert not any(line.startswith("2 members of") for line in why)
     # members or epochs the user kept are never paired
     kept, why = plan_recipe(table(), w, 275.0, members=1)
     assert kept.members == 1 and not any(line.startswith("2 members of") for line in why)
