@@ -167,8 +167,10 @@ def target_epochs(depth: str, augment: bool) -> int:
 
 
 def lr_finder_seconds(t: Throughput) -> float:
-    """The range test's seconds at ``t``: about 60 steps of 32 images (``models.lr_finder``)."""
-    return 60 * 32 / t.train_img_s
+    """The range test's seconds at ``t``: its steps (``models.lr_finder.NUM_ITER``) of 32 images."""
+    from .lr_finder import NUM_ITER  # (here: the planner imports torch only where it runs it)
+
+    return NUM_ITER * 32 / t.train_img_s
 
 
 def could_plan(t: Throughput, w: Workload, train_s: float, epochs: int | None = None) -> bool:
@@ -398,8 +400,9 @@ def plan_recipe(
     if pair is not None and max_pixel_epochs is not None and images is not None \
             and images * choice.size * choice.size * pair * 2 > max_pixel_epochs:
         pair = None  # the cap would take the second member and leave the first with fewer epochs
-    paired = pair is not None and (choice.epochs < target or _members_in(choice, full_s, cache_shared) == 1)
-    if paired and pair is not None:
+    if pair is not None and choice.epochs >= target and _members_in(choice, full_s, cache_shared) > 1:
+        pair = None  # members of all their epochs are bought anyway
+    if pair is not None:
         why.append(
             f"2 members of {pair} epochs instead of 1 of {choice.epochs}: the time buys one member of the augmented "
             "fine-tune, or two of fewer epochs, and two are worth more (200 a class, 75 s: MNIST 0.9725 against "
@@ -410,7 +413,7 @@ def plan_recipe(
     if members is not None:
         choice.members = members
         why.append(f"members kept as set: {members}")
-    elif paired:
+    elif pair is not None:
         pass  # two members of fewer epochs (above)
     elif choice.epochs < target:
         choice.members = 1

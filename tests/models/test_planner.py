@@ -616,6 +616,9 @@ def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> 
     capped, why = plan_recipe(table(), w, 260.0, max_pixel_epochs=images * 64 * 64 * 6, images=images)
     assert capped.members == 1 and capped.epochs > MIN_EPOCHS, why
     assert not any(line.startswith("2 members of") for line in why)
+    # nor where the caller wants full epochs (the deeper step: it judges a plan by them)
+    unpaired, why = plan_recipe(table(), w, 260.0, pairs=False)
+    assert unpaired.members == 1 and not any(line.startswith("2 members of") for line in why)
     # members or epochs the user kept are never paired
     kept, why = plan_recipe(table(), w, 275.0, members=1)
     assert kept.members == 1 and not any(line.startswith("2 members of") for line in why)
