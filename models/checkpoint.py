@@ -93,6 +93,8 @@ class TrainState:
         history: every epoch record so far, in order.
         ema: the member's exponential-moving-average weights, when ``ensemble.ema``.
         best_kind: which weights ``best_state`` holds: ``raw`` or ``ema``.
+        member_epochs: the epochs of the member in training: the recipe's, or fewer for a member a
+            time budget shortened (``models.training``); None in checkpoints written before it was kept.
     """
 
     member: int
@@ -117,6 +119,7 @@ class TrainState:
     history: list[EpochRecord]
     ema: dict[str, torch.Tensor] | None = None
     best_kind: str = "raw"
+    member_epochs: int | None = None
 
 
 def run_fingerprint(data: ImageArray, spec: TrainSpec) -> dict[str, str]:
@@ -155,7 +158,8 @@ def resume_problem(
     if have.get("versions") != want["versions"]:
         return f"it was written by {have.get('versions')}, this is {want['versions']}"
     backbones = spec.member_backbones()
-    if not 0 <= state.member < len(backbones) or not 0 <= state.epoch < spec.epochs:
+    epochs = spec.epochs if state.member_epochs is None else state.member_epochs
+    if not 0 <= state.member < len(backbones) or not 0 <= state.epoch < epochs <= spec.epochs:
         return f"member {state.member} epoch {state.epoch} is outside the recipe"
     if spec.ensemble.snapshot:
         ends = cycle_ends(spec.epochs, spec.ensemble.members)

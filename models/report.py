@@ -273,6 +273,9 @@ class Plan(_Section):
     members_skipped: dict[str, Any] | None = Field(
         None, description="planned members not started: at the last member's pace they would have missed the deadline"
     )
+    members_shortened: dict[str, Any] | None = Field(
+        None, description="members trained with fewer epochs (a shorter schedule) so that they end before the deadline"
+    )
 
 
 class ValPrediction(_Section):
@@ -329,6 +332,9 @@ class Report(ReportSummary):
     deadline: dict[str, Any] | None = Field(None, description="where the time budget's deadline stopped training")
     members_skipped: dict[str, Any] | None = Field(
         None, description="members not started under the time budget: at the last one's pace they would miss it"
+    )
+    members_shortened: dict[str, Any] | None = Field(
+        None, description="members trained with fewer epochs under the time budget, so that they end before it"
     )
     val_predictions: list[ValPrediction] | None = Field(
         None,

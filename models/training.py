@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -56,6 +56,9 @@ from .zoo import Preprocess, preprocess_for
 LR_PLACEHOLDER = 0.01
 # A member is started under a deadline only if the last one's time, times this, is left (a busier machine).
 MEMBER_PACE_MARGIN = 1.1
+# Where a whole member no longer fits, one of fewer epochs (a complete, shorter schedule) is trained if
+# at least this share of the recipe's epochs fits; else the member is not started.
+SHORT_MEMBER_MIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,15 @@ def train(
                 for i, backbone in enumerate(spec.member_backbones()):
                     if i < len(run.members):
                         continue
-                    if run.deadline_hit is not None or run.member_would_miss_deadline(i):
+                    if run.deadline_hit is not None:
                         break
                     state = run.resume if run.resume is not None and run.resume.member == i else None
-                    run.train_member(i, backbone, shared, state)
+                    # A resumed member goes on with the epochs it started with (a shortened one's too).
+                    epochs = run.resumed_epochs(state) if state is not None else run.epochs_that_fit(i)
+                    if epochs is None:
+                        break
+                    with run.member_epochs(epochs):
+                        run.train_member(i, backbone, shared, state)
         except DeadlineReached:
             run.note_deadline(len(run.members), None)
         finally:
@@ -183,6 +191,8 @@ def train(
         result.sections["deadline"] = run.deadline_hit
     if run.members_skipped is not None:
         result.sections["members_skipped"] = run.members_skipped
+    if run.members_shortened is not None:
+        result.sections["members_shortened"] = run.members_shortened
     return result
 
 
@@ -208,9 +218,12 @@ class _Run:
         self.deadline_hit: dict[str, Any] | None = None
         # With a deadline: what each member took (less what a later member does not repeat: the range
         # test, a shared cache's build), so a member that would not finish in time is not started.
-        self.member_seconds: dict[str, float] = {}  # by backbone: the last member's
+        self.member_seconds: dict[str, float] = {}  # by backbone: the last member's, at the recipe's epochs
+        self.epoch_seconds: dict[str, float] = {}  # by backbone: the last member's seconds an epoch
         self.shared_build_s = 0.0
         self.members_skipped: dict[str, Any] | None = None
+        self.members_shortened: dict[str, Any] | None = None
+        self.recipe_epochs = spec.epochs  # a shortened member trains fewer (epochs_that_fit)
         # optimizer.lr 'auto': members are built at a placeholder lr, the finder sets the real one.
         self.lr_auto = spec.optimizer.lr == LR_AUTO
         if self.lr_auto:
@@ -255,22 +268,42 @@ class _Run:
         if self.deadline is not None and self.deadline_armed and time.perf_counter() > self.deadline:
             raise DeadlineReached
 
-    def member_would_miss_deadline(self, i: int) -> bool:
-        """Whether member ``i``, at the pace of the last one, would not end before the deadline.
+    def epochs_that_fit(self, i: int) -> int | None:
+        """The epochs member ``i`` trains under the deadline: the recipe's, fewer, or None (not started).
 
-        A member the deadline cuts short is rarely worth its place (``_MemberLoop.cut_short``), so
-        it is not started; the run ends early with the members it has. The planner can therefore
-        plan members at the measured speed and let the run keep only those that fit.
+        At the pace of the last member of its backbone, a member that would not end before the deadline
+        is not started as it is: a member the deadline cuts short is rarely worth its place
+        (``_MemberLoop.cut_short``). It trains a complete, shorter schedule instead (its learning rate
+        decays over the epochs it has) when at least ``SHORT_MEMBER_MIN_SHARE`` of the recipe's epochs
+        fit; else the run ends with the members it has. The planner can therefore plan members at the
+        measured speed and let the run keep what fits.
         """
+        full = self.recipe_epochs
         if self.deadline is None or not self.member_seconds:
-            return False
+            return full
         backbone = self.spec.member_backbones()[i]
-        # A backbone not trained yet (a mixed ensemble): the slowest pace seen, to be safe.
+        # A backbone not trained yet (a mixed ensemble): the slowest pace seen, to be safe, and no shortening.
         need = self.member_seconds.get(backbone, max(self.member_seconds.values())) * MEMBER_PACE_MARGIN
         left = self.deadline - time.perf_counter()
         if left >= need:
-            return False
+            return full
         planned = self.spec.ensemble.members
+        epoch_s = self.epoch_seconds.get(backbone)
+        if epoch_s is not None and epoch_s > 0:
+            setup_s = max(self.member_seconds[backbone] - full * epoch_s, 0.0)
+            fits = math.floor((left / MEMBER_PACE_MARGIN - setup_s) / epoch_s)
+            least = max(math.ceil(SHORT_MEMBER_MIN_SHARE * full), self.spec.schedule.warmup_epochs + 2)
+            if least <= fits < full:
+                note = (f"member {i + 1} of {planned} trains {fits} of {full} epochs (a shorter schedule): a whole "
+                        f"member takes about {need:.0f} s and {max(left, 0.0):.0f} s were left before the deadline")
+                earlier = self.members_shortened
+                self.members_shortened = {
+                    "members": [*(earlier["members"] if earlier else []), {"member": i, "epochs": fits}],
+                    "planned_epochs": full,
+                    "note": f"{earlier['note']}; {note}" if earlier else note,
+                }
+                self.log(f"time budget: {note}")
+                return fits
         self.members_skipped = {
             "planned": planned,
             "trained": i,
@@ -280,7 +313,23 @@ class _Run:
             f"{max(left, 0.0):.0f} s were left before the deadline",
         }
         self.log(f"time budget: {self.members_skipped['note']}")
-        return True
+        return None
+
+    def resumed_epochs(self, state: TrainState) -> int:
+        """The epochs of the member a checkpoint resumes: those it started with (a shortened one's too)."""
+        return self.recipe_epochs if state.member_epochs is None else state.member_epochs
+
+    @contextlib.contextmanager
+    def member_epochs(self, epochs: int) -> Iterator[None]:
+        """Train the member inside with ``epochs`` epochs (its schedule, loop and checkpoints follow)."""
+        if epochs == self.spec.epochs:
+            yield
+            return
+        self.spec = self.spec.model_copy(update={"epochs": epochs})
+        try:
+            yield
+        finally:
+            self.spec = self.spec.model_copy(update={"epochs": self.recipe_epochs})
 
     def note_deadline(self, member: int, epoch: int | None) -> None:
         """Record where the deadline stopped the run (once)."""
@@ -436,7 +485,11 @@ class _Run:
             setup_s = t_loop - t0 - lr_s - (self.shared_build_s if built_shared else 0.0)
             loop_s = time.perf_counter() - t_loop
             ran = int(m.applied.get("epochs_run") or 0)
-            epochs_s = loop_s * self.spec.epochs / ran if m.optimizer is not None and ran > 0 else loop_s
+            if m.optimizer is not None and ran > 0:
+                self.epoch_seconds[backbone] = loop_s / ran
+                epochs_s = loop_s * self.recipe_epochs / ran
+            else:
+                epochs_s = loop_s
             self.member_seconds[backbone] = setup_s + max(epochs_s, loop_s)
 
     def find_lr(self, m: MemberSetup) -> None:
@@ -756,4 +809,5 @@ class _MemberLoop:
             history=list(run.history),
             ema=m.ema.module.state_dict() if m.ema is not None else None,
             best_kind=best.kind,
+            member_epochs=self.spec.epochs,
         )

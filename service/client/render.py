@@ -161,7 +161,8 @@ def plan_table(r: dict[str, Any]) -> Table | None:
     if lf:
         rows.append(("lr picked", f"{lf['lr']:.2g} ({lf.get('method', '-')})"))
     rows += [("why" if i == 0 else "", f"- {line}") for i, line in enumerate(plan.get("why") or [])]
-    for key, title in (("deadline", "deadline"), ("members_skipped", "members skipped")):
+    for key, title in (("deadline", "deadline"), ("members_shortened", "members shortened"),
+                       ("members_skipped", "members skipped")):
         note = (plan.get(key) or r.get(key) or {}).get("note")
         if note:
             rows.append((title, note))

@@ -254,7 +254,8 @@ def _manifest_file(settings, model_id: str) -> Path:
 
 
 def _add_plan_notes(settings, model_id: str) -> dict:
-    """Give the model's stored plan a default budget, a deadline and skipped members (as a tight budget would)."""
+    """Give the model's stored plan a default budget, a deadline, a shortened and a skipped member (as a tight
+    budget would)."""
     manifest_file = _manifest_file(settings, model_id)
     manifest = json.loads(manifest_file.read_text())
     notes = {
@@ -263,6 +264,9 @@ def _add_plan_notes(settings, model_id: str) -> dict:
         "members_skipped": {"planned": 3, "trained": 2, "member_s": 4.2, "left_s": 1.0,
                             "note": "member 3 of 3 not started: a member takes about 4 s and 1 s were left before "
                             "the deadline"},
+        "members_shortened": {"members": [{"member": 1, "epochs": 3}], "planned_epochs": 6,
+                              "note": "member 2 of 3 trains 3 of 6 epochs (a shorter schedule): a whole member "
+                              "takes about 8 s and 5 s were left before the deadline"},
     }
     manifest["report"]["plan"].update(default_budget=True, **notes)
     manifest_file.write_text(json.dumps(manifest))
@@ -325,6 +329,7 @@ def test_model_page_shows_the_plan(planned_models) -> None:
             page.reload()
             expect(card.get_by_test_id("plan-deadline")).to_contain_text(notes["deadline"]["note"])
             expect(card.get_by_test_id("plan-members-skipped")).to_contain_text(notes["members_skipped"]["note"])
+            expect(card.get_by_test_id("plan-members-shortened")).to_contain_text(notes["members_shortened"]["note"])
             expect(card.get_by_test_id("plan-budget")).to_contain_text("the default budget for this device")
             expect(card.locator("[data-testid=lr-finder] .figure img[src^='blob:']")).to_be_attached(timeout=60_000)
             page.wait_for_load_state("networkidle")

@@ -269,3 +269,24 @@ def test_a_resumed_pretrained_member_caches_its_pretrained_prefix(small, tiny_sp
     _run_until(small, spec, tmp_path, member, epoch)
     resumed = train(small, spec, device="cpu", resume=load_state(tmp_path))
     _assert_same_run(resumed, straight)
+
+
+def test_a_shortened_member_resumes_with_its_own_epochs(small, spec, tmp_path, monkeypatch) -> None:
+    # A time budget trained the second member on a shorter schedule (2 of the recipe's 4 epochs); a worker
+    # killed after its first epoch must go on with 2, not the recipe's 4 (the schedule and loop follow them).
+    from models.training import _Run
+
+    recipe = spec.model_copy(update={"patience": None})
+    monkeypatch.setattr(_Run, "epochs_that_fit", lambda run, i: 2 if i == 1 else run.recipe_epochs)
+    straight = train(small, recipe, device="cpu")
+    assert [m.epochs_run for m in straight.members] == [4, 2]
+    _run_until(small, recipe, tmp_path, 1, 0)
+    state = load_state(tmp_path)
+    assert (state.member, state.epoch, state.member_epochs) == (1, 0, 2)
+    assert resume_problem(state, small, recipe) is None
+    resumed = train(small, recipe, device="cpu", resume=state)
+    _assert_same_run(resumed, straight)
+    # a checkpoint whose member's epochs are not the recipe's (over them, or already past) is refused
+    for bad in (5, 0):
+        state.member_epochs = bad
+        assert "outside the recipe" in (resume_problem(state, small, recipe) or "")

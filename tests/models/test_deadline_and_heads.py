@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from models.artifact import load_predictor, save_artifact
@@ -99,11 +101,15 @@ def test_a_member_that_would_miss_the_deadline_is_not_started(
     assert skipped["member_s"] >= 4.0 and skipped["left_s"] < skipped["member_s"]
 
 
-def _paced_run(spec: TrainSpec, deadline_in: float, seconds: dict[str, float]) -> _Run:
+def _paced_run(
+    spec: TrainSpec, deadline_in: float, seconds: dict[str, float], epoch_seconds: dict[str, float] | None = None
+) -> _Run:
     """A ``_Run`` that has trained members at these paces, without data (the pace check only)."""
     run = object.__new__(_Run)
     run.spec, run.deadline, run.member_seconds = spec, time.perf_counter() + deadline_in, seconds
-    run.members_skipped = None
+    run.epoch_seconds = epoch_seconds or {}
+    run.recipe_epochs = spec.epochs
+    run.members_skipped = run.members_shortened = None
     run.log = lambda _m: None
     return run
 
@@ -111,12 +117,76 @@ def _paced_run(spec: TrainSpec, deadline_in: float, seconds: dict[str, float]) -
 def test_the_pace_check_uses_the_next_members_backbone(tiny_spec: Callable[..., TrainSpec]) -> None:
     mixed = tiny_spec(ensemble={"members": 3, "backbones": ["tf_efficientnet_lite0"]})
     # member 1 is lite0: its pace is unknown, so the slowest seen (5 s) counts, and 4 s are left
-    assert _paced_run(mixed, 4.0, {"test_efficientnet": 5.0}).member_would_miss_deadline(1)
+    assert _paced_run(mixed, 4.0, {"test_efficientnet": 5.0}).epochs_that_fit(1) is None
     # member 2 is test_efficientnet again: 1 s a member fits the 4 s left, whatever lite0 took
-    assert not _paced_run(mixed, 4.0, {"test_efficientnet": 1.0, "tf_efficientnet_lite0": 9.0}
-                          ).member_would_miss_deadline(2)
+    assert _paced_run(mixed, 4.0, {"test_efficientnet": 1.0, "tf_efficientnet_lite0": 9.0}).epochs_that_fit(2) == 2
     # no member trained yet: nothing to judge by, never skipped
-    assert not _paced_run(mixed, 4.0, {}).member_would_miss_deadline(1)
+    assert _paced_run(mixed, 4.0, {}).epochs_that_fit(1) == 2
+
+
+def test_a_member_that_fits_only_in_part_trains_a_shorter_schedule(tiny_spec: Callable[..., TrainSpec]) -> None:
+    # A member of 8 epochs: 1 s of setup and 1.5 s an epoch (13 s; 14.3 s with the pace margin).
+    spec = tiny_spec(epochs=8, ensemble={"members": 3})
+    pace = ({"test_efficientnet": 13.0}, {"test_efficientnet": 1.5})
+    run = _paced_run(spec, 10.0, *pace)
+    # 10 s left: (10 / 1.1 - 1) / 1.5 = 5.4, so 5 epochs (at least half of 8 fit)
+    assert run.epochs_that_fit(1) == 5
+    assert run.members_skipped is None
+    assert run.members_shortened is not None
+    assert run.members_shortened["members"] == [{"member": 1, "epochs": 5}]
+    assert run.members_shortened["planned_epochs"] == 8
+    assert "member 2 of 3 trains 5 of 8 epochs" in run.members_shortened["note"]
+    # 7 s left: 3.6 epochs fit, under half of 8: not started
+    run = _paced_run(spec, 7.0, *pace)
+    assert run.epochs_that_fit(1) is None
+    assert run.members_shortened is None and run.members_skipped is not None
+    # the warm-up counts: with 3 warm-up epochs at least 5 must fit, and 4.6 do (8 s left)
+    warm = tiny_spec(epochs=8, ensemble={"members": 3}, schedule={"name": "cosine", "warmup_epochs": 3})
+    assert _paced_run(warm, 8.0, *pace).epochs_that_fit(1) is None
+    assert _paced_run(spec, 8.0, *pace).epochs_that_fit(1) == 4
+    # a whole member fits: the recipe's epochs
+    assert _paced_run(spec, 15.0, *pace).epochs_that_fit(1) == 8
+
+
+def _on_a_grid(t0: float, step: float) -> Callable[[object], None]:
+    """An on_epoch hook that ends every epoch on the next multiple of ``step`` seconds after ``t0``."""
+
+    def wait(_record: object) -> None:
+        now = time.perf_counter() - t0
+        time.sleep(math.floor(now / step + 1) * step - now)
+
+    return wait
+
+
+def test_a_shortened_member_trains_and_ends_before_the_deadline(
+    lfw_data: ImageArray, tiny_spec: Callable[..., TrainSpec]
+) -> None:
+    # Epochs end on a 1.5 s grid, so the first member (4 epochs) ends at 6 s and takes about 6 s.
+    # With the deadline at 10.3 s, about 4.3 s are left: a whole member (6.6 s with the margin) does
+    # not fit, (4.3 / 1.1) / 1.5 = 2.6 epochs do: the second member trains 2 epochs, ends at 9 s,
+    # and the third is not started. Before, the second was skipped and 4 s were left unused.
+    torch.set_num_threads(1)
+    small = ImageArray(lfw_data.images[np.r_[0:40, 100:140]], lfw_data.labels[np.r_[0:40, 100:140]],
+                       list(lfw_data.classes))
+    spec = tiny_spec(epochs=4, patience=None, ensemble={"members": 3})
+    seen: list = []
+    t0 = time.perf_counter()
+    grid = _on_a_grid(t0, 1.5)
+
+    def on_epoch(record: object) -> None:
+        seen.append(record)
+        grid(record)
+
+    result = train(small, spec, device="cpu", hooks=TrainHooks(deadline=t0 + 10.3, on_epoch=on_epoch))
+    report = result.report()
+    assert [m.epochs_run for m in result.members] == [4, 2]
+    assert report.get("deadline") is None  # nothing was cut short
+    assert report["members_shortened"]["members"] == [{"member": 1, "epochs": 2}]
+    assert (report["members_skipped"]["planned"], report["members_skipped"]["trained"]) == (3, 2)
+    # Its schedule is a whole one of 2 epochs: its cosine lr ends where the 4-epoch one is at epoch 3.
+    lrs = {(r.member, r.epoch): r.lr for r in seen}
+    assert lrs[(1, 0)] == lrs[(0, 0)] and lrs[(1, 1)] == pytest.approx(lrs[(0, 2)])
+    assert result.members[1].epochs_planned == 2
 
 
 def test_members_that_fit_before_the_deadline_all_train(

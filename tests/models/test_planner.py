@@ -596,7 +596,7 @@ def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> 
         return c.lr_finder_s + SETUP_S + c.cache_s + e * c.epoch_s + _later_member(e_c, True)[1]
 
     seen = set()
-    for train_s in (220.0, 240.0, 260.0, 290.0):
+    for train_s in (200.0, 220.0, 240.0, 260.0, 290.0):
         choice, why = plan_recipe(table(), w, train_s)
         assert choice.depth == "most" and choice.augment, why
         if any(line.startswith("2 members of") for line in why):
@@ -604,10 +604,17 @@ def test_two_members_of_fewer_epochs_before_one_of_the_augmented_fine_tune() -> 
             assert choice.members == 2 and MIN_EPOCHS <= choice.epochs < AUGMENTED_DEEP_EPOCHS, why
             assert pair_s(choice, choice.epochs) <= train_s * PAIR_SHARE  # they fit the share...
             assert choice.seconds <= train_s
+        elif any("epochs each: the time buys" in line for line in why):
+            # no pair, but at the measured speed the squeezed member leaves room for another of its
+            # epochs (the run shortens or skips what does not fit: models.training)
+            seen.add("more")
+            assert choice.members == 2 and choice.epochs == MIN_EPOCHS, why
+            assert train_s * PAIR_SHARE < pair_s(choice, MIN_EPOCHS) <= train_s
+            assert choice.seconds <= train_s
         else:
             seen.add("one")
-            assert choice.members == 1 and pair_s(choice, MIN_EPOCHS) > train_s * PAIR_SHARE, (train_s, why)
-    assert seen == {"one", "pair"}
+            assert choice.members == 1 and pair_s(choice, MIN_EPOCHS) > train_s, (train_s, why)
+    assert seen == {"one", "more", "pair"}
     # the pair takes the most epochs that fit
     choice, _ = plan_recipe(table(), w, 290.0)
     assert choice.members == 2 and pair_s(choice, choice.epochs + 1) > 290.0 * PAIR_SHARE

@@ -50,14 +50,16 @@ def test_the_plan_says_what_the_planner_chose_and_why() -> None:
     assert render.plan_table({"val_acc": 1.0}) is None and render.plan_table({"plan": None}) is None
     out = shown(render.plan_table({
         "plan": {**_plan(), "deadline": {"member": 0, "epoch": 3, "note": "stopped in member 1, epoch 4"}},
-        "members_skipped": {"note": "member 2 of 2 not started"},  # the report's own copy (older reports)
+        "members_skipped": {"note": "member 3 of 3 not started"},  # the report's own copy (older reports)
+        "members_shortened": {"note": "member 2 of 3 trains 3 of 6 epochs"},
         "lr_finder": {"lr": 0.0031, "method": "steepest"},
     }))
     for text in ("plan for the time budget of 60.0 s", "60.0 s (the default budget for this device)", "52.5 s",
                  "(measuring the speed 1.2 s)", "48.0 s", "planned image_size", "128",
                  '{"mode": "linear_probe"}', "you set", "backbone", "0.0031 (steepest)",
                  "5 training images per class (< 20): only a new linear classifier trains",
-                 "stopped in member 1, epoch 4", "member 2 of 2 not started"):
+                 "stopped in member 1, epoch 4", "member 3 of 3 not started", "members shortened",
+                 "member 2 of 3 trains 3 of 6 epochs"):
         assert text in out, (text, out)
 
 

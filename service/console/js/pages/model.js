@@ -120,6 +120,7 @@ function planCard(report) {
   const kept = (plan.kept || []).filter((k) => !(k in (plan.planned || {})));
   const notes = [
     ["plan-deadline", "Deadline", (plan.deadline || report.deadline || {}).note],
+    ["plan-members-shortened", "Members shortened", (plan.members_shortened || report.members_shortened || {}).note],
     ["plan-members-skipped", "Members skipped", (plan.members_skipped || report.members_skipped || {}).note],
   ].filter(([, , note]) => note);
   return h("div", { class: "card", "data-testid": "plan" },
