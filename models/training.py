@@ -737,6 +737,7 @@ class _MemberLoop:
                 "train_images_per_s": n_train / max(train_seconds, 1e-9),
                 "lr_min": min(lrs),
                 "trainable_params": float(freeze.trainable_params),
+                "epochs": float(spec.epochs),  # this member's (a time budget may shorten one: epochs_that_fit)
             },
         )
 

@@ -256,7 +256,7 @@ class JobReporter:
             "member": rec.member + 1,
             "members": self.members,
             "epoch": rec.epoch + 1,
-            "epochs": self.total_epochs,
+            "epochs": int(rec.extra.get("epochs", self.total_epochs)),  # a shortened member's own
             "train_loss": rec.train_loss,
             "train_acc": rec.train_acc,
             "val_loss": rec.val_loss,

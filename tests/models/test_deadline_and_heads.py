@@ -187,6 +187,8 @@ def test_a_shortened_member_trains_and_ends_before_the_deadline(
     lrs = {(r.member, r.epoch): r.lr for r in seen}
     assert lrs[(1, 0)] == lrs[(0, 0)] and lrs[(1, 1)] == pytest.approx(lrs[(0, 2)])
     assert result.members[1].epochs_planned == 2
+    # each epoch says its member's epochs (the job's progress shows "epoch 2/2", not "2/4")
+    assert [(r.member, r.extra["epochs"]) for r in seen] == [(0, 4.0)] * 4 + [(1, 2.0)] * 2
 
 
 def test_members_that_fit_before_the_deadline_all_train(

@@ -90,3 +90,16 @@ def test_a_worker_that_lost_its_job_adds_no_events(client, settings, tmp_path):
                      error="x") is None
     assert read_events(settings, job_id, 0) == before
     assert [e.data["attempt"] for e in before if e.type == "status"] == [0, 1, 2]
+
+
+def test_an_epoch_shows_its_own_members_epochs():
+    """A member a time budget shortened (models.training.epochs_that_fit) shows its own epochs: "4/4", not "4/5"."""
+    from models.spec import EpochRecord
+    from workers.jobs import JobReporter
+
+    reporter = object.__new__(JobReporter)
+    reporter.members, reporter.total_epochs = 2, 5
+    shortened = EpochRecord(1, 3, 1.0, 0.5, 1.0, 0.5, 1e-3, 0.1, extra={"epochs": 4.0})
+    assert (reporter.epoch_data(shortened)["epoch"], reporter.epoch_data(shortened)["epochs"]) == (4, 4)
+    older = EpochRecord(0, 3, 1.0, 0.5, 1.0, 0.5, 1e-3, 0.1)  # a record from before members were shortened
+    assert reporter.epoch_data(older)["epochs"] == 5
