@@ -29,6 +29,8 @@
    from one pass over the frozen pretrained network, and keeps the better;
 4. **trains** with ``optimizer.lr: "auto"`` (``models.lr_finder``) and a deadline inside training
    (``TrainHooks.deadline``): whatever the estimate said, it stops in time with the best weights.
+   The plan names up to ``MAX_MEMBERS`` members (``_members_up_to``): the run starts each only while
+   the pace so far says it ends in time, the last one on a shorter schedule if only part fits.
 
 Fields the user set (``TrainSpec.keep``, or the fields set on the spec) are kept as given; the
 planner plans only the rest and says so. Every choice, the measured table and the estimate go to
