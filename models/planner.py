@@ -236,17 +236,11 @@ def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
     return cache_s, SETUP_S + cache_s + c.epochs * c.epoch_s
 
 
-def _pairs_pay(c: Choice) -> bool:
-    """Whether two members of fewer epochs beat one of more for plan ``c``: the augmented fine-tune of
-    "most" (measured there: see ``PAIR_SHARE``)."""
-    return c.augment and c.depth == "most"
-
-
 def _pair_epochs(c: Choice, seconds: float, cache_shared: bool) -> int | None:
     """The most epochs (``MIN_EPOCHS`` up to ``c``'s) at which two members of the augmented fine-tune
     ``c`` fit ``PAIR_SHARE`` of ``seconds`` at the measured speed; None when not even the floor does
     (or ``c`` is not such a fine-tune)."""
-    if not _pairs_pay(c):
+    if not (c.augment and c.depth == "most"):
         return None
     for e in range(max(c.epochs, MIN_EPOCHS), MIN_EPOCHS - 1, -1):
         one = replace(c, epochs=e)
@@ -423,17 +417,6 @@ def plan_recipe(
         why.append(f"members kept as set: {members}")
     elif pair is not None:
         pass  # two members of fewer epochs (above)
-    elif choice.epochs < target and _pairs_pay(choice) and pairs \
-            and (more := _members_in(choice, full_s, cache_shared)) > 1:
-        # Its epochs fit THROUGHPUT_SAFETY of the time; at the measured speed the rest buys more members
-        # of as many epochs, which pay here (the pair above): 200 a class, 75 s, one member of 4 epochs
-        # ended at 37 s. The run trains those that fit, a last one on a shorter schedule (models.training).
-        choice.members = more
-        why.append(
-            f"{more} members, {choice.epochs} epochs each: the time buys {choice.epochs} of its {target} epochs "
-            f"at {THROUGHPUT_SAFETY:.0%} of the measured speed, and at the measured speed the rest buys more "
-            "members (the run trains those that still fit, the last one with fewer epochs if only part fits)"
-        )
     elif choice.epochs < target:
         choice.members = 1
         why.append(f"1 member: the time buys {choice.epochs} epochs, and members are worth more epochs first")
@@ -442,7 +425,7 @@ def plan_recipe(
         why.append(
             f"{choice.members} member(s): each takes about {per_member:.1f} s, and an averaged ensemble is worth "
             f"more than a longer run once the epochs are enough (at most {MAX_MEMBERS}; a member that the last "
-            "one's pace says would miss the deadline is not started)"
+            "one's pace says would miss the deadline trains fewer epochs or is not started)"
         )
     if max_pixel_epochs is not None and images is not None:
         def pixel_epochs(c: Choice) -> int:
@@ -927,7 +910,8 @@ class _Job:
             # one backbone, pretrained, unaugmented (unless the planner adds it): models.training shares the cache
             cache_shared=spec.weights != "none" and not spec.ensemble.backbones
             and not (_kept(self.keep, "augment") and spec.augment.enabled),
-            pairs=pairs,
+            # (a snapshot's members are cycles of one run, a mixed ensemble's are set: no pair there)
+            pairs=pairs and not spec.ensemble.snapshot and not spec.ensemble.backbones,
         )
 
     def domain(self, table: list[Throughput], sizes: list[int]) -> dict[str, Any]:
@@ -1002,6 +986,9 @@ def _deeper_step(
         deep, deep_why = deep_plan(train_s)
         enough = DEEPER_MIN_MEMBERS if domain["unlike_imagenet"] else DEEPER_MIN_MEMBERS_LIKE_IMAGENET
         need = min(enough, kept_members or enough)
+    if deep.fallback:  # (its epochs were sized for the whole time, and it did not fit that)
+        return choice, why + [f"{choice.depth} kept: {deeper} does not fit the time at {MIN_EPOCHS} epochs "
+                              f"from {DEEPER_MIN_SIZE} px"], domain
     if not _trains_enough(deep, deeper, train_s, kept_epochs, need):
         return choice, why + [f"{choice.depth} kept: {deeper} would train {deep.epochs} epochs at {deep.size} px, "
                               f"{deep.members} member(s) in the time (it needs {need})"], domain
@@ -1197,10 +1184,12 @@ def _members_up_to(job: _Job, choice: Choice, why: list[str]) -> tuple[int, list
         most = min(most, job.max_pixel_epochs // max(len(job.images) * choice.size * choice.size * choice.epochs, 1))
     if most <= choice.members:
         return choice.members, why
+    cap = "" if job.max_pixel_epochs is None else (
+        f"; within the admission cap ({len(job.images) * choice.size ** 2 * choice.epochs * most:.3g} pixel-epochs)")
     return most, why + [
         f"up to {most} members: {choice.members} {'fits' if choice.members == 1 else 'fit'} the measured speed; "
         "the run starts each further one only "
-        "while the pace so far says it ends before the deadline (a machine faster than measured gets them)"
+        f"while the pace so far says it ends before the deadline (a machine faster than measured gets them){cap}"
     ]
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import _kept, explicit_fields
 from .checkpoint import TrainState, resume_problem, rng_state, run_fingerprint, set_rng_state
 from .data import ImageArray, check_trainable, stratified_split
 from .errors import TrainingCancelled, TrainingError
@@ -59,6 +60,9 @@ MEMBER_PACE_MARGIN = 1.1
 # Where a whole member no longer fits, one of fewer epochs (a complete, shorter schedule) is trained if
 # at least this share of the recipe's epochs fits; else the member is not started.
 SHORT_MEMBER_MIN_SHARE = 0.5
+# Schedules laid over the member's epochs, so that fewer epochs make a whole, shorter one (the others
+# are indexed by epoch: fewer epochs would cut them off, as the deadline would).
+SHORTENABLE_SCHEDULES = ("cosine", "one_cycle")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def train(
                         break
                     with run.member_epochs(epochs):
                         run.train_member(i, backbone, shared, state)
+                    run.note_shortened(i, epochs)
         except DeadlineReached:
             run.note_deadline(len(run.members), None)
         finally:
@@ -223,6 +228,7 @@ class _Run:
         self.shared_build_s = 0.0
         self.members_skipped: dict[str, Any] | None = None
         self.members_shortened: dict[str, Any] | None = None
+        self.short_note: str | None = None  # why the member being trained is shortened (epochs_that_fit)
         self.recipe_epochs = spec.epochs  # a shortened member trains fewer (epochs_that_fit)
         # optimizer.lr 'auto': members are built at a placeholder lr, the finder sets the real one.
         self.lr_auto = spec.optimizer.lr == LR_AUTO
@@ -275,7 +281,8 @@ class _Run:
         is not started as it is: a member the deadline cuts short is rarely worth its place
         (``_MemberLoop.cut_short``). It trains a complete, shorter schedule instead (its learning rate
         decays over the epochs it has) when at least ``SHORT_MEMBER_MIN_SHARE`` of the recipe's epochs
-        fit; else the run ends with the members it has. The planner can therefore plan members at the
+        fit, its schedule is one of ``SHORTENABLE_SCHEDULES`` and the user did not set the epochs;
+        else the run ends with the members it has. The planner can therefore plan members at the
         measured speed and let the run keep what fits.
         """
         full = self.recipe_epochs
@@ -289,20 +296,15 @@ class _Run:
             return full
         planned = self.spec.ensemble.members
         epoch_s = self.epoch_seconds.get(backbone)
-        if epoch_s is not None and epoch_s > 0:
+        if epoch_s is not None and epoch_s > 0 and self.shortenable:
             setup_s = max(self.member_seconds[backbone] - full * epoch_s, 0.0)
             fits = math.floor((left / MEMBER_PACE_MARGIN - setup_s) / epoch_s)
             least = max(math.ceil(SHORT_MEMBER_MIN_SHARE * full), self.spec.schedule.warmup_epochs + 2)
             if least <= fits < full:
-                note = (f"member {i + 1} of {planned} trains {fits} of {full} epochs (a shorter schedule): a whole "
-                        f"member takes about {need:.0f} s and {max(left, 0.0):.0f} s were left before the deadline")
-                earlier = self.members_shortened
-                self.members_shortened = {
-                    "members": [*(earlier["members"] if earlier else []), {"member": i, "epochs": fits}],
-                    "planned_epochs": full,
-                    "note": f"{earlier['note']}; {note}" if earlier else note,
-                }
-                self.log(f"time budget: {note}")
+                self.short_note = (f"member {i + 1} of {planned} trains {fits} of {full} epochs (a shorter schedule): "
+                                   f"a whole member takes about {need:.0f} s and {max(left, 0.0):.0f} s were left "
+                                   "before the deadline")
+                self.log(f"time budget: {self.short_note}")
                 return fits
         self.members_skipped = {
             "planned": planned,
@@ -314,6 +316,25 @@ class _Run:
         }
         self.log(f"time budget: {self.members_skipped['note']}")
         return None
+
+    @property
+    def shortenable(self) -> bool:
+        """Whether a member may train fewer epochs than the recipe's (``epochs_that_fit``)."""
+        return (self.spec.schedule.name in SHORTENABLE_SCHEDULES
+                and not _kept(explicit_fields(self.spec), "epochs"))
+
+    def note_shortened(self, i: int, epochs: int) -> None:
+        """Record member ``i`` as shortened to ``epochs`` once it has joined the ensemble (the report)."""
+        note, self.short_note = self.short_note, None
+        if epochs >= self.recipe_epochs or len(self.members) <= i:
+            return  # trained all its epochs, or the deadline or cut_short left it out
+        note = note or f"member {i + 1} trained {epochs} of {self.recipe_epochs} epochs (resumed from a checkpoint)"
+        earlier = self.members_shortened
+        self.members_shortened = {
+            "members": [*(earlier["members"] if earlier else []), {"member": i, "epochs": epochs}],
+            "planned_epochs": self.recipe_epochs,
+            "note": f"{earlier['note']}; {note}" if earlier else note,
+        }
 
     def resumed_epochs(self, state: TrainState) -> int:
         """The epochs of the member a checkpoint resumes: those it started with (a shortened one's too)."""

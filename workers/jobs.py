@@ -567,7 +567,11 @@ def _train_budgeted(
 
     def on_plan(planned: TrainSpec, plan: Plan) -> None:
         reporter.total_epochs, reporter.members = planned.epochs, planned.ensemble.members
-        reporter.sticky["plan"] = {"budget_s": budget_s, "planned": plan.planned, "kept": plan.kept}
+        # ends_at: where the budget ends, on the wall clock (the console caps its ETA there: a plan
+        # names up to MAX_MEMBERS members and the run trains those that fit).
+        ends_at = utcnow() + timedelta(seconds=max(started + budget_s - time.perf_counter(), 0.0))
+        reporter.sticky["plan"] = {"budget_s": budget_s, "planned": plan.planned, "kept": plan.kept,
+                                   "ends_at": ends_at.isoformat()}
         reporter.start_over()
         reporter.stage("training", member=1, members=planned.ensemble.members, epoch=0, epochs=planned.epochs)
 

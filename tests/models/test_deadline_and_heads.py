@@ -109,7 +109,7 @@ def _paced_run(
     run.spec, run.deadline, run.member_seconds = spec, time.perf_counter() + deadline_in, seconds
     run.epoch_seconds = epoch_seconds or {}
     run.recipe_epochs = spec.epochs
-    run.members_skipped = run.members_shortened = None
+    run.members_skipped = run.members_shortened = run.short_note = None
     run.log = lambda _m: None
     return run
 
@@ -125,27 +125,46 @@ def test_the_pace_check_uses_the_next_members_backbone(tiny_spec: Callable[..., 
 
 
 def test_a_member_that_fits_only_in_part_trains_a_shorter_schedule(tiny_spec: Callable[..., TrainSpec]) -> None:
-    # A member of 8 epochs: 1 s of setup and 1.5 s an epoch (13 s; 14.3 s with the pace margin).
-    spec = tiny_spec(epochs=8, ensemble={"members": 3})
+    # A member of 8 epochs: 1 s of setup and 1.5 s an epoch (13 s; 14.3 s with the pace margin). The
+    # planner set the epochs (keep: the user set none of the fields).
+    spec = tiny_spec(epochs=8, ensemble={"members": 3}, keep=[])
     pace = ({"test_efficientnet": 13.0}, {"test_efficientnet": 1.5})
     run = _paced_run(spec, 10.0, *pace)
     # 10 s left: (10 / 1.1 - 1) / 1.5 = 5.4, so 5 epochs (at least half of 8 fit)
     assert run.epochs_that_fit(1) == 5
     assert run.members_skipped is None
-    assert run.members_shortened is not None
-    assert run.members_shortened["members"] == [{"member": 1, "epochs": 5}]
-    assert run.members_shortened["planned_epochs"] == 8
-    assert "member 2 of 3 trains 5 of 8 epochs" in run.members_shortened["note"]
+    assert run.short_note is not None and "member 2 of 3 trains 5 of 8 epochs" in run.short_note
     # 7 s left: 3.6 epochs fit, under half of 8: not started
     run = _paced_run(spec, 7.0, *pace)
     assert run.epochs_that_fit(1) is None
-    assert run.members_shortened is None and run.members_skipped is not None
+    assert run.short_note is None and run.members_skipped is not None
     # the warm-up counts: with 3 warm-up epochs at least 5 must fit, and 4.6 do (8 s left)
-    warm = tiny_spec(epochs=8, ensemble={"members": 3}, schedule={"name": "cosine", "warmup_epochs": 3})
+    warm = tiny_spec(epochs=8, ensemble={"members": 3}, schedule={"name": "cosine", "warmup_epochs": 3}, keep=[])
     assert _paced_run(warm, 8.0, *pace).epochs_that_fit(1) is None
     assert _paced_run(spec, 8.0, *pace).epochs_that_fit(1) == 4
     # a whole member fits: the recipe's epochs
     assert _paced_run(spec, 15.0, *pace).epochs_that_fit(1) == 8
+    # epochs the user set are kept (the member is not started), and so are schedules laid out by epoch
+    # index, which fewer epochs would only cut off
+    kept = tiny_spec(epochs=8, ensemble={"members": 3}, keep=["epochs"])
+    assert _paced_run(kept, 10.0, *pace).epochs_that_fit(1) is None
+    stepped = tiny_spec(epochs=8, ensemble={"members": 3}, keep=[], schedule={"name": "step", "warmup_epochs": 0})
+    assert _paced_run(stepped, 10.0, *pace).epochs_that_fit(1) is None
+
+
+def test_a_shortened_member_is_reported_only_once_it_joined(tiny_spec: Callable[..., TrainSpec]) -> None:
+    run = _paced_run(tiny_spec(epochs=8, ensemble={"members": 3}, keep=[]), 10.0,
+                     {"test_efficientnet": 13.0}, {"test_efficientnet": 1.5})
+    run.members = [object()]
+    assert run.epochs_that_fit(1) == 5
+    run.note_shortened(1, 5)  # the deadline or cut_short left it out: nothing to report
+    assert run.members_shortened is None and run.short_note is None
+    assert run.epochs_that_fit(1) == 5
+    run.members.append(object())
+    run.note_shortened(1, 5)
+    assert run.members_shortened == {"members": [{"member": 1, "epochs": 5}], "planned_epochs": 8,
+                                     "note": run.members_shortened["note"]}
+    assert run.members_shortened["note"].startswith("member 2 of 3 trains 5 of 8 epochs")
 
 
 def _on_a_grid(t0: float, step: float) -> Callable[[object], None]:
@@ -168,7 +187,7 @@ def test_a_shortened_member_trains_and_ends_before_the_deadline(
     torch.set_num_threads(1)
     small = ImageArray(lfw_data.images[np.r_[0:40, 100:140]], lfw_data.labels[np.r_[0:40, 100:140]],
                        list(lfw_data.classes))
-    spec = tiny_spec(epochs=4, patience=None, ensemble={"members": 3})
+    spec = tiny_spec(epochs=4, patience=None, ensemble={"members": 3}, keep=[])
     seen: list = []
     t0 = time.perf_counter()
     grid = _on_a_grid(t0, 1.5)

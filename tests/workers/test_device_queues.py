@@ -307,3 +307,25 @@ def test_a_budgeted_cpu_job_on_a_gpu_worker_plans_for_the_cpu(client, settings, 
     job_id = submit(client, {"device": "cpu"})
     assert run_job(job_id, settings=settings) == JobStatus.FAILED
     assert planned == [(settings.default_budget_cpu_s, "cpu")]
+
+
+def test_a_budgeted_jobs_progress_says_when_its_budget_ends(client, settings, monkeypatch):
+    """The console caps a budgeted job's ETA at the budget's end: its plan names up to 5 members and the
+    run trains those that fit, so members x epochs alone would promise several budgets."""
+    from datetime import UTC, datetime, timedelta
+
+    import models.planner
+    from models.planner import Plan
+
+    def fit_budgeted(decode, spec, budget_s, **kwargs):
+        kwargs["on_plan"](spec, Plan(budget_s=budget_s, default_budget=True, device="cpu", kept=[], planned={},
+                                     why=[], throughputs=[], measure_seconds=0.0, estimate_seconds=0.0))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(models.planner, "fit_budgeted", fit_budgeted)
+    before = datetime.now(UTC)
+    job_id = submit(client, {"budget_s": 60})
+    assert run_job(job_id, settings=settings) == JobStatus.FAILED
+    progress = client.get(f"/v1/jobs/{job_id}").json()["progress"]
+    ends = datetime.fromisoformat(progress["plan"]["ends_at"])
+    assert before < ends <= datetime.now(UTC) + timedelta(seconds=60)

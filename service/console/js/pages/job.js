@@ -30,8 +30,10 @@ class EtaClock {
     if (!this.gaps.length || !p.epochs) return null;
     const recent = this.gaps.slice(-5);
     const perEpoch = recent.reduce((a, b) => a + b, 0) / recent.length;
-    const left = (p.members - p.member) * p.epochs + (p.epochs - p.epoch);
-    return perEpoch * left;
+    const left = perEpoch * ((p.members - p.member) * p.epochs + (p.epochs - p.epoch));
+    // A time budget's plan names up to 5 members and trains those that fit: never past its end.
+    const ends = p.plan && p.plan.ends_at ? (Date.parse(p.plan.ends_at) - Date.now()) / 1000 : NaN;
+    return Number.isFinite(ends) ? Math.max(0, Math.min(left, ends)) : left;
   }
 }
 
