@@ -242,6 +242,11 @@ def _later_member(c: Choice, cache_shared: bool) -> tuple[float, float]:
     return cache_s, SETUP_S + cache_s + c.epochs * c.epoch_s
 
 
+def _pixel_epochs(images: int, c: Choice) -> int:
+    """Plan ``c``'s cost against the admission cap (``models.budget.job_cost``): images x side² x epochs x members."""
+    return images * c.size * c.size * c.epochs * c.members
+
+
 def _pair_epochs(c: Choice, seconds: float, cache_shared: bool) -> int | None:
     """The most epochs (``MIN_EPOCHS`` up to ``c``'s) at which two members of the augmented fine-tune
     ``c`` fit ``PAIR_SHARE`` of ``seconds`` at the measured speed; None when not even the floor does
@@ -406,7 +411,7 @@ def plan_recipe(
     pair = (None if members is not None or epochs is not None or not pairs
             else _pair_epochs(choice, full_s, cache_shared))
     if pair is not None and max_pixel_epochs is not None and images is not None \
-            and images * choice.size * choice.size * pair * 2 > max_pixel_epochs:
+            and _pixel_epochs(images, replace(choice, epochs=pair, members=2)) > max_pixel_epochs:
         pair = None  # the cap would take the second member and leave the first with fewer epochs
     if pair is not None and choice.epochs >= target and _members_in(choice, full_s, cache_shared) > 1:
         pair = None  # members of all their epochs are bought anyway
@@ -434,20 +439,18 @@ def plan_recipe(
             "one's pace says would miss the deadline trains fewer epochs or is not started)"
         )
     if max_pixel_epochs is not None and images is not None:
-        def pixel_epochs(c: Choice) -> int:
-            return images * c.size * c.size * c.epochs * c.members
-
-        while pixel_epochs(choice) > max_pixel_epochs and (choice.members > 1 or choice.epochs > 1):
+        while _pixel_epochs(images, choice) > max_pixel_epochs and (choice.members > 1 or choice.epochs > 1):
             if choice.members > 1 and members is None:
                 choice.members -= 1
             elif epochs is None and choice.epochs > 1:
                 choice.epochs -= 1
             else:
                 break
-        if pixel_epochs(choice) > max_pixel_epochs:
+        if _pixel_epochs(images, choice) > max_pixel_epochs:
             why.append("the admission cap on pixel-epochs binds: the plan is over it with what the user kept")
         else:
-            why.append(f"within the admission cap of {max_pixel_epochs:.3g} pixel-epochs ({pixel_epochs(choice):.3g})")
+            cost = _pixel_epochs(images, choice)
+            why.append(f"within the admission cap of {max_pixel_epochs:.3g} pixel-epochs ({cost:.3g})")
     choice.seconds = choice.lr_finder_s + choice.cache_s - later_cache_s + choice.members * per_member
     return choice, why
 
@@ -1192,11 +1195,12 @@ def _members_up_to(job: _Job, choice: Choice, why: list[str]) -> tuple[int, list
         return choice.members, why
     most = MAX_MEMBERS
     if job.max_pixel_epochs is not None:
-        most = min(most, job.max_pixel_epochs // max(len(job.images) * choice.size * choice.size * choice.epochs, 1))
+        most = min(most, job.max_pixel_epochs // max(_pixel_epochs(len(job.images), replace(choice, members=1)), 1))
     if most <= choice.members:
         return choice.members, why
     cap = "" if job.max_pixel_epochs is None else (
-        f"; within the admission cap ({len(job.images) * choice.size ** 2 * choice.epochs * most:.3g} pixel-epochs)")
+        f"; within the admission cap ({_pixel_epochs(len(job.images), replace(choice, members=most)):.3g} "
+        "pixel-epochs)")
     return most, why + [
         f"up to {most} members: {choice.members} {'fits' if choice.members == 1 else 'fit'} the measured speed; "
         "the run starts each further one only "
